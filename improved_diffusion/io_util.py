@@ -1,0 +1,109 @@
+"""
+Safe file writes and checked checkpoint reads.
+
+Every file is written to a temporary name in the destination folder, flushed
+to disk and renamed, so a crash never leaves a partial file under a final name.
+Paths may be local or anything blobfile understands (blob stores commit an
+object only when it is closed, which is atomic already).
+"""
+
+import io
+import json
+import os
+import tempfile
+
+import blobfile as bf
+import torch
+
+
+class CheckpointError(ValueError):
+    """A file that should hold a checkpoint is missing, truncated or not one."""
+
+
+def _is_local(path):
+    return "://" not in str(path)
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` (bytes) to `path` through a temporary file and a rename."""
+    path = str(path)
+    if not _is_local(path):
+        with bf.BlobFile(path, "wb") as f:
+            f.write(data)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save `obj` to `path` atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_json(path, obj):
+    """Write `obj` as indented JSON to `path` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def read_bytes(path):
+    """Read a whole local or blobfile path; CheckpointError if it is missing."""
+    path = str(path)
+    if not bf.exists(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    with bf.BlobFile(path, "rb") as f:
+        return f.read()
+
+
+def load_checkpoint_bytes(data, path, map_location="cpu"):
+    """
+    Unpickle checkpoint bytes with weights_only=True.
+
+    :param path: the file the bytes came from, named in errors.
+    :raises CheckpointError: for a truncated file, a file that is not a torch
+        checkpoint, or one that holds objects other than tensors and plain data.
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for bad archives
+        raise CheckpointError(
+            f"cannot load {path} as a checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
+            f"the file is truncated, corrupt, or not a plain state dict "
+            f"(only tensors and plain Python data are accepted)"
+        ) from exc
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read and unpickle one checkpoint file (see load_checkpoint_bytes)."""
+    return load_checkpoint_bytes(read_bytes(path), path, map_location=map_location)
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
