@@ -1,0 +1,601 @@
+"""
+Command-line flags and the factories that turn them into a model and a diffusion.
+
+Also: reading the flags back from a state dict (`infer_model_flags`) and
+loading weights with an error that names the flags to fix
+(`load_model_state_dict`).
+"""
+
+import argparse
+
+from .unet import SuperResModel, UNetModel
+
+NUM_CLASSES = 1000
+
+# channel_mult by image size. The three published sizes (32, 64, 256) never
+# change. Every level halves the resolution; sizes up to 32 go down to 4x4,
+# larger ones to 8x8. Sizes above 256 add one leading level of multiplier 1
+# per doubling: 512 -> (1, 1, 1, 2, 2, 4, 4).
+DEFAULT_CHANNEL_MULT = {
+    8: (1, 2),
+    16: (1, 2, 2),
+    32: (1, 2, 2, 2),
+    64: (1, 2, 3, 4),
+    128: (1, 1, 2, 3, 4),
+    256: (1, 1, 2, 2, 4, 4),
+}
+
+
+def model_and_diffusion_defaults():
+    """The flags of image_train.py / image_sample.py and their defaults."""
+    return dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        attention_resolutions="16,8",
+        dropout=0.0,
+        learn_sigma=False,
+        sigma_small=False,
+        class_cond=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=True,
+        rescale_learned_sigmas=True,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        channel_mult="",
+        num_classes=NUM_CLASSES,
+    )
+
+
+def sr_model_and_diffusion_defaults():
+    """The super-resolution flags: the model defaults with large_size and small_size
+    in place of image_size, and no sigma_small."""
+    defaults = dict(large_size=256, small_size=64, **model_and_diffusion_defaults())
+    del defaults["image_size"], defaults["sigma_small"]
+    return defaults
+
+
+def default_channel_mult(image_size):
+    """The channel_mult used for `image_size` when --channel_mult is empty (see DEFAULT_CHANNEL_MULT)."""
+    if not _is_power_of_two(image_size) or image_size < 8:
+        raise ValueError(
+            f"unsupported image size {image_size}: use a power of two >= 8, "
+            f"or give --channel_mult for other sizes"
+        )
+    largest = max(DEFAULT_CHANNEL_MULT)
+    if image_size <= largest:
+        return DEFAULT_CHANNEL_MULT[image_size]
+    extra_levels = (image_size // largest).bit_length() - 1
+    return (1,) * extra_levels + DEFAULT_CHANNEL_MULT[largest]
+
+
+def parse_channel_mult(channel_mult, image_size, size_flag="image_size"):
+    """
+    The width multipliers of each level as a tuple of ints.
+
+    :param channel_mult: "" (the default for image_size), a string such as
+                         "1,2,2,2", or a sequence of ints.
+    :param size_flag: the flag naming the image size, for error messages.
+    """
+    if channel_mult in ("", None):
+        return default_channel_mult(image_size)
+    mult = _parse_ints(channel_mult, "channel_mult", 'a comma-separated list such as "1,2,2,2"')
+    if not mult or min(mult) < 1:
+        raise ValueError(
+            f"--channel_mult {_format_ints(channel_mult)} is invalid: give positive "
+            f'integers such as "1,2,2,2"'
+        )
+    factor = 2 ** (len(mult) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"--{size_flag} {image_size} cannot be halved {len(mult) - 1} times as the "
+            f"{len(mult)} levels of --channel_mult {_format_ints(mult)} need: use a size "
+            f"divisible by {factor} or fewer levels"
+        )
+    return mult
+
+
+def parse_attention_resolutions(attention_resolutions, image_size):
+    """
+    Downsampling factors with attention: "16,8" -> (image_size // 16, image_size // 8).
+    "" means no attention.
+    """
+    if attention_resolutions in ("", None):
+        return ()
+    resolutions = _parse_ints(
+        attention_resolutions, "attention_resolutions", 'resolutions such as "16,8" (or "" for none)'
+    )
+    if min(resolutions) < 1:
+        raise ValueError(f"--attention_resolutions {attention_resolutions} must be positive")
+    return tuple(image_size // res for res in resolutions)
+
+
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    sigma_small,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    channel_mult="",
+    num_classes=NUM_CLASSES,
+):
+    """(UNetModel, SpacedDiffusion) from the flags of model_and_diffusion_defaults()."""
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        channel_mult=channel_mult,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        sigma_small=sigma_small,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    channel_mult="",
+    num_classes=NUM_CLASSES,
+):
+    """A UNetModel for 3-channel images of size image_size (6 output channels with learn_sigma)."""
+    return _create_unet(UNetModel, image_size, "image_size", **_unet_flags(locals()))
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    channel_mult="",
+    num_classes=NUM_CLASSES,
+):
+    """(SuperResModel, SpacedDiffusion) from the flags of sr_model_and_diffusion_defaults()."""
+    model = sr_create_model(
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        channel_mult=channel_mult,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    channel_mult="",
+    num_classes=NUM_CLASSES,
+):
+    """A SuperResModel producing large_size images; levels and attention follow large_size."""
+    if small_size > large_size:
+        raise ValueError(f"--small_size {small_size} must not exceed --large_size {large_size}")
+    return _create_unet(SuperResModel, large_size, "large_size", **_unet_flags(locals()))
+
+
+def _unet_flags(factory_args):
+    """The network flags among a model factory's arguments (all but the size flags)."""
+    drop = ("image_size", "large_size", "small_size")
+    return {k: v for k, v in factory_args.items() if k not in drop}
+
+
+def _create_unet(
+    cls,
+    size,
+    size_flag,
+    *,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    channel_mult,
+    num_classes,
+):
+    if class_cond and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"--num_classes {num_classes} must be a positive integer with --class_cond True")
+    return cls(
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=6 if learn_sigma else 3,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=parse_attention_resolutions(attention_resolutions, size),
+        dropout=dropout,
+        channel_mult=parse_channel_mult(channel_mult, size, size_flag),
+        num_classes=num_classes if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+):
+    """
+    A SpacedDiffusion over the retained steps of `timestep_respacing` ("" keeps all).
+
+    Loss: RESCALED_KL with use_kl, else RESCALED_MSE with rescale_learned_sigmas,
+    else MSE. Mean: START_X with predict_xstart, else EPSILON. Variance:
+    LEARNED_RANGE with learn_sigma, else FIXED_SMALL with sigma_small, else FIXED_LARGE.
+    """
+    from . import gaussian_diffusion as gd
+    from .respace import SpacedDiffusion, space_timesteps
+
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        betas=gd.get_named_beta_schedule(noise_schedule, steps),
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+def add_dict_to_argparser(parser, default_dict):
+    """Add a --key flag per entry, typed by its default (booleans through str2bool)."""
+    for key, value in default_dict.items():
+        if value is None:
+            value_type = str
+        elif isinstance(value, bool):
+            value_type = str2bool
+        else:
+            value_type = type(value)
+        parser.add_argument(f"--{key}", default=value, type=value_type)
+
+
+def args_to_dict(args, keys):
+    """{key: args.key} for each key."""
+    return {k: getattr(args, k) for k in keys}
+
+
+_TRUE = ("yes", "true", "t", "y", "1")
+_FALSE = ("no", "false", "f", "n", "0")
+
+
+def str2bool(v):
+    """Parse a command-line boolean: yes/true/t/y/1 or no/false/f/n/0, any case."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in _TRUE:
+        return True
+    if v.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"boolean value expected, got {v!r}: use one of {'/'.join(_TRUE)} for true "
+        f"or {'/'.join(_FALSE)} for false"
+    )
+
+
+def _is_power_of_two(n):
+    return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+
+def _parse_ints(value, flag, expected):
+    """A tuple of ints from "1,2,3", an int or a sequence of ints; ValueError naming --flag otherwise."""
+    if isinstance(value, int):
+        return (value,)
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{flag} {value!r} is not {expected}") from None
+
+
+def _format_ints(values):
+    """(1, 2, 2) or "1,2,2" -> "1,2,2"."""
+    if isinstance(values, str):
+        return values
+    return ",".join(str(v) for v in values)
+
+
+def infer_model_flags(state_dict):
+    """
+    The flags that can be read off UNet weights.
+
+    :return: a dict with num_channels, num_res_blocks, channel_mult (such as
+             "1,2,2,2"), learn_sigma, class_cond, num_classes (class-conditional
+             weights only) and use_scale_shift_norm; and, when channel_mult is
+             the default of an image size, that size (as large_size for
+             super-resolution weights, else image_size) and attention_resolutions.
+    :raises ValueError: for an optimizer state or anything else that holds no UNet weights.
+    """
+    layout = _read_layout(state_dict, "the state dict")
+    flags = dict(
+        num_channels=layout["model_channels"],
+        num_res_blocks=layout["num_res_blocks"],
+        channel_mult=_format_ints(layout["channel_mult"]),
+        class_cond=layout["num_classes"] is not None,
+        use_scale_shift_norm=layout["use_scale_shift_norm"],
+    )
+    if layout["num_classes"] is not None:
+        flags["num_classes"] = layout["num_classes"]
+    if layout["out_channels"] in (3, 6):
+        flags["learn_sigma"] = layout["out_channels"] == 6
+    size = _size_with_default_mult(layout["channel_mult"])
+    if size is not None:
+        flags["large_size" if layout["in_channels"] == 6 else "image_size"] = size
+        flags["attention_resolutions"] = _format_resolutions(layout["attention_ds"], size)
+    return flags
+
+
+def load_model_state_dict(model, state_dict, flags, source="the weights"):
+    """
+    Load weights into a model built from `flags`, strictly.
+
+    :param flags: the flags the model was built from (model_and_diffusion_defaults()
+                  or sr_model_and_diffusion_defaults() keys; missing keys are not checked).
+    :param source: where the weights came from (a path), for error messages.
+    :return: the model.
+    :raises ValueError: naming each flag the weights contradict, as
+                        "--flag X (the weights say Y)", or, when no flag explains the
+                        mismatch, summarizing the missing, unexpected and misshapen keys.
+    """
+    layout = _read_layout(state_dict, source)
+    problems = _contradictions(layout, flags)
+    if not problems:
+        problems = _key_differences(model.state_dict(), state_dict)
+    if problems:
+        raise ValueError(
+            f"{source} does not fit this model:\n  " + "\n  ".join(problems)
+            + "\nFix these flags, or load weights trained with the flags given."
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _read_layout(state_dict, source):
+    """
+    The architecture visible in UNet weights: a dict with model_channels,
+    in_channels, out_channels, channel_mult (tuple), num_res_blocks (None when
+    levels differ), attention_ds (downsampling factors of the down path's
+    attention), num_classes (None when unconditional) and use_scale_shift_norm.
+    """
+    _check_model_weights(state_dict, source)
+    levels = [[]]
+    last = max(int(k.split(".")[1]) for k in state_dict if k.startswith("input_blocks."))
+    for i in range(1, last + 1):
+        conv = state_dict.get(f"input_blocks.{i}.0.in_layers.2.weight")
+        if conv is None:
+            levels.append([])
+        else:
+            levels[-1].append((conv.shape[0], f"input_blocks.{i}.1.qkv.weight" in state_dict))
+    model_channels = state_dict["time_embed.0.weight"].shape[1]
+    label_emb = state_dict.get("label_emb.weight")
+    middle_out = state_dict["middle_block.0.in_layers.2.weight"].shape[0]
+    return dict(
+        model_channels=model_channels,
+        in_channels=state_dict["input_blocks.0.0.weight"].shape[1],
+        out_channels=state_dict["out.2.weight"].shape[0],
+        channel_mult=tuple(level[0][0] // model_channels for level in levels),
+        num_res_blocks=len(levels[0]) if len({len(lv) for lv in levels}) == 1 else None,
+        attention_ds={2**i for i, level in enumerate(levels) if any(a for _, a in level)},
+        num_classes=None if label_emb is None else label_emb.shape[0],
+        use_scale_shift_norm=state_dict["middle_block.0.emb_layers.1.weight"].shape[0] == 2 * middle_out,
+    )
+
+
+_REQUIRED_KEYS = (
+    "time_embed.0.weight",
+    "input_blocks.0.0.weight",
+    "middle_block.0.in_layers.2.weight",
+    "middle_block.0.emb_layers.1.weight",
+    "out.2.weight",
+)
+
+
+def _check_model_weights(state_dict, source):
+    """Raise ValueError unless state_dict looks like UNet weights, saying what it is instead."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{source} holds a {type(state_dict).__name__}, not a state dict of model weights")
+    if {"state", "param_groups"} <= set(state_dict):
+        raise ValueError(
+            f"{source} is an optimizer state (keys 'state' and 'param_groups'), not model "
+            f"weights: give a modelNNNNNN.pt or ema_RATE_NNNNNN.pt file instead of optNNNNNN.pt"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
+    if not missing:
+        return
+    if all(str(k).startswith("module.") for k in state_dict):
+        hint = "its keys start with 'module.' (saved from a DistributedDataParallel wrapper): strip that prefix"
+    else:
+        hint = f"its first keys are {', '.join(map(str, list(state_dict)[:5]))}"
+    raise ValueError(f"{source} does not hold UNet weights (no '{missing[0]}'): {hint}")
+
+
+def _contradictions(layout, flags):
+    """["--flag X (the weights say Y)", ...] for each flag that the weights contradict."""
+    super_res = "large_size" in flags
+    if layout["in_channels"] != (6 if super_res else 3):
+        kind = "super-resolution" if layout["in_channels"] == 6 else "image"
+        return [
+            f"the weights are a {kind} model's ({layout['in_channels']} input channels): "
+            f"use the {'image' if super_res else 'super_res'} scripts' flags for them"
+        ]
+    found = {
+        "num_channels": layout["model_channels"],
+        "num_res_blocks": layout["num_res_blocks"],
+        "use_scale_shift_norm": layout["use_scale_shift_norm"],
+        "class_cond": layout["num_classes"] is not None,
+    }
+    if layout["out_channels"] in (3, 6):
+        found["learn_sigma"] = layout["out_channels"] == 6
+    if layout["num_classes"] is not None and flags.get("class_cond"):
+        found["num_classes"] = layout["num_classes"]
+    problems = [
+        _say(flag, flags[flag], value)
+        for flag, value in found.items()
+        if flag in flags and value is not None and flags[flag] != value
+    ]
+    size_flag = "large_size" if super_res else "image_size"
+    if size_flag in flags:
+        problems += _level_contradictions(layout, flags, size_flag)
+    return problems
+
+
+def _level_contradictions(layout, flags, size_flag):
+    """Contradictions in the levels (image size or channel_mult) or, if those agree, in attention."""
+    size, given_mult = flags[size_flag], flags.get("channel_mult", "")
+    mult = parse_channel_mult(given_mult, size, size_flag)
+    if mult != layout["channel_mult"]:
+        weights_size = _size_with_default_mult(layout["channel_mult"])
+        if given_mult in ("", None) and weights_size is not None:
+            return [_say(size_flag, size, weights_size)]
+        return [_say("channel_mult", given_mult, _format_ints(layout["channel_mult"]))]
+    levels = {2**i for i in range(len(mult))}
+    given_ds = set(parse_attention_resolutions(flags.get("attention_resolutions", ""), size)) & levels
+    if given_ds == layout["attention_ds"] or "attention_resolutions" not in flags:
+        return []
+    return [_say("attention_resolutions", flags["attention_resolutions"],
+                 _format_resolutions(layout["attention_ds"], size))]
+
+
+def _key_differences(expected, state_dict):
+    """Missing, unexpected and misshapen keys of state_dict, a few of each, as message lines."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshapen = [
+        f"{k} (weights {tuple(state_dict[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    lines = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            lines.append(f"{len(keys)} {what} keys: {', '.join(keys[:3])}{more}")
+    return lines
+
+
+def _size_with_default_mult(channel_mult):
+    """The image size whose default channel_mult is `channel_mult`, or None."""
+    for exponent in range(3, 17):
+        if default_channel_mult(2**exponent) == tuple(channel_mult):
+            return 2**exponent
+    return None
+
+
+def _format_resolutions(attention_ds, size):
+    """Downsampling factors -> the --attention_resolutions string ("16,8"; '""' for none)."""
+    return ",".join(str(size // ds) for ds in sorted(attention_ds)) or '""'
+
+
+def _say(flag, given, found):
+    """ "--flag X (the weights say Y)", with empty strings shown as "". """
+    given = '""' if given in ("", None) else given
+    return f"--{flag} {given} (the weights say {found})"

@@ -1,0 +1,460 @@
+"""
+The UNet denoiser of improved-diffusion and its super-resolution variant.
+
+State dicts are interchangeable with the reference implementation: module
+names, parameter shapes and their order are the same. Attention runs through
+`torch.nn.functional.scaled_dot_product_attention`; residual and attention
+blocks can recompute their activations in the backward pass
+(`use_checkpoint`); the network runs under `torch.autocast` (normalization
+stays in float32) or, as in the reference, with its torso converted to
+float16 by `convert_to_fp16()`.
+"""
+
+from abc import abstractmethod
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .nn import (
+    SiLU,
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    @abstractmethod
+    def forward(self, x, emb):
+        """Apply the module to `x` ([N x C x ...]) given embeddings `emb` ([N x E])."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A sequential container that passes the embedding to the children that take one."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+def _inner_stride(dims):
+    """Resampling factor per spatial axis: 3-D signals keep their first (depth) axis."""
+    return (1, 2, 2) if dims == 3 else 2
+
+
+class Upsample(nn.Module):
+    """
+    Nearest-neighbour upsampling by 2, optionally followed by a 3x3 convolution.
+
+    [N x C x H x W] -> [N x C x 2H x 2W] (3-D: the depth axis keeps its size).
+    """
+
+    def __init__(self, channels, use_conv, dims=2):
+        super().__init__()
+        self.channels = channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[1] != self.channels:
+            raise ValueError(f"Upsample expects {self.channels} channels, got {x.shape[1]}")
+        x = F.interpolate(x, scale_factor=_inner_stride(self.dims), mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """
+    Downsampling by 2 with a strided 3x3 convolution or 2x2 average pooling.
+
+    [N x C x H x W] -> [N x C x H/2 x W/2] (3-D: the depth axis keeps its size).
+    """
+
+    def __init__(self, channels, use_conv, dims=2):
+        super().__init__()
+        self.channels = channels
+        self.use_conv = use_conv
+        self.dims = dims
+        stride = _inner_stride(dims)
+        if use_conv:
+            self.op = conv_nd(dims, channels, channels, 3, stride=stride, padding=1)
+        else:
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        if x.shape[1] != self.channels:
+            raise ValueError(f"Downsample expects {self.channels} channels, got {x.shape[1]}")
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """
+    A residual block conditioned on the timestep embedding.
+
+    :param channels: input width C.
+    :param emb_channels: embedding width E.
+    :param dropout: dropout rate before the last convolution.
+    :param out_channels: output width (default C).
+    :param use_conv: a 3x3 instead of a 1x1 convolution on the skip path when widths differ.
+    :param use_scale_shift_norm: the embedding scales and shifts the normalized
+                                 activations instead of being added to them.
+    :param dims: 1, 2 or 3 spatial dimensions.
+    :param use_checkpoint: recompute activations in the backward pass.
+    """
+
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+        out = self.out_channels
+
+        self.in_layers = nn.Sequential(
+            normalization(channels), SiLU(), conv_nd(dims, channels, out, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            SiLU(), linear(emb_channels, 2 * out if use_scale_shift_norm else out)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(out),
+            SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, out, out, 3, padding=1)),
+        )
+        if out == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = conv_nd(dims, channels, out, 3 if use_conv else 1, padding=int(use_conv))
+
+    def forward(self, x, emb):
+        """[N x C x ...] and [N x E] -> [N x out_channels x ...]."""
+        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        if self.use_scale_shift_norm:
+            norm, rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = rest(torch.addcmul(shift, norm(h), 1 + scale))
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class QKVAttention(nn.Module):
+    """
+    Multi-head attention over packed queries, keys and values.
+
+    Input [N x 3HD x T]: head h owns the channels [3hD, 3hD + 3D), split into
+    its query, key and value of D channels each. Output [N x HD x T], head h
+    in channels [hD, hD + D). Attention weights are softmax(q.k / sqrt(D)),
+    computed by scaled_dot_product_attention (float32 accumulation).
+    """
+
+    def __init__(self, num_heads=1):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def forward(self, qkv):
+        n, width, length = qkv.shape
+        per_head = qkv.reshape(n, self.num_heads, width // self.num_heads, length)
+        q, k, v = per_head.transpose(-1, -2).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(-1, -2).reshape(n, width // 3, length)
+
+
+class AttentionBlock(nn.Module):
+    """
+    Self-attention between all spatial positions, added to the input.
+
+    [N x C x ...] -> [N x C x ...], with `num_heads` heads of C / num_heads channels.
+    """
+
+    def __init__(self, channels, num_heads=1, use_checkpoint=False):
+        super().__init__()
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(
+                f"{num_heads} attention heads cannot split {channels} channels: choose "
+                f"--num_heads and --num_heads_upsample that divide every attention width"
+            )
+        self.channels = channels
+        self.num_heads = num_heads
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, 3 * channels, 1)
+        self.attention = QKVAttention(num_heads)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x):
+        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x):
+        n, c, *spatial = x.shape
+        x = x.reshape(n, c, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(n, c, *spatial)
+
+
+class UNetModel(nn.Module):
+    """
+    The timestep-conditioned UNet.
+
+    :param in_channels: channels of the input.
+    :param model_channels: base width; level l has model_channels * channel_mult[l] channels.
+    :param out_channels: channels of the output.
+    :param num_res_blocks: residual blocks per level on the way down (one more on the way up).
+    :param attention_resolutions: downsampling factors (1, 2, 4, ...) at which
+                                  blocks are followed by self-attention.
+    :param dropout: dropout rate inside residual blocks.
+    :param channel_mult: width multiplier of each level.
+    :param conv_resample: learned 3x3 convolutions for up- and downsampling.
+    :param dims: 1, 2 or 3 spatial dimensions.
+    :param num_classes: number of class labels for a class-conditional model, else None.
+    :param use_checkpoint: gradient checkpointing in residual and attention blocks.
+    :param num_heads: attention heads on the way down and in the middle.
+    :param num_heads_upsample: attention heads on the way up (-1: num_heads).
+    :param use_scale_shift_norm: FiLM-like conditioning in residual blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        num_heads=1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+    ):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = tuple(channel_mult)
+        self.conv_resample = conv_resample
+        self.dims = dims
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.num_heads = num_heads
+        self.num_heads_upsample = num_heads_upsample
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            linear(model_channels, emb_dim), SiLU(), linear(emb_dim, emb_dim)
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+        skip_widths = self._build_input_blocks()
+        width = model_channels * self.channel_mult[-1]
+        self.middle_block = TimestepEmbedSequential(
+            self._res_block(width, width),
+            self._attention(width, num_heads),
+            self._res_block(width, width),
+        )
+        self._build_output_blocks(skip_widths)
+        self.out = nn.Sequential(
+            normalization(model_channels),
+            SiLU(),
+            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+        )
+
+    def _res_block(self, channels, out_channels):
+        return ResBlock(
+            channels,
+            4 * self.model_channels,
+            self.dropout,
+            out_channels=out_channels,
+            dims=self.dims,
+            use_checkpoint=self.use_checkpoint,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+        )
+
+    def _attention(self, channels, num_heads):
+        return AttentionBlock(channels, num_heads=num_heads, use_checkpoint=self.use_checkpoint)
+
+    def _build_input_blocks(self):
+        """Create `input_blocks`; return the width of each block's output (the skips)."""
+        ch = self.model_channels
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(self.dims, self.in_channels, ch, 3, padding=1))]
+        )
+        skip_widths = [ch]
+        for level, mult in enumerate(self.channel_mult):
+            ds = 2**level
+            for _ in range(self.num_res_blocks):
+                layers = [self._res_block(ch, mult * self.model_channels)]
+                ch = mult * self.model_channels
+                if ds in self.attention_resolutions:
+                    layers.append(self._attention(ch, self.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_widths.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(
+                    TimestepEmbedSequential(Downsample(ch, self.conv_resample, dims=self.dims))
+                )
+                skip_widths.append(ch)
+        return skip_widths
+
+    def _build_output_blocks(self, skip_widths):
+        """Create `output_blocks`, consuming the skip widths from the deepest one."""
+        ch = self.model_channels * self.channel_mult[-1]
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(self.channel_mult))):
+            width = self.model_channels * self.channel_mult[level]
+            for i in range(self.num_res_blocks + 1):
+                layers = [self._res_block(ch + skip_widths.pop(), width)]
+                ch = width
+                if 2**level in self.attention_resolutions:
+                    layers.append(self._attention(ch, self.num_heads_upsample))
+                if level and i == self.num_res_blocks:
+                    layers.append(Upsample(ch, self.conv_resample, dims=self.dims))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+    def convert_to_fp16(self):
+        """Store the torso's convolutions in float16 (the reference's use_fp16)."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self):
+        """Store the torso's convolutions in float32 again."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f32)
+
+    @property
+    def inner_dtype(self):
+        """The dtype the torso runs in: float16 after convert_to_fp16(), else float32."""
+        return next(self.input_blocks.parameters()).dtype
+
+    def _check_inputs(self, x, y):
+        """Raise ValueError for labels that do not fit the model or an input size it cannot halve."""
+        if self.num_classes is None and y is not None:
+            raise ValueError(
+                "labels y were given to an unconditional model: drop y, or build the "
+                "model with --class_cond True"
+            )
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError(
+                    "this model is class-conditional: pass labels y (an [N] integer tensor) "
+                    "or build it with --class_cond False"
+                )
+            if tuple(y.shape) != (x.shape[0],):
+                raise ValueError(f"labels y must have shape [{x.shape[0]}], got {list(y.shape)}")
+        factor = 2 ** (len(self.channel_mult) - 1)
+        sizes = x.shape[3:] if self.dims == 3 else x.shape[2:]
+        if any(s % factor for s in sizes):
+            raise ValueError(
+                f"input of spatial size {list(x.shape[2:])} cannot be halved "
+                f"{len(self.channel_mult) - 1} times (channel_mult {self.channel_mult}): "
+                f"use a size divisible by {factor}"
+            )
+
+    def _blocks(self, x, timesteps, y):
+        """Run the torso, yielding ("down" | "middle" | "up", activation) after each block."""
+        self._check_inputs(x, y)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        h = x.type(self.inner_dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+            yield "down", h
+        h = self.middle_block(h, emb)
+        yield "middle", h
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            yield "up", h
+
+    def forward(self, x, timesteps, y=None):
+        """
+        :param x: [N x C x ...] inputs.
+        :param timesteps: [N] timesteps (may be fractional).
+        :param y: [N] integer labels, for a class-conditional model only.
+        :return: [N x out_channels x ...] outputs, in x's dtype.
+        """
+        for _, h in self._blocks(x, timesteps, y):
+            pass
+        return self.out(h.type(x.dtype)).type(x.dtype)
+
+    def get_feature_vectors(self, x, timesteps, y=None):
+        """
+        The activations after every block, in x's dtype.
+
+        :return: a dict: "down", the list of input-block outputs; "middle", the
+                 middle block's output (a tensor, as in the reference); "up",
+                 the list of output-block outputs.
+        """
+        result = {"down": [], "middle": None, "up": []}
+        for stage, h in self._blocks(x, timesteps, y):
+            if stage == "middle":
+                result["middle"] = h.type(x.dtype)
+            else:
+                result[stage].append(h.type(x.dtype))
+        return result
+
+
+class SuperResModel(UNetModel):
+    """
+    A UNet conditioned on a low-resolution image, which is upsampled
+    bilinearly to the input's size and concatenated to it on the channel axis.
+
+    Takes the same arguments as UNetModel; the network sees 2 * in_channels inputs.
+    """
+
+    def __init__(self, in_channels, *args, **kwargs):
+        super().__init__(in_channels * 2, *args, **kwargs)
+
+    @staticmethod
+    def _with_low_res(x, low_res):
+        """[N x C x H x W] and [N x C x h x w] -> [N x 2C x H x W]."""
+        if low_res is None:
+            raise ValueError("SuperResModel needs low_res, the [N x C x h x w] image to upsample")
+        upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
+        return torch.cat([x, upsampled], dim=1)
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        return super().forward(self._with_low_res(x, low_res), timesteps, **kwargs)
+
+    def get_feature_vectors(self, x, timesteps, low_res=None, **kwargs):
+        return super().get_feature_vectors(self._with_low_res(x, low_res), timesteps, **kwargs)
