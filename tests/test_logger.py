@@ -1,0 +1,201 @@
+import csv
+import json
+import os
+import re
+import tempfile
+
+import pytest
+import torch
+
+from improved_diffusion import logger
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+               "PMIX_RANK", "OPENAI_LOGDIR", "OPENAI_LOG_FORMAT", "OPENAI_LOG_FORMAT_MPI")
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger(monkeypatch):
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    logger.reset()
+    yield
+    logger.reset()
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_dump_writes_every_format_and_returns_plain_numbers(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs=["log", "csv", "json"])
+    logger.logkv("step", 3)
+    logger.logkv_mean("loss", 1.0)
+    logger.logkv_mean("loss", 2.0)
+    logger.log("hello", 42)
+    kvs = logger.dumpkvs()
+    assert kvs == {"step": 3, "loss": 1.5}
+    text = (tmp_path / "log.txt").read_text()
+    assert "Logging to" in text and "hello 42" in text
+    assert re.search(r"\| loss\s+\| 1\.5\s+\|", text) and re.search(r"\| step\s+\| 3\s+\|", text)
+    assert read_csv(tmp_path / "progress.csv") == [["loss", "step"], ["1.5", "3"]]
+    assert json.loads((tmp_path / "progress.json").read_text()) == kvs
+    assert logger.dumpkvs() == {}
+
+
+def test_csv_rewrites_header_for_later_keys_and_keeps_rows(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="csv")
+    logger.logkv("a", 1)
+    logger.dumpkvs()
+    logger.logkv("b", 2)
+    logger.logkv("a", 3)
+    logger.dumpkvs()
+    logger.logkv("b", 4)
+    logger.dumpkvs()
+    assert read_csv(tmp_path / "progress.csv") == [["a", "b"], ["1", ""], ["3", "2"], ["", "4"]]
+
+
+def test_reconfiguring_the_same_folder_appends(tmp_path):
+    for value in (1, 2):
+        logger.configure(dir=str(tmp_path), format_strs="log,csv")
+        logger.logkv("a", value)
+        logger.dumpkvs()
+        logger.log(f"run {value}")
+    logger.reset()
+    assert read_csv(tmp_path / "progress.csv") == [["a"], ["1"], ["2"]]
+    text = (tmp_path / "log.txt").read_text()
+    assert "run 1" in text and "run 2" in text
+
+
+def test_tensor_means_are_read_back_only_at_dump(tmp_path, monkeypatch):
+    logger.configure(dir=str(tmp_path), format_strs="")
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    weight = torch.tensor(2.0, requires_grad=True)
+    for value in (1.0, 2.0, 4.0):
+        logger.logkv_mean("loss", weight * value)
+    logger.logkv("lr", torch.tensor(0.5))
+    assert reads == []
+    kvs = logger.dumpkvs()
+    assert kvs == {"loss": pytest.approx(14.0 / 3), "lr": 0.5}
+    assert type(kvs["loss"]) is float and len(reads) == 2
+
+
+def test_low_precision_tensors_are_averaged_in_float32(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="")
+    for _ in range(300):
+        logger.logkv_mean("x", torch.tensor(1.0, dtype=torch.bfloat16))
+    logger.logkv_mean("count", torch.tensor(3))
+    assert logger.dumpkvs() == {"x": 1.0, "count": 3.0}
+
+
+def test_logkv_mean_rejects_tensors_of_several_values(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="")
+    with pytest.raises(ValueError, match="shape"):
+        logger.logkv_mean("loss", torch.ones(3))
+
+
+def test_environment_chooses_folder_and_formats(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("OPENAI_LOG_FORMAT", "stdout,csv")
+    logger.configure()
+    assert logger.get_dir() == str(tmp_path / "run")
+    logger.logkv("a", 0.123456)
+    logger.dumpkvs()
+    assert "| a " in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "run")) == ["progress.csv"]
+
+
+def test_default_folder_is_a_new_temporary_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    logger.configure(format_strs="log")
+    name = os.path.basename(logger.get_dir())
+    assert os.path.dirname(logger.get_dir()) == str(tmp_path)
+    assert re.fullmatch(r"openai-\d{4}(-\d\d){5}-\d{6}", name)
+    assert (tmp_path / name / "log.txt").exists()
+
+
+def test_first_use_configures_a_default_logger(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path))
+    logger.log("no configure needed")
+    assert "no configure needed" in (tmp_path / "log.txt").read_text()
+
+
+def test_other_ranks_write_nothing_unless_asked(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    logger.configure(dir=str(tmp_path))
+    logger.log("quiet")
+    logger.logkv("a", 1)
+    assert logger.dumpkvs() == {"a": 1}
+    assert os.listdir(tmp_path) == []
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    logger.log("asked")
+    assert "asked" in (tmp_path / "log-rank001.txt").read_text()
+
+
+def test_levels_filter_text(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    logger.debug("hidden")
+    logger.set_level(logger.WARN)
+    logger.info("hidden too")
+    logger.warn("shown")
+    logger.set_level(logger.DEBUG)
+    logger.debug("detail")
+    text = (tmp_path / "log.txt").read_text()
+    assert "hidden" not in text and "shown" in text and "detail" in text
+
+
+def test_long_cells_are_cut_in_tables(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    logger.logkv("k" * 40, "v" * 40)
+    logger.dumpkvs()
+    text = (tmp_path / "log.txt").read_text()
+    assert "k" * 27 + "..." in text and "k" * 28 not in text
+
+
+def test_unknown_format_lists_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="stdout, log, csv, json"):
+        logger.configure(dir=str(tmp_path), format_strs="tensorbored")
+
+
+def test_scoped_configure_restores_previous_logger(tmp_path):
+    logger.configure(dir=str(tmp_path / "outer"), format_strs="log")
+    with logger.scoped_configure(dir=str(tmp_path / "inner"), format_strs="log"):
+        logger.log("inside")
+        assert logger.get_dir() == str(tmp_path / "inner")
+    logger.log("outside")
+    assert logger.get_dir() == str(tmp_path / "outer")
+    assert "outside" in (tmp_path / "outer" / "log.txt").read_text()
+    assert "outside" not in (tmp_path / "inner" / "log.txt").read_text()
+
+
+class FakeComm:
+    """Stands in for an MPI communicator of two ranks whose other rank sent `other`."""
+
+    def __init__(self, rank, other):
+        self.rank, self.other = rank, other
+
+    def Get_rank(self):
+        return self.rank
+
+    def gather(self, obj, root=0):
+        return [obj, self.other] if self.rank == root else None
+
+
+def test_comm_averages_over_ranks_weighted_by_counts(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="csv", comm=FakeComm(0, {"loss": (4.0, 3), "name": ("b", 1)}))
+    logger.logkv_mean("loss", 0.0)
+    logger.logkv("name", "a")
+    assert logger.dumpkvs() == {"loss": 3.0, "name": "a"}
+    logger.configure(dir=str(tmp_path / "r1"), format_strs="csv", comm=FakeComm(1, None))
+    logger.logkv_mean("loss", 1.0)
+    assert logger.dumpkvs() == {}
+
+
+def test_profile_kv_times_a_block(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="")
+    with logger.profile_kv("io"):
+        pass
+    assert logger.dumpkvs()["wait_io"] >= 0.0
