@@ -1,0 +1,174 @@
+"""
+Run state of a training loop beyond its weights: the random-number streams
+(saved for exact resume), statistics kept on the device between log steps
+(so a step needs no host synchronization), and stop requests from signals.
+"""
+
+import contextlib
+import random
+import signal
+import threading
+
+import numpy as np
+import torch
+
+
+def rank_seed(seed, rank, stream):
+    """A 63-bit seed for random stream number `stream` of `rank`, derived from the run's `seed`."""
+    return int(np.random.SeedSequence([seed, rank, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_everything(seed):
+    """Seed Python's, NumPy's and torch's global generators (CPU and CUDA) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng(generator):
+    """
+    This process's random-number state: Python, NumPy, torch CPU (dropout on
+    CPU), torch CUDA of the current device, and `generator` (timesteps and
+    noise). Plain tensors and Python data, loadable with weights_only=True.
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "generator": generator.get_state(),
+    }
+
+
+def restore_rng(state, generator):
+    """Undo capture_rng: put every stream back where it was."""
+    random.setstate(_as_tuples(state["python"]))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def _as_tuples(value):
+    """random.setstate wants tuples where a round trip may have left lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class StepStats:
+    """
+    Per-interval statistics accumulated on the device: loss sums per quartile
+    of t, grad-norm sums, good and skipped (non-finite) step counts, and the
+    longest run of consecutive skipped steps. read() brings them to the host
+    in one transfer.
+    """
+
+    def __init__(self, num_timesteps, device):
+        self.num_timesteps = num_timesteps
+        self.device = device
+        self.quartile_sums = {}
+        self.quartile_counts = torch.zeros(4, dtype=torch.float64, device=device)
+        self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.good_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.longest_bad_streak = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add_losses(self, t, losses):
+        """
+        :param t: [N] int timesteps.
+        :param losses: {key: [N] tensor} of per-example terms.
+        """
+        quartile = torch.div(4 * t, self.num_timesteps, rounding_mode="floor")
+        self.quartile_counts.index_add_(0, quartile, torch.ones_like(t, dtype=torch.float64))
+        for key, values in losses.items():
+            sums = self.quartile_sums.setdefault(key, torch.zeros(4, dtype=torch.float64, device=self.device))
+            sums.index_add_(0, quartile, values.detach().to(torch.float64))
+
+    def add_step(self, ok, grad_norm):
+        """
+        :param ok: a 0-d bool tensor, whether the step was applied.
+        :param grad_norm: a 0-d tensor, the step's gradient norm.
+        """
+        self.grad_norm_sum += torch.where(ok, grad_norm.to(torch.float64), 0.0)
+        self.good_steps += ok
+        self.bad_steps += ~ok
+        self.bad_streak.copy_(torch.where(ok, 0, self.bad_streak + 1))
+        torch.maximum(self.longest_bad_streak, self.bad_streak, out=self.longest_bad_streak)
+
+    def read(self):
+        """
+        The interval's statistics as Python numbers (one device-to-host copy),
+        then start a new interval (the current bad streak carries over).
+
+        :return: dict with "quartiles" {key_qI: mean} (quartiles with samples
+            only), "grad_norm" (mean over applied steps, or None), "bad_steps",
+            "longest_bad_streak", "bad_streak".
+        """
+        keys = sorted(self.quartile_sums)
+        scalars = [self.grad_norm_sum, self.good_steps, self.bad_steps, self.longest_bad_streak, self.bad_streak]
+        flat = torch.cat(
+            [self.quartile_counts] + [self.quartile_sums[k] for k in keys] + [s.reshape(1).double() for s in scalars]
+        ).tolist()
+        counts, rest = flat[:4], flat[4:]
+        quartiles = {
+            f"{key}_q{q}": rest[4 * i + q] / counts[q] for i, key in enumerate(keys) for q in range(4) if counts[q]
+        }
+        grad_norm_sum, good, bad, longest, streak = rest[4 * len(keys) :]
+        self._start_interval()
+        return {
+            "quartiles": quartiles,
+            "grad_norm": grad_norm_sum / good if good else None,
+            "bad_steps": int(bad),
+            "longest_bad_streak": int(longest),
+            "bad_streak": int(streak),
+        }
+
+    def _start_interval(self):
+        self.quartile_counts.zero_()
+        for sums in self.quartile_sums.values():
+            sums.zero_()
+        self.grad_norm_sum.zero_()
+        self.good_steps.zero_()
+        self.bad_steps.zero_()
+        self.longest_bad_streak.copy_(self.bad_streak)
+
+    def state_dict(self):
+        """The part that outlives an interval: the current streak of skipped steps."""
+        return {"bad_streak": self.bad_streak.item()}
+
+    def load_state_dict(self, state):
+        self.bad_streak.fill_(state["bad_streak"])
+        self.longest_bad_streak.fill_(state["bad_streak"])
+
+
+class StopRequest:
+    """
+    Records SIGTERM / SIGINT while installed, so that the loop can stop at a
+    step boundary; a second SIGINT interrupts at once (KeyboardInterrupt).
+    Handlers are installed only from the main thread.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
