@@ -28,6 +28,11 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
     if schedule_name == "linear":
         # DDPM's linear schedule, stretched so that any T keeps its endpoints' meaning.
         scale = 1000 / num_diffusion_timesteps
+        if scale * 0.02 > 1:
+            raise ValueError(
+                f"the linear schedule needs at least 20 diffusion steps (its last beta is "
+                f"20 / steps), got {num_diffusion_timesteps}; use more steps or the cosine schedule"
+            )
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
         # IDDPM eq. 17: alpha_bar(t) = cos²((t/T + s) / (1 + s) · π/2) with s = 0.008.
