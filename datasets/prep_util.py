@@ -48,9 +48,12 @@ def read_marker(folder):
         return None
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except ValueError as exc:
-            raise PrepError(f"{path} is not a valid marker file ({exc}); pass --overwrite to rebuild") from exc
+            marker = json.load(f)
+        except ValueError:
+            marker = None
+    if not isinstance(marker, dict):
+        raise PrepError(f"{path} is not a valid marker file; pass --overwrite to rebuild")
+    return marker
 
 
 def build_folder(out_dir, settings, write, overwrite=False, log=print):

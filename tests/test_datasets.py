@@ -141,6 +141,14 @@ def test_build_folder_rerun_is_a_noop(tmp_path):
         prep_util.build_folder(out, {"v": 2}, write_files(5), log=lambda msg: None)
 
 
+def test_build_folder_rejects_a_corrupt_marker(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".complete").write_text("[1, 2")
+    with pytest.raises(prep_util.PrepError, match=r"\.complete is not a valid marker"):
+        prep_util.build_folder(out, {}, write_files(1), log=lambda msg: None)
+
+
 # --- digits --------------------------------------------------------------------
 
 
