@@ -5,6 +5,7 @@ import os
 import pathlib
 import pickle
 import re
+import struct
 import subprocess
 import sys
 import tarfile
@@ -275,6 +276,43 @@ def test_cifar_cli(tmp_path, cifar_archive):
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
+def py2_batch_pickle(data, labels):
+    """
+    The opcodes a Python 2 pickler (as used for the published archive) writes for a batch:
+    strings are byte strings and the array is rebuilt through numpy.core.multiarray.
+    """
+
+    def string(value):
+        return pickle.BINSTRING + struct.pack("<i", len(value)) + value
+
+    def small_ints(values):
+        return b"".join(pickle.BININT1 + bytes([v]) for v in values)
+
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n"
+        + small_ints([0]) + pickle.TUPLE1 + string(b"b") + pickle.TUPLE3 + pickle.REDUCE
+        + pickle.MARK + small_ints([1]) + pickle.BININT + struct.pack("<i", data.shape[0])
+        + pickle.BININT + struct.pack("<i", data.shape[1]) + pickle.TUPLE2
+        + b"cnumpy\ndtype\n" + string(b"u1") + small_ints([0, 1]) + pickle.TUPLE3 + pickle.REDUCE
+        + pickle.MARK + small_ints([3]) + string(b"|") + pickle.NONE * 3
+        + (pickle.BININT + struct.pack("<i", -1)) * 2 + small_ints([0]) + pickle.TUPLE + pickle.BUILD
+        + pickle.NEWFALSE + string(data.tobytes()) + pickle.TUPLE + pickle.BUILD
+    )
+    return (
+        pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK
+        + string(b"data") + array
+        + string(b"labels") + pickle.EMPTY_LIST + pickle.MARK + small_ints(labels) + pickle.APPENDS
+        + pickle.SETITEMS + pickle.STOP
+    )
+
+
+def test_cifar_reads_python2_pickles():
+    data = np.random.default_rng(4).integers(0, 256, (3, 3072), dtype=np.uint8)
+    images, labels = cifar10.load_batch({"data_batch_1": py2_batch_pickle(data, [4, 0, 9])}, "data_batch_1", 10)
+    assert labels == [4, 0, 9]
+    np.testing.assert_array_equal(images[1], data[1].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
 class _Exploit:
     def __init__(self, target):
         self.target = target
@@ -344,7 +382,8 @@ def make_lmdb(path, values):
 @pytest.fixture
 def lsun_images():
     rng = np.random.default_rng(3)
-    return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 60, 3), (70, 33, 3), (20, 20, 3), (64, 96, 3)]]
+    shapes = [(40, 60, 3), (70, 33, 3), (20, 20, 3), (64, 96, 3)]
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes]
 
 
 def test_lsun_convert(tmp_path, lsun_images):
