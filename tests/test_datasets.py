@@ -444,3 +444,15 @@ def test_load_data_reads_the_digits_folder(tmp_path):
     assert tuple(images.shape) == (16, 3, 8, 8)
     assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
     assert set(cond["y"].tolist()) <= set(range(10))
+
+
+def test_lsun_output_is_read_back_unchanged(tmp_path, lsun_images):
+    image_datasets = pytest.importorskip("improved_diffusion.image_datasets")
+    values = {f"{i:04d}".encode(): encode(pixels, "PNG") for i, pixels in enumerate(lsun_images)}
+    out = tmp_path / "lsun"
+    lsun_bedroom.convert_lsun(make_lmdb(tmp_path / "db", values), out, image_size=16, log=lambda msg: None)
+    for i, pixels in enumerate(lsun_images):
+        written = out / f"bedroom_{i:07d}.png"
+        np.testing.assert_array_equal(image_datasets.load_image(str(written), 16), read_rgb(written))
+        ours = np.asarray(prep_util.resize_center_crop(Image.fromarray(pixels), 16))
+        np.testing.assert_array_equal(ours, image_datasets.resize_and_center_crop(Image.fromarray(pixels), 16))

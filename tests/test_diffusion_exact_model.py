@@ -77,7 +77,7 @@ def test_ddim_approaches_the_data_distribution_as_steps_grow(model):
         samples = spaced(f"ddim{steps}").ddim_sample_loop(model, (N, 1, 1, 1), noise=x_T(N, 3), clip_denoised=False)
         distances.append(wasserstein1(samples, reference))
     assert distances[0] > distances[1] > distances[2], distances
-    assert distances[2] < 3 * noise_floor, (distances, noise_floor)
+    assert distances[2] < 4 * noise_floor, (distances, noise_floor)
 
 
 def test_ancestral_sampling_with_1000_steps_matches_the_distribution(model):
