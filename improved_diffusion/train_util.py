@@ -210,9 +210,10 @@ class TrainLoop:
         self.step = self.saved_step = ckpt.step
         for rate, ema in zip(self.ema_rate, self.ema_params):
             if ckpt.emas[rate] in missing:
-                continue
-            logger.log(f"loading EMA from checkpoint: {ckpt.emas[rate]}...")
-            self._load_ema(ema, ckpt.emas[rate])
+                torch._foreach_copy_(ema, [p.detach() for p in self.params])
+            else:
+                logger.log(f"loading EMA from checkpoint: {ckpt.emas[rate]}...")
+                self._load_ema(ema, ckpt.emas[rate])
         if ckpt.opt not in missing:
             logger.log(f"loading optimizer state from checkpoint: {ckpt.opt}...")
             self._load_opt(ckpt.opt)

@@ -1,0 +1,126 @@
+"""
+What the training scripts (image_train.py, super_res_train.py) share: the
+training flags, the setup of processes, logger and seeds, data errors agreed
+on by every rank, and a clean exit.
+
+Exit status: 0 when training ends or stops after SIGTERM (the checkpoint set
+of the last step is saved first); 130 after SIGINT (also saved); 1 with a
+one-line "error: ..." on stderr, from every rank, for a user error (bad
+flags, data or checkpoint files, too many non-finite steps).
+"""
+
+import argparse
+import signal
+import sys
+
+from . import dist_util, logger
+from .resample import create_named_schedule_sampler
+from .run_flags import write_run_flags
+from .script_util import add_dict_to_argparser, args_to_dict
+from .train_state import seed_everything
+from .train_util import TrainingError, TrainLoop
+
+
+def training_defaults():
+    """The training flags and their defaults (the reference's, then the new ones)."""
+    return dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        seed=0,
+        max_steps=0,
+        use_bf16=False,
+        random_flip=False,
+        keep_checkpoints=0,
+        max_bad_steps=20,
+        allow_partial_resume=False,
+        check_replicas=False,
+    )
+
+
+def create_argparser(model_defaults, description):
+    """An argparse parser with the training flags and `model_defaults`."""
+    parser = argparse.ArgumentParser(description=description)
+    add_dict_to_argparser(parser, {**training_defaults(), **model_defaults})
+    return parser
+
+
+def train(args, model_keys, create_model_and_diffusion, make_data):
+    """
+    Set up processes, logger and seeds, build the model and data, and train.
+
+    :param model_keys: the flags create_model_and_diffusion takes.
+    :param make_data: args -> the data iterator (load_data's ValueError for
+        bad data is raised on every rank when any rank hits it).
+    :return: the finished TrainLoop.
+    """
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: a folder of training images")
+    dist_util.setup_dist()
+    logger.configure()
+    if dist_util.get_rank() == 0:
+        write_run_flags(logger.get_dir(), vars(args))
+    seed_everything(args.seed)
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_keys))
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    logger.log("creating data loader...")
+    data = _agreed_on_every_rank(lambda: make_data(args))
+    logger.log("training...")
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        schedule_sampler=schedule_sampler,
+        run_flags=vars(args),
+        **{k: getattr(args, k) for k in _LOOP_KEYS},
+    )
+    loop.run_loop()
+    return loop
+
+
+_LOOP_KEYS = (
+    "batch_size microbatch lr ema_rate log_interval save_interval resume_checkpoint use_fp16 "
+    "fp16_scale_growth weight_decay lr_anneal_steps use_bf16 seed max_steps keep_checkpoints "
+    "max_bad_steps allow_partial_resume check_replicas"
+).split()
+
+
+def _agreed_on_every_rank(build):
+    """build() on every rank; if it raises ValueError on any rank, every rank raises one."""
+    result, error = None, None
+    try:
+        result = build()
+    except ValueError as exc:
+        error = str(exc)
+    failures = [(rank, e) for rank, e in enumerate(dist_util.all_gather_object(error)) if e is not None]
+    if failures:
+        raise ValueError(error if error is not None else f"rank {failures[0][0]}: {failures[0][1]}")
+    return result
+
+
+def main(run):
+    """
+    Call run() (which returns a TrainLoop) and exit with the status described
+    in this module's docstring.
+    """
+    try:
+        loop = run()
+    except (ValueError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        dist_util.cleanup_dist()
+        sys.exit(1)
+    dist_util.cleanup_dist()
+    if loop.stop_signal == signal.SIGINT:
+        sys.exit(128 + signal.SIGINT)

@@ -1,0 +1,218 @@
+"""Shared pieces of the training tests: tiny models, image folders, script launches, checkpoint comparison."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from improved_diffusion import logger, script_util
+from improved_diffusion.io_util import load_checkpoint
+from improved_diffusion.train_util import TrainLoop
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = pathlib.Path(sys.executable).parent
+
+# A model small enough for a CPU step in tens of milliseconds.
+TINY_MODEL = dict(
+    image_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="",
+    diffusion_steps=8,
+    noise_schedule="cosine",
+    learn_sigma=True,
+)
+
+
+def tiny_flags(**overrides):
+    """Model flags for TINY_MODEL with `overrides`."""
+    return {**script_util.model_and_diffusion_defaults(), **TINY_MODEL, **overrides}
+
+
+def cli_flags(flags):
+    """['--key', 'value', ...] for a dict of flags."""
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+
+
+class SyntheticData:
+    """
+    An endless iterator of [batch x 3 x size x size] images in [-1, 1] (batch
+    i is seeded by i), with NaN batches at the indices in `nan_batches` and a
+    position that state_dict()/load_state_dict() save and restore.
+    """
+
+    def __init__(self, batch_size=2, image_size=8, nan_batches=()):
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.nan_batches = set(nan_batches)
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(self.index)
+        images = torch.rand(self.batch_size, 3, self.image_size, self.image_size, generator=g) * 2 - 1
+        if self.index in self.nan_batches:
+            images[0, 0, 0, 0] = float("nan")
+        self.index += 1
+        return images, {}
+
+    def state_dict(self):
+        return {"index": self.index}
+
+    def load_state_dict(self, state):
+        self.index = state["index"]
+
+
+def make_loop(log_dir, data=None, model_flags=None, **loop_args):
+    """A TrainLoop on a freshly seeded TINY_MODEL logging (csv, log) to `log_dir`."""
+    flags = model_flags or tiny_flags()
+    logger.configure(dir=str(log_dir), format_strs=["csv", "log"])
+    torch.manual_seed(0)
+    model, diffusion = script_util.create_model_and_diffusion(**flags)
+    args = dict(
+        batch_size=2,
+        microbatch=-1,
+        lr=1e-3,
+        ema_rate="0.99",
+        log_interval=2,
+        save_interval=1000,
+        resume_checkpoint="",
+        seed=0,
+        run_flags=flags,
+    )
+    args.update(loop_args)
+    return TrainLoop(model=model, diffusion=diffusion, data=data or SyntheticData(), **args)
+
+
+def snapshot(loop):
+    """Copies of the weights, EMA and AdamW state of `loop`."""
+    return {
+        "params": [p.detach().clone() for p in loop.params],
+        "ema": [[p.clone() for p in ema] for ema in loop.ema_params],
+        "opt": {k: v.clone() for s in loop.opt.state.values() for k, v in s.items()},
+    }
+
+
+def any_param_changed(loop, before):
+    """Whether any weight of `loop` differs from the snapshot `before`."""
+    return any(p.detach().ne(q).any() for p, q in zip(loop.params, before["params"]))
+
+
+def assert_same(a, b, where="value"):
+    """Recursive bitwise equality of tensors, dicts, lists and plain values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys differ"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_files(dir_a, dir_b, names):
+    """The checkpoint files `names` hold bitwise the same data in both folders."""
+    for name in names:
+        assert_same(load_checkpoint(pathlib.Path(dir_a, name)), load_checkpoint(pathlib.Path(dir_b, name)), name)
+
+
+def set_names(step, rates=("0.9999",)):
+    """The model, EMA and optimizer file names of the set of `step`."""
+    return [f"model{step:06d}.pt", *(f"ema_{r}_{step:06d}.pt" for r in rates), f"opt{step:06d}.pt"]
+
+
+def write_images(folder, count, size=8, mode="RGB", prefix="img"):
+    """`count` random PNGs of `size` x `size` in `folder` (created); returns the folder."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(count)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+        Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(folder / f"{prefix}_{i}.png")
+    return folder
+
+
+def script_env(log_dir, threads=1):
+    """The environment for a training script writing to `log_dir`."""
+    env = dict(os.environ)
+    env.update(
+        OPENAI_LOGDIR=str(log_dir),
+        OPENAI_LOG_FORMAT="stdout,log,csv",
+        OMP_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def launcher(kind, ranks):
+    """The command prefix that starts `ranks` processes of a Python script ("python", "mpiexec", "torchrun")."""
+    if kind == "python":
+        return [sys.executable]
+    if kind == "mpiexec":
+        mpiexec = shutil.which("mpiexec", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        if mpiexec is None:
+            pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
+        return [mpiexec, "-n", str(ranks), sys.executable]
+    if kind == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    raise ValueError(kind)
+
+
+def start_script(script, flags, log_dir, kind="python", ranks=1):
+    """Start scripts/`script` in its own process group; returns the Popen (stdout+stderr piped)."""
+    cmd = launcher(kind, ranks) + [str(ROOT / "scripts" / script)] + cli_flags(flags)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=script_env(log_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):
+    """Run scripts/`script` to the end; returns (returncode, stdout, stderr)."""
+    proc = start_script(script, flags, log_dir, kind, ranks)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{script} did not finish in {timeout}s\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+def wait_for(path, proc, timeout=120):
+    """Wait until `path` exists; fail if `proc` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not pathlib.Path(path).exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended (status {proc.returncode}) before {path} appeared\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
+
+
+def kill_group(proc):
+    """SIGKILL the process group that start_script started, and reap it."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
