@@ -220,10 +220,11 @@ class GaussianDiffusion:
     def _extract(self, name, t, broadcast_shape):
         """
         Read table `name` at timesteps t: gathered in float64, cast to float32
-        and broadcast to broadcast_shape ([N x ...]).
+        and shaped [N x 1 x ...] to broadcast against broadcast_shape, so that
+        arithmetic on the coefficients stays per-sample.
         """
         values = self._tables(t.device)[name][t].float()
-        return values.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
+        return values.view(-1, *([1] * (len(broadcast_shape) - 1)))
 
     def _check_timesteps(self, t, batch_size):
         """Clear errors for bad timestep tensors; range checks only where they cost no sync."""
@@ -254,8 +255,8 @@ class GaussianDiffusion:
         """
         self._check_timesteps(t, x_start.shape[0])
         mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
-        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
-        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape).expand(x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape).expand(x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None, generator=None):
@@ -291,8 +292,8 @@ class GaussianDiffusion:
             self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
             + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        variance = self._extract("posterior_variance", t, x_t.shape)
-        log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t.shape)
+        variance = self._extract("posterior_variance", t, x_t.shape).expand(x_t.shape)
+        log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t.shape).expand(x_t.shape)
         return mean, variance, log_variance_clipped
 
     # --------------------------------------------------------- reverse process
@@ -343,11 +344,11 @@ class GaussianDiffusion:
             log_variance = self._learned_log_variance(var_values, t, x.shape)
             variance = torch.exp(log_variance)
         elif self.model_var_type == ModelVarType.FIXED_LARGE:
-            variance = self._extract("fixed_large_variance", t, x.shape)
-            log_variance = self._extract("fixed_large_log_variance", t, x.shape)
+            variance = self._extract("fixed_large_variance", t, x.shape).expand(x.shape)
+            log_variance = self._extract("fixed_large_log_variance", t, x.shape).expand(x.shape)
         else:
-            variance = self._extract("posterior_variance", t, x.shape)
-            log_variance = self._extract("posterior_log_variance_clipped", t, x.shape)
+            variance = self._extract("posterior_variance", t, x.shape).expand(x.shape)
+            log_variance = self._extract("posterior_log_variance_clipped", t, x.shape).expand(x.shape)
 
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             pred_xstart = self._predict_xstart_from_xprev(x, t, model_output)
