@@ -1,0 +1,374 @@
+"""
+Endless, exactly resumable batches of training images read from a folder.
+
+`load_data` finds every .jpg/.jpeg/.png/.gif file under a folder (recursively,
+local or any blobfile path), gives each process its own shard, checks every
+file of the shard before training starts, and returns an `ImageDataIterator`.
+Each epoch visits the shard in an order drawn from a NumPy generator seeded by
+(seed, shard, epoch), so the iterator's position is three integers and a
+resumed run sees exactly the batches the uninterrupted one would have.
+
+Images are preprocessed as in the reference: halved with a box filter while
+the short side is at least twice the target size, resized with bicubic
+filtering so the short side is the target size, center-cropped, converted to
+RGB and scaled to [-1, 1].
+"""
+
+import concurrent.futures
+import itertools
+import warnings
+from typing import NamedTuple
+
+import blobfile as bf
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from . import dist_util
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+_PROBE_THREADS = 8  # overlaps reads from network storage
+_PROBE_CHUNK = 256
+# Float value of each uint8 level, computed as (v / 127.5 - 1) in float32.
+_LEVELS = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def load_data(
+    *,
+    data_dir,
+    batch_size,
+    image_size,
+    class_cond=False,
+    deterministic=False,
+    random_flip=False,
+    seed=0,
+    shard=None,
+    num_shards=None,
+    num_workers=1,
+):
+    """
+    An endless iterator of `(images, cond)` batches over the images in `data_dir`.
+
+    `images` is float32 [N x 3 x S x S] in [-1, 1] with N = `batch_size` and
+    S = `image_size`; `cond` is {"y": int64 labels [N]} with `class_cond`,
+    else {}. The class of a file is its name's prefix before the first "_",
+    numbered in sorted order of all class names in the folder. The last
+    incomplete batch of each epoch is dropped.
+
+    :param deterministic: visit each epoch in file order instead of shuffled.
+    :param random_flip: mirror each image horizontally with probability 1/2.
+    :param seed: seeds the epoch orders and flips (with shard and epoch).
+    :param shard, num_shards: this process reads files[shard::num_shards] of
+        the sorted list; default: the torch.distributed rank and world size
+        when a process group exists (then every rank must call this), else 0, 1.
+    :param num_workers: decoding processes (0: decode in this process).
+    :raises ValueError: naming the folder or file, for a missing folder, a
+        folder without images, a shard with fewer images than one batch, a
+        file that is not a readable image, images with different channel
+        counts, or (with `class_cond`) a file name without "_".
+    """
+    _check_arguments(batch_size, image_size, seed, num_workers)
+    files = list_image_files(data_dir)
+    class_names, labels = _class_labels(files) if class_cond else (None, None)
+    shard, num_shards, collective = _resolve_shard(shard, num_shards)
+    local_files = files[shard::num_shards]
+    report = _survey_shard(local_files, len(files), shard, num_shards, batch_size, data_dir)
+    _raise_data_errors(dist_util.all_gather_object(report) if collective else [report])
+    return ImageDataIterator(
+        local_files,
+        labels[shard::num_shards] if class_cond else None,
+        image_size=image_size,
+        batch_size=batch_size,
+        deterministic=deterministic,
+        random_flip=random_flip,
+        seed=seed,
+        shard=shard,
+        num_workers=num_workers,
+        class_names=class_names,
+    )
+
+
+def _check_arguments(batch_size, image_size, seed, num_workers):
+    for name, value, least in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
+                               ("seed", seed, 0), ("num_workers", num_workers, 0)):
+        if not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def list_image_files(data_dir):
+    """
+    Every image file under `data_dir`, walking folders depth first in sorted
+    name order (the order the reference lists them in).
+
+    :raises ValueError: if `data_dir` is missing, not a folder or holds no image.
+    """
+    if not data_dir:
+        raise ValueError("data_dir is empty: give the folder that holds the training images")
+    if not bf.exists(data_dir):
+        raise ValueError(f"data_dir {data_dir} does not exist")
+    if not bf.isdir(data_dir):
+        raise ValueError(f"data_dir {data_dir} is not a folder")
+    files = _walk(data_dir)
+    if not files:
+        extensions = ", ".join("." + e for e in IMAGE_EXTENSIONS)
+        raise ValueError(f"no image files in {data_dir} (searched all subfolders for {extensions}, in any case)")
+    return files
+
+
+def _walk(folder):
+    found = []
+    for name in sorted(bf.listdir(folder)):
+        path = bf.join(folder, name)
+        if "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+            found.append(path)
+        elif bf.isdir(path):
+            found.extend(_walk(path))
+    return found
+
+
+def _class_labels(files):
+    """(sorted class names, the class index of each file) from the prefixes before "_"."""
+    prefixes = []
+    for path in files:
+        name = bf.basename(path)
+        if "_" not in name:
+            raise ValueError(
+                f"class_cond needs file names that start with their class and an underscore "
+                f"(like dog_0001.png), but {path} has no '_'"
+            )
+        prefixes.append(name.split("_", 1)[0])
+    class_names = sorted(set(prefixes))
+    index = {name: i for i, name in enumerate(class_names)}
+    return class_names, [index[p] for p in prefixes]
+
+
+def _resolve_shard(shard, num_shards):
+    """(shard, num_shards, whether the ranks of a process group must agree on errors)."""
+    if (shard is None) != (num_shards is None):
+        raise ValueError("give both shard and num_shards, or neither")
+    if shard is None:
+        if dist_util.is_initialized():
+            return dist_util.get_rank(), dist_util.get_world_size(), True
+        return 0, 1, False
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, num_shards), got shard={shard}, num_shards={num_shards}")
+    return shard, num_shards, False
+
+
+class _ShardReport(NamedTuple):
+    """What one shard's check found: an error message or None, and one file per channel count."""
+
+    error: object
+    channels: dict
+
+
+def _survey_shard(files, total, shard, num_shards, batch_size, data_dir):
+    if len(files) < batch_size:
+        return _ShardReport(
+            f"{data_dir} has {total} images; shard {shard} of {num_shards} gets {len(files)}, "
+            f"fewer than one batch of {batch_size}: lower the batch size or use fewer processes",
+            {},
+        )
+    channels = {}
+    chunks = [files[i : i + _PROBE_CHUNK] for i in range(0, len(files), _PROBE_CHUNK)]
+    pool = concurrent.futures.ThreadPoolExecutor(_PROBE_THREADS)
+    try:
+        results = itertools.chain.from_iterable(pool.map(_probe_all, chunks))
+        for path, (count, error) in zip(files, results):
+            if error is not None:
+                return _ShardReport(error, channels)
+            channels.setdefault(count, path)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return _ShardReport(None, channels)
+
+
+def _probe_all(paths):
+    return [_probe(path) for path in paths]
+
+
+def _probe(path):
+    """(channel count, None) if `path`'s header and structure check out, else (None, message)."""
+    try:
+        with _open(path) as f, Image.open(f) as image:
+            mode = image.mode
+            image.verify()
+    except Exception as exc:
+        return None, f"cannot read image {path}: {exc}"
+    return _channel_count(mode), None
+
+
+def _open(path):
+    """A binary file object for a local path (plain open, faster) or a blobfile URL."""
+    return bf.BlobFile(path, "rb") if "://" in path else open(path, "rb")
+
+
+def _channel_count(mode):
+    """Channels of a PIL mode, palette images counting as the colors they hold."""
+    return {"P": 3, "PA": 4}.get(mode, Image.getmodebands(mode))
+
+
+def _raise_data_errors(reports):
+    """Raise the first shard's error, or one about mixed channel counts, identically on every rank."""
+    for report in reports:
+        if report.error is not None:
+            raise ValueError(report.error)
+    examples = {}
+    for report in reports:
+        for count, path in report.channels.items():
+            examples.setdefault(count, path)
+    if len(examples) > 1:
+        kinds = "; ".join(f"{path} has {count}" for count, path in sorted(examples.items()))
+        raise ValueError(
+            f"images with different numbers of channels in one dataset ({kinds}); "
+            f"convert them all to one mode (such as RGB) first"
+        )
+
+
+class _BatchSpec(NamedTuple):
+    """One batch to decode: shard-local file indices, flips, and the position after it."""
+
+    indices: np.ndarray
+    flips: np.ndarray
+    epoch: int
+    next_index: int
+
+
+class _Schedule(NamedTuple):
+    """Which images, flipped or not, make up each batch of each epoch of one shard."""
+
+    num_images: int
+    batch_size: int
+    seed: int
+    shard: int
+    deterministic: bool
+    random_flip: bool
+
+    def epoch_plan(self, epoch):
+        """(order of shard-local indices [num_images], flip flags [num_images]) for `epoch`."""
+        rng = np.random.default_rng([self.seed, self.shard, epoch])
+        order = np.arange(self.num_images) if self.deterministic else rng.permutation(self.num_images)
+        flips = rng.random(self.num_images) < 0.5 if self.random_flip else np.zeros(self.num_images, dtype=bool)
+        return order, flips
+
+    def batches(self, epoch, index):
+        """Endless _BatchSpecs from position (`epoch`, `index`: images already taken in that epoch) on."""
+        while True:
+            order, flips = self.epoch_plan(epoch)
+            while index + self.batch_size <= self.num_images:
+                end = index + self.batch_size
+                yield _BatchSpec(order[index:end], flips[index:end], epoch, end)
+                index = end
+            epoch, index = epoch + 1, 0
+
+
+class ImageDataIterator:
+    """
+    Endless iterator of `(images, cond)` batches over one shard of files, with
+    `state_dict()` / `load_state_dict()` for exact resumption. Built by `load_data`.
+
+    Attributes: `files` (this shard's, in listing order), `num_images`,
+    `class_names` (sorted class prefixes of the whole dataset, or None
+    without class labels).
+    """
+
+    def __init__(self, files, labels, *, image_size, batch_size, deterministic, random_flip, seed, shard,
+                 num_workers, class_names=None):
+        self.files = list(files)
+        self.num_images = len(self.files)
+        self.class_names = class_names
+        self._decoder = _BatchDecoder(self.files, None if labels is None else np.asarray(labels, np.int64),
+                                      image_size)
+        self._schedule = _Schedule(self.num_images, batch_size, seed, shard, deterministic, random_flip)
+        self._num_workers = num_workers
+        self._position = (0, 0)
+        self._batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """The next batch: float32 images [N x 3 x S x S] in [-1, 1] and the cond dict."""
+        if self._batches is None:
+            loader = DataLoader(self._decoder, batch_size=None, sampler=self._schedule.batches(*self._position),
+                                num_workers=self._num_workers, collate_fn=_as_is)
+            self._batches = iter(loader)
+        images, labels, epoch, index = next(self._batches)
+        self._position = (epoch, index)
+        return images, ({} if labels is None else {"y": labels})
+
+    def state_dict(self):
+        """The position after the last batch returned, as plain data."""
+        epoch, index = self._position
+        return {"epoch": epoch, "index": index, "seed": self._schedule.seed, "shard": self._schedule.shard,
+                "num_images": self.num_images}
+
+    def load_state_dict(self, state):
+        """Continue from a `state_dict()`: the next batch is the one that followed it."""
+        if (state["shard"], state["num_images"]) != (self._schedule.shard, self.num_images):
+            warnings.warn(
+                f"data position saved for shard {state['shard']} of {state['num_images']} images, restored "
+                f"into shard {self._schedule.shard} of {self.num_images}: the order will not match the saved run"
+            )
+        self.close()
+        self._schedule = self._schedule._replace(seed=int(state["seed"]))
+        self._position = (int(state["epoch"]), int(state["index"]))
+
+    def epoch_plan(self, epoch):
+        """(order of shard-local indices [num_images], flip flags [num_images]) for `epoch`."""
+        return self._schedule.epoch_plan(epoch)
+
+    def close(self):
+        """Stop the decoding workers now; the next batch starts new ones."""
+        self._batches = None
+
+
+def _as_is(batch):
+    return batch
+
+
+class _BatchDecoder:
+    """Turns a _BatchSpec into (images, labels or None, epoch, next index); runs in loader workers."""
+
+    def __init__(self, files, labels, image_size):
+        self.files = files
+        self.labels = labels
+        self.image_size = image_size
+
+    def __getitem__(self, spec):
+        pixels = np.stack([self._pixels(i, flip) for i, flip in zip(spec.indices, spec.flips)])
+        images = torch.from_numpy(_LEVELS[pixels.transpose(0, 3, 1, 2)])
+        labels = None if self.labels is None else torch.from_numpy(self.labels[spec.indices])
+        return images, labels, spec.epoch, spec.next_index
+
+    def _pixels(self, i, flip):
+        pixels = load_image(self.files[i], self.image_size)
+        return pixels[:, ::-1] if flip else pixels
+
+
+def load_image(path, image_size):
+    """The image at `path` as uint8 RGB [S x S x 3], preprocessed as for training."""
+    try:
+        with _open(path) as f:
+            image = Image.open(f)
+            image.load()
+    except Exception as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from exc
+    return resize_and_center_crop(image, image_size)
+
+
+def resize_and_center_crop(image, image_size):
+    """
+    A PIL image as uint8 RGB [S x S x 3]: box-halved while its short side is
+    at least 2 S, bicubic-resized to short side S (each side rounded), then
+    center-cropped; resizing happens in the image's own mode, before RGB.
+    """
+    while min(image.size) >= 2 * image_size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    pixels = np.asarray(image.convert("RGB"))
+    top = (pixels.shape[0] - image_size) // 2
+    left = (pixels.shape[1] - image_size) // 2
+    return pixels[top : top + image_size, left : left + image_size]
