@@ -1,0 +1,373 @@
+"""
+Machinery shared by the sampling scripts (image_sample.py, super_res_sample.py,
+image_nll.py): flag parsing against a checkpoint's saved training flags, model
+loading, per-sample seeding, sharding samples over ranks and gathering them,
+and writing npz and PNG outputs.
+
+Seeding: sample `i` of a run with seed `s` draws its starting noise x_T and
+every step's noise from its own generator seeded with (s, i) (the diffusion
+loops accept a list of generators, one per sample), and its random
+class label from a second generator seeded with (s, i, 1). So the output
+depends on the seed and the sample's index only, never on the batch size or
+on how many ranks share the work.
+"""
+
+import argparse
+import io
+import math
+import secrets
+import sys
+
+import blobfile as bf
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import dist_util, logger
+from .io_util import CheckpointError, atomic_write_bytes
+from .run_flags import FLAGS_FILENAME, read_run_flags
+from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
+
+# Flags every sampling script adds to its own.
+COMMON_FLAGS = dict(seed=-1, use_bf16=False, use_fp16=False)
+
+# Model and diffusion flags a sampling run may choose freely, whatever the
+# training run used: they change neither the weights nor their meaning.
+SAMPLING_ONLY_FLAGS = frozenset({"timestep_respacing", "use_checkpoint", "dropout"})
+
+NOISE_STREAM = 0
+LABEL_STREAM = 1
+GRID_MAX_IMAGES = 64
+
+
+class UsageError(ValueError):
+    """Flags that contradict each other, the checkpoint, or the input files."""
+
+
+def run_script(main, argv=None):
+    """
+    Call main(argv) and tear the process group down. A UsageError or
+    CheckpointError prints one "error: ..." line on stderr (from every rank)
+    and exits with status 1, as the training scripts do.
+    """
+    try:
+        main(argv)
+    except (UsageError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        dist_util.cleanup_dist()
+        sys.exit(1)
+    dist_util.cleanup_dist()
+
+
+# ---------------------------------------------------------------- flags
+
+
+class _Unset:
+    """Marks a flag that the command line did not give."""
+
+
+def parse_flags(defaults, argv=None, description=None):
+    """
+    Parse command-line flags typed by `defaults`.
+
+    :return: (args, explicit) where `explicit` is the set of flag names given
+        on the command line (as opposed to taken from `defaults`).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_dict_to_argparser(parser, defaults)
+    args = parser.parse_args(argv)
+    parser.set_defaults(**{key: _Unset for key in defaults})
+    given = parser.parse_args(argv)
+    explicit = {key for key in defaults if getattr(given, key) is not _Unset}
+    return args, explicit
+
+
+def apply_run_flags(args, explicit, model_keys):
+    """
+    Take the model flags of the run that trained `args.model_path` from its
+    flags.json (when it saved one) as the defaults, in place.
+
+    Flags in SAMPLING_ONLY_FLAGS stay the user's. An explicit flag that
+    contradicts a saved one raises UsageError naming every such flag.
+
+    :return: the saved flags, or None when the run saved none.
+    """
+    saved = read_run_flags(args.model_path)
+    if saved is None:
+        return None
+    conflicts = []
+    for key in model_keys:
+        if key not in saved or key in SAMPLING_ONLY_FLAGS:
+            continue
+        value = _as_type_of(getattr(args, key), saved[key])
+        if key not in explicit:
+            setattr(args, key, value)
+        elif getattr(args, key) != value:
+            conflicts.append(f"--{key} {getattr(args, key)} (trained with {saved[key]!r})")
+    if conflicts:
+        flags_path = bf.join(bf.dirname(args.model_path), FLAGS_FILENAME)
+        raise UsageError(
+            f"flags contradict the training run of {args.model_path} (saved in {flags_path}): "
+            + ", ".join(conflicts)
+            + ". Drop them: --model_path alone rebuilds the model from its saved flags."
+        )
+    return saved
+
+
+def _as_type_of(current, saved):
+    """`saved` converted to the type of the flag's current value where that is lossless."""
+    if isinstance(current, bool) or current is None or saved is None:
+        return saved
+    if isinstance(current, (int, float, str)) and isinstance(saved, (int, float, str)):
+        try:
+            return type(current)(saved)
+        except ValueError:
+            return saved
+    return saved
+
+
+def parse_sampling_flags(defaults, model_keys, argv=None, description=None):
+    """
+    Parse flags, fill model flags from the checkpoint's flags.json, and check
+    the flags every sampling script shares (before any work is done).
+
+    :return: argparse.Namespace with a `saved_flags` attribute (dict or None).
+    """
+    args, explicit = parse_flags(defaults, argv, description)
+    if not args.model_path:
+        raise UsageError("--model_path is required: a model*.pt or ema_*.pt checkpoint of a training run")
+    args.saved_flags = apply_run_flags(args, explicit, model_keys)
+    if args.use_fp16 and args.use_bf16:
+        raise UsageError("--use_fp16 and --use_bf16 exclude each other; give one")
+    if args.use_fp16 and not torch.cuda.is_available():
+        raise UsageError("--use_fp16 needs a CUDA device; on CPU use --use_bf16 True")
+    if getattr(args, "eta", 0.0) != 0.0 and not getattr(args, "use_ddim", True):
+        raise UsageError("--eta applies only to DDIM sampling: add --use_ddim True or drop --eta")
+    if getattr(args, "num_samples", 1) < 1 or getattr(args, "batch_size", 1) < 1:
+        raise UsageError("--num_samples and --batch_size must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------- setup and model
+
+
+def setup_run(args):
+    """Set up the process group and logger; resolve `args.seed` (random when < 0, shared by all ranks)."""
+    dist_util.setup_dist()
+    logger.configure()
+    args.seed = shared_seed(args.seed)
+    logger.log(f"seed {args.seed}, {dist.get_world_size()} rank(s), device {dist_util.dev()}")
+
+
+def shared_seed(seed):
+    """`seed` if it is >= 0, else a random seed drawn on rank 0 and broadcast."""
+    if seed >= 0:
+        return seed
+    return dist_util.broadcast_object(secrets.randbits(62))
+
+
+def load_model(args, create_fn, model_keys):
+    """
+    Build the model and diffusion from the flags and load `args.model_path`.
+
+    :param create_fn: create_model_and_diffusion or sr_create_model_and_diffusion.
+    :return: (model, diffusion); the model in eval mode on dist_util.dev(),
+        converted to float16 with --use_fp16, wrapped in bfloat16 autocast
+        with --use_bf16.
+    """
+    flags = args_to_dict(args, model_keys)
+    model, diffusion = create_fn(**flags)
+    state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
+    try:
+        load_model_state_dict(model, state_dict, flags, args.model_path)
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    model.to(dist_util.dev())
+    if args.use_fp16:
+        model.convert_to_fp16()
+    model.eval()
+    if args.use_bf16:
+        model = AutocastModel(model)
+    return model, diffusion
+
+
+class AutocastModel(torch.nn.Module):
+    """
+    Runs a model under bfloat16 autocast and returns float32, so the diffusion
+    arithmetic around it stays in float32.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, timesteps, **kwargs):
+        """x: [N x C x ...], timesteps: [N] -> float32 output of the wrapped model."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.model(x, timesteps, **kwargs)
+        return out.float()
+
+
+# ---------------------------------------------------------------- seeding
+
+
+def sample_seed(seed, index, stream=NOISE_STREAM):
+    """A 63-bit seed for sample `index` of a run seeded with `seed`, one per stream."""
+    state = np.random.SeedSequence([seed, index, stream]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def sample_generators(seed, indices, device, stream=NOISE_STREAM):
+    """One torch.Generator on `device` per sample index, seeded by sample_seed."""
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, i, stream)) for i in indices]
+
+
+def draw_labels(seed, indices, num_classes):
+    """Random class labels, int64 [len(indices)], each from its sample's own label stream."""
+    generators = sample_generators(seed, indices, "cpu", stream=LABEL_STREAM)
+    return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in generators])
+
+
+def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
+    """
+    Sample one batch: DDIM (with --eta) when --use_ddim, else ancestral DDPM.
+
+    :param indices: the global sample indices of the batch (they seed it).
+    :param shape: the shape of one sample, (C, H, W).
+    :return: float32 [len(indices) x C x H x W], roughly in [-1, 1].
+    """
+    device = dist_util.dev()
+    batch_shape = (len(indices), *shape)
+    common = dict(
+        clip_denoised=args.clip_denoised,
+        model_kwargs=model_kwargs,
+        device=device,
+        generator=sample_generators(args.seed, indices, device),
+    )
+    with torch.inference_mode():
+        if args.use_ddim:
+            return diffusion.ddim_sample_loop(model, batch_shape, eta=args.eta, **common)
+        return diffusion.p_sample_loop(model, batch_shape, **common)
+
+
+# ---------------------------------------------------------------- sharding and gathering
+
+
+def rank_indices(num_items, rank, world_size):
+    """The contiguous block of item indices that `rank` handles (a range; blocks differ by at most 1)."""
+    return range(num_items * rank // world_size, num_items * (rank + 1) // world_size)
+
+
+def chunks(indices, size):
+    """Consecutive slices of `indices` of at most `size` items."""
+    return [indices[start : start + size] for start in range(0, len(indices), size)]
+
+
+def sample_in_shards(num_samples, batch_size, draw_batch, desc="sampling"):
+    """
+    Draw `num_samples` samples split over the ranks and gather them on rank 0.
+
+    :param draw_batch: function(indices) -> dict of NumPy arrays whose first
+        axis has len(indices) rows, for those global sample indices.
+    :return: on rank 0, dict of arrays with num_samples rows in index order;
+        None on the other ranks.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    indices = rank_indices(num_samples, rank, world_size)
+    if world_size > 1:
+        desc = f"{desc} (rank 0 of {world_size})"
+    parts = []
+    with tqdm(total=len(indices), desc=desc, unit="sample", disable=rank != 0, file=sys.stderr) as bar:
+        for batch in chunks(indices, batch_size):
+            parts.append(draw_batch(batch))
+            bar.update(len(batch))
+    return gather_parts(parts)
+
+
+def gather_parts(parts):
+    """
+    Concatenate every rank's list of array dicts, in rank order, on rank 0.
+
+    :param parts: list of dicts of NumPy arrays (the same keys in all).
+    :return: dict of concatenated arrays on rank 0, None on other ranks.
+    """
+    if dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(parts, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def to_uint8_images(x):
+    """float [N x C x H x W] in [-1, 1] -> uint8 NumPy [N x H x W x C], rounded to the nearest level."""
+    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def from_uint8_images(images, device):
+    """uint8 NumPy [N x H x W x C] -> float32 tensor [N x C x H x W] in [-1, 1] on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------- output
+
+
+def write_npz(path, **arrays):
+    """Save NumPy arrays as an npz at `path` through a temporary name and a rename."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_png(path, image):
+    """Save a uint8 [H x W x C] image (C = 1 or 3) as a PNG, atomically."""
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def image_grid(images, pad=2):
+    """
+    Tile images in a near-square grid separated by `pad` black pixels.
+
+    :param images: uint8 [N x H x W x C], N >= 1.
+    :return: uint8 [rows*(H+pad)+pad x cols*(W+pad)+pad x C].
+    """
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for k, image in enumerate(images):
+        top, left = pad + (k // cols) * (h + pad), pad + (k % cols) * (w + pad)
+        grid[top : top + h, left : left + w] = image
+    return grid
+
+
+def save_samples(images, labels=None, save_pngs=False, log_dir=None):
+    """
+    Write samples_{N}x{H}x{W}x{C}.npz (arr_0 images, arr_1 labels when given),
+    a PNG grid of the first GRID_MAX_IMAGES beside it and, with `save_pngs`, a
+    folder with one PNG per sample; print the paths.
+
+    :param images: uint8 [N x H x W x C].
+    :param labels: int [N] or None.
+    :return: (npz_path, grid_path).
+    """
+    log_dir = log_dir or logger.get_dir()
+    stem = bf.join(log_dir, "samples_" + "x".join(str(d) for d in images.shape))
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
+    write_npz(stem + ".npz", **arrays)
+    write_png(stem + "_grid.png", image_grid(images[:GRID_MAX_IMAGES]))
+    print(f"samples: {stem}.npz\ngrid: {stem}_grid.png", flush=True)
+    if save_pngs:
+        for index, image in enumerate(images):
+            write_png(bf.join(stem + "_pngs", f"{index:06d}.png"), image)
+        print(f"pngs: {stem}_pngs/", flush=True)
+    return stem + ".npz", stem + "_grid.png"

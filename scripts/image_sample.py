@@ -1,0 +1,78 @@
+"""
+Generate a large batch of image samples from a model and save them as one
+npz (arr_0: uint8 [N x H x W x 3], arr_1: class labels when the model is
+class-conditional), a PNG grid beside it and, with --save_pngs, one PNG per
+sample. Run on several ranks with mpiexec or torchrun; the output depends only
+on --seed, not on --batch_size or the number of ranks.
+"""
+
+import torch
+
+from improved_diffusion import dist_util, sample_util
+from improved_diffusion.sample_util import UsageError
+from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+
+def flag_defaults():
+    """Every flag of the script with its default (model flags last)."""
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+        eta=0.0,
+        class_label=-1,
+        save_pngs=False,
+        **sample_util.COMMON_FLAGS,
+    )
+    defaults.update(model_and_diffusion_defaults())
+    return defaults
+
+
+def check_class_label(args):
+    """--class_label (-1: random) must name a class of a class-conditional model."""
+    if args.class_label < 0:
+        return
+    if not args.class_cond:
+        raise UsageError("--class_label needs a class-conditional model (--class_cond True)")
+    num_classes = getattr(args, "num_classes", 1000)
+    if args.class_label >= num_classes:
+        raise UsageError(f"--class_label {args.class_label} is not below --num_classes {num_classes}")
+
+
+def batch_labels(args, indices):
+    """Class labels for these sample indices: int64 [len(indices)] (all --class_label, or random per sample)."""
+    if args.class_label >= 0:
+        return torch.full((len(indices),), args.class_label, dtype=torch.int64)
+    return sample_util.draw_labels(args.seed, indices, getattr(args, "num_classes", 1000))
+
+
+def main(argv=None):
+    defaults = flag_defaults()
+    model_keys = list(model_and_diffusion_defaults())
+    args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
+    check_class_label(args)
+    sample_util.setup_run(args)
+    model, diffusion = sample_util.load_model(args, create_model_and_diffusion, model_keys)
+    shape = (3, args.image_size, args.image_size)
+
+    def draw_batch(indices):
+        out = {}
+        model_kwargs = {}
+        if args.class_cond:
+            labels = batch_labels(args, indices)
+            model_kwargs["y"] = labels.to(dist_util.dev())
+            out["labels"] = labels.numpy()
+        sample = sample_util.run_sampler(diffusion, model, args, indices, shape, model_kwargs)
+        out["images"] = sample_util.to_uint8_images(sample)
+        return out
+
+    result = sample_util.sample_in_shards(args.num_samples, args.batch_size, draw_batch)
+    if result is not None:
+        sample_util.save_samples(result["images"], result.get("labels"), args.save_pngs)
+    dist_util.barrier()
+
+
+if __name__ == "__main__":
+    sample_util.run_script(main)

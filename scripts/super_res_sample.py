@@ -1,0 +1,95 @@
+"""
+Upsample the images of an npz (--base_samples, e.g. the output of
+image_sample.py: arr_0 uint8 [M x small x small x 3], arr_1 labels optional)
+with a super-resolution model. Sample i upsamples base image i (modulo M) and,
+when the model is class-conditional, is conditioned on its label. Writes
+samples_{N}x{large}x{large}x3.npz (with arr_1 labels when the base samples have
+them) and a PNG grid; --seed, --batch_size and ranks behave as in image_sample.py.
+"""
+
+import io
+
+import blobfile as bf
+import numpy as np
+import torch
+
+from improved_diffusion import dist_util, logger, sample_util
+from improved_diffusion.sample_util import UsageError
+from improved_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
+
+
+def flag_defaults():
+    """Every flag of the script with its default (model flags last)."""
+    defaults = dict(
+        clip_denoised=True,
+        base_samples="",
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+        eta=0.0,
+        save_pngs=False,
+        **sample_util.COMMON_FLAGS,
+    )
+    defaults.update(sr_model_and_diffusion_defaults())
+    return defaults
+
+
+def load_base_samples(args):
+    """
+    Read and check --base_samples.
+
+    :return: (images uint8 [M x small_size x small_size x 3], labels int [M] or None).
+    """
+    if not args.base_samples:
+        raise UsageError("--base_samples is required: an npz of low-resolution images (arr_0)")
+    if not bf.exists(args.base_samples):
+        raise UsageError(f"--base_samples {args.base_samples} does not exist")
+    with bf.BlobFile(args.base_samples, "rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        images = data["arr_0"]
+        labels = data["arr_1"] if "arr_1" in data.files else None
+    expected = (args.small_size, args.small_size, 3)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected or len(images) == 0:
+        raise UsageError(
+            f"--base_samples {args.base_samples}: arr_0 is {images.dtype} {list(images.shape)}, expected "
+            f"uint8 [M x {args.small_size} x {args.small_size} x 3] (fix --small_size or the file)"
+        )
+    if args.class_cond and labels is None:
+        raise UsageError(
+            f"the model is class-conditional but --base_samples {args.base_samples} has no labels (arr_1)"
+        )
+    return images, labels
+
+
+def main(argv=None):
+    defaults = flag_defaults()
+    model_keys = list(sr_model_and_diffusion_defaults())
+    args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
+    base_images, base_labels = load_base_samples(args)
+    sample_util.setup_run(args)
+    if args.num_samples > len(base_images):
+        logger.log(f"{args.num_samples} samples from {len(base_images)} base images: reusing them in order")
+    model, diffusion = sample_util.load_model(args, sr_create_model_and_diffusion, model_keys)
+    shape = (3, args.large_size, args.large_size)
+
+    def draw_batch(indices):
+        base = np.array(indices) % len(base_images)
+        model_kwargs = {"low_res": sample_util.from_uint8_images(base_images[base], dist_util.dev())}
+        out = {}
+        if base_labels is not None:
+            out["labels"] = base_labels[base]
+            if args.class_cond:
+                model_kwargs["y"] = torch.from_numpy(out["labels"]).long().to(dist_util.dev())
+        sample = sample_util.run_sampler(diffusion, model, args, indices, shape, model_kwargs)
+        out["images"] = sample_util.to_uint8_images(sample)
+        return out
+
+    result = sample_util.sample_in_shards(args.num_samples, args.batch_size, draw_batch, desc="upsampling")
+    if result is not None:
+        sample_util.save_samples(result["images"], result.get("labels"), args.save_pngs)
+    dist_util.barrier()
+
+
+if __name__ == "__main__":
+    sample_util.run_script(main)

@@ -1,0 +1,231 @@
+"""
+End to end: tiny models trained for a few steps by image_train.py and
+super_res_train.py feed image_sample.py (DDPM and DDIM, with and without
+class conditioning), image_nll.py and super_res_sample.py, each run as a user
+would run it, in a subprocess (some under mpiexec or torchrun with 2 ranks).
+
+Every run uses one CPU thread per process, so that a sample's arithmetic, and
+hence its bits, are the same in every launch that is compared.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = pathlib.Path(sys.executable).parent
+
+TINY_MODEL = [
+    "--image_size", "8",
+    "--num_channels", "32",
+    "--num_res_blocks", "1",
+    "--num_heads", "2",
+    "--attention_resolutions", "4",
+    "--learn_sigma", "True",
+    "--diffusion_steps", "20",
+    "--noise_schedule", "cosine",
+]
+TINY_SR_MODEL = [
+    "--large_size", "16",
+    "--small_size", "8",
+    "--num_channels", "32",
+    "--num_res_blocks", "1",
+    "--attention_resolutions", "",
+    "--diffusion_steps", "20",
+]
+DDIM = ["--use_ddim", "True", "--timestep_respacing", "ddim5"]
+
+
+def run_script(script, args, log_dir, launcher=(sys.executable,), expect_ok=True):
+    """Run scripts/`script` with `args` logging to `log_dir`; return the CompletedProcess."""
+    env = dict(os.environ, OPENAI_LOGDIR=str(log_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [*launcher, str(ROOT / "scripts" / script), *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if expect_ok and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def mpiexec(n):
+    return (str(BIN / "mpiexec"), "-n", str(n), sys.executable)
+
+
+def torchrun(n):
+    return (str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={n}")
+
+
+def load_only(log_dir, pattern):
+    """The arrays of the single file matching `pattern` in `log_dir`, as a dict."""
+    paths = sorted(pathlib.Path(log_dir).glob(pattern))
+    assert len(paths) == 1, f"expected one {pattern} in {log_dir}, found {paths}"
+    with np.load(paths[0]) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def data_dir(workspace):
+    """Eight 16x16 RGB images of two classes ("a", "b")."""
+    folder = workspace / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        ramp = np.linspace(0, 255, 16, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1, size=3)
+        image = np.clip(ramp + rng.normal(0, 20, size=(16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"{'ab'[k % 2]}_{k}.png")
+    return folder
+
+
+def train(workspace, name, script, data_dir, flags):
+    """Train for 2 steps; return the path of the final model checkpoint."""
+    log_dir = workspace / name
+    args = ["--data_dir", data_dir, "--batch_size", 4, "--max_steps", 2, "--seed", 0, "--lr", 1e-3, *flags]
+    run_script(script, args, log_dir)
+    models = sorted(log_dir.glob("model*.pt"))
+    assert models, f"{script} wrote no model checkpoint in {log_dir}: {sorted(os.listdir(log_dir))}"
+    assert (log_dir / "flags.json").exists()
+    return models[-1]
+
+
+@pytest.fixture(scope="module")
+def uncond_model(workspace, data_dir):
+    return train(workspace, "train_uncond", "image_train.py", data_dir, TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def cond_model(workspace, data_dir):
+    flags = [*TINY_MODEL, "--class_cond", "True", "--num_classes", 4]
+    return train(workspace, "train_cond", "image_train.py", data_dir, flags)
+
+
+@pytest.fixture(scope="module")
+def sr_model(workspace, data_dir):
+    return train(workspace, "train_sr", "super_res_train.py", data_dir, TINY_SR_MODEL)
+
+
+@pytest.fixture(scope="module")
+def ddim_run(workspace, uncond_model):
+    """5 DDIM samples in batches of 2 from --model_path alone."""
+    log_dir = workspace / "ddim_b2"
+    args = ["--model_path", uncond_model, *DDIM, "--num_samples", 5, "--batch_size", 2, "--seed", 1]
+    result = run_script("image_sample.py", args, log_dir)
+    return log_dir, result, args
+
+
+def test_ddim_sample_writes_exactly_num_samples(ddim_run):
+    log_dir, result, _ = ddim_run
+    arrays = load_only(log_dir, "samples_*.npz")
+    assert list(arrays) == ["arr_0"], "an unconditional model writes no labels"
+    assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (5, 8, 8, 3)
+    assert len({arrays["arr_0"][k].tobytes() for k in range(5)}) == 5
+    npz, grid = log_dir / "samples_5x8x8x3.npz", log_dir / "samples_5x8x8x3_grid.png"
+    assert grid.exists() and str(npz) in result.stdout and str(grid) in result.stdout
+    assert not list(log_dir.glob("*.tmp")) and not list(log_dir.glob("*_pngs"))
+
+
+def test_ddim_seed_gives_the_same_samples_for_any_batch_size_and_rank_count(workspace, ddim_run):
+    log_dir, _, args = ddim_run
+    expected = load_only(log_dir, "samples_*.npz")["arr_0"]
+    run_script("image_sample.py", args, workspace / "ddim_b2_again")
+    rebatched = [*args[:-4], "--batch_size", 3, "--seed", 1]
+    run_script("image_sample.py", rebatched, workspace / "ddim_b3")
+    run_script("image_sample.py", args, workspace / "ddim_mpi2", launcher=mpiexec(2))
+    for name in ("ddim_b2_again", "ddim_b3", "ddim_mpi2"):
+        np.testing.assert_array_equal(load_only(workspace / name, "samples_*.npz")["arr_0"], expected, err_msg=name)
+    other_seed = [*args[:-2], "--seed", 2]
+    run_script("image_sample.py", other_seed, workspace / "ddim_seed2")
+    assert not np.array_equal(load_only(workspace / "ddim_seed2", "samples_*.npz")["arr_0"], expected)
+
+
+def test_ddpm_step_noise_is_per_sample_across_batches_and_ranks(workspace, uncond_model):
+    common = ["--model_path", uncond_model, "--timestep_respacing", "10", "--num_samples", 3, "--seed", 5]
+    run_script("image_sample.py", [*common, "--batch_size", 3], workspace / "ddpm_b3")
+    run_script("image_sample.py", [*common, "--batch_size", 1], workspace / "ddpm_torchrun2", launcher=torchrun(2))
+    expected = load_only(workspace / "ddpm_b3", "samples_*.npz")["arr_0"]
+    assert expected.shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(load_only(workspace / "ddpm_torchrun2", "samples_*.npz")["arr_0"], expected)
+
+
+def test_class_conditional_sampling_with_random_and_fixed_labels(workspace, cond_model):
+    common = ["--model_path", cond_model, *DDIM, "--num_samples", 6, "--batch_size", 4, "--seed", 3]
+    run_script("image_sample.py", common, workspace / "cond_random")
+    run_script("image_sample.py", [*common, "--class_label", 3, "--save_pngs", True], workspace / "cond_3")
+    random = load_only(workspace / "cond_random", "samples_6x8x8x3.npz")
+    fixed = load_only(workspace / "cond_3", "samples_6x8x8x3.npz")
+    assert random["arr_1"].shape == (6,) and set(random["arr_1"]) <= {0, 1, 2, 3}
+    assert len(set(random["arr_1"])) > 1
+    assert fixed["arr_1"].tolist() == [3] * 6
+    pngs = sorted((workspace / "cond_3" / "samples_6x8x8x3_pngs").iterdir())
+    assert len(pngs) == 6
+    np.testing.assert_array_equal(np.array(Image.open(pngs[4])), fixed["arr_0"][4])
+
+
+def test_nll_writes_per_timestep_terms(workspace, uncond_model, data_dir):
+    args = ["--model_path", uncond_model, "--data_dir", data_dir, "--timestep_respacing", "5"]
+    result = run_script("image_nll.py", [*args, "--num_samples", 3, "--batch_size", 2, "--seed", 0], workspace / "nll")
+    terms = load_only(workspace / "nll", "terms_*.npz")
+    assert set(terms) == {"vb", "mse", "xstart_mse", "prior_bpd", "total_bpd"}
+    assert terms["vb"].shape == terms["mse"].shape == terms["xstart_mse"].shape == (3, 5)
+    assert terms["prior_bpd"].shape == terms["total_bpd"].shape == (3,)
+    np.testing.assert_allclose(terms["total_bpd"], terms["vb"].sum(1) + terms["prior_bpd"], rtol=1e-5)
+    assert np.all(np.isfinite(terms["total_bpd"])) and np.all(terms["total_bpd"] > 0)
+    assert "3 of 3 images" in result.stdout and "bits/dim" in result.stdout
+
+
+def test_super_res_upsamples_base_samples_with_ddim_and_keeps_labels(workspace, sr_model, cond_model):
+    base_dir = workspace / "sr_base"
+    base_args = ["--model_path", cond_model, *DDIM, "--num_samples", 3, "--batch_size", 3, "--seed", 0]
+    run_script("image_sample.py", base_args, base_dir)
+    base = load_only(base_dir, "samples_*.npz")
+    sr_args = ["--model_path", sr_model, "--base_samples", base_dir / "samples_3x8x8x3.npz", *DDIM]
+    run_script("super_res_sample.py", [*sr_args, "--num_samples", 3, "--batch_size", 2, "--seed", 4], workspace / "sr")
+    upsampled = load_only(workspace / "sr", "samples_*.npz")
+    assert upsampled["arr_0"].dtype == np.uint8 and upsampled["arr_0"].shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(upsampled["arr_1"], base["arr_1"])
+    run_script("super_res_sample.py", [*sr_args, "--num_samples", 3, "--batch_size", 3, "--seed", 4], workspace / "sr3")
+    np.testing.assert_array_equal(load_only(workspace / "sr3", "samples_*.npz")["arr_0"], upsampled["arr_0"])
+
+
+def assert_clean_failure(result, *needles):
+    """A UsageError exit: status 1 and an error message naming `needles`, no traceback."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_flags_that_contradict_the_training_run_fail_before_any_work(workspace, uncond_model):
+    args = ["--model_path", uncond_model, "--image_size", 16, "--learn_sigma", "False", "--num_samples", 1]
+    result = run_script("image_sample.py", args, workspace / "bad_flags", expect_ok=False)
+    assert_clean_failure(result, "--image_size 16", "--learn_sigma False", "flags.json")
+    assert not list((workspace / "bad_flags").glob("samples_*"))
+
+
+def test_an_optimizer_file_as_model_path_is_named(workspace, uncond_model):
+    opt_path = next(uncond_model.parent.glob("opt*.pt"))
+    args = ["--model_path", opt_path, "--num_samples", 1]
+    result = run_script("image_sample.py", args, workspace / "opt_model", expect_ok=False)
+    assert_clean_failure(result, opt_path.name)
+    assert "optimizer" in result.stderr.lower()
+
+
+def test_without_saved_flags_the_given_flags_must_match_the_weights(workspace, uncond_model):
+    lone = workspace / "lone"
+    lone.mkdir()
+    shutil.copy(uncond_model, lone / "model.pt")
+    args = ["--model_path", lone / "model.pt", *DDIM, "--num_samples", 2, "--batch_size", 2]
+    wrong = [*TINY_MODEL[:2], "--num_channels", "64", *TINY_MODEL[4:]]
+    result = run_script("image_sample.py", [*args, *wrong], workspace / "lone_wrong", expect_ok=False)
+    assert_clean_failure(result, "num_channels")
+    run_script("image_sample.py", [*args, *TINY_MODEL], workspace / "lone_right")
+    assert load_only(workspace / "lone_right", "samples_*.npz")["arr_0"].shape == (2, 8, 8, 3)

@@ -1,0 +1,210 @@
+"""
+Unit tests of improved_diffusion.sample_util, the machinery behind
+image_sample.py, super_res_sample.py and image_nll.py (their end-to-end runs
+are in test_e2e.py).
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from improved_diffusion import sample_util
+from improved_diffusion.sample_util import UsageError
+from improved_diffusion.script_util import create_gaussian_diffusion, model_and_diffusion_defaults
+
+
+def test_parse_flags_tells_explicit_flags_from_defaults():
+    defaults = dict(image_size=64, use_ddim=False, timestep_respacing="", eta=0.0)
+    args, explicit = sample_util.parse_flags(defaults, ["--image_size", "64", "--use_ddim", "True"])
+    assert (args.image_size, args.use_ddim, args.timestep_respacing, args.eta) == (64, True, "", 0.0)
+    assert explicit == {"image_size", "use_ddim"}
+
+
+def _write_run(tmp_path, **flags):
+    (tmp_path / "flags.json").write_text(json.dumps(flags))
+    return str(tmp_path / "model000010.pt")
+
+
+def test_run_flags_become_defaults_but_sampling_flags_stay_the_users(tmp_path):
+    model_path = _write_run(
+        tmp_path, image_size=8, num_channels=32, timestep_respacing="50", dropout=0.1, lr=0.5, batch_size=3
+    )
+    defaults = dict(model_path="", batch_size=16, **model_and_diffusion_defaults())
+    args, explicit = sample_util.parse_flags(defaults, ["--model_path", model_path, "--timestep_respacing", "ddim5"])
+    saved = sample_util.apply_run_flags(args, explicit, list(model_and_diffusion_defaults()))
+    assert saved["lr"] == 0.5
+    assert (args.image_size, args.num_channels) == (8, 32)
+    assert args.timestep_respacing == "ddim5"
+    assert args.dropout == 0.0, "dropout is a training choice, not the sampler's"
+    assert args.batch_size == 16, "a training-only flag must not leak into the sampler"
+    assert args.num_res_blocks == model_and_diffusion_defaults()["num_res_blocks"], "absent keys keep defaults"
+
+
+def test_explicit_flags_that_agree_with_the_run_are_fine(tmp_path):
+    model_path = _write_run(tmp_path, image_size=8, learn_sigma=True, attention_resolutions="4")
+    defaults = dict(model_path="", **model_and_diffusion_defaults())
+    args, explicit = sample_util.parse_flags(defaults, ["--model_path", model_path, "--image_size", "8", "--learn_sigma", "yes"])
+    sample_util.apply_run_flags(args, explicit, list(model_and_diffusion_defaults()))
+    assert (args.image_size, args.learn_sigma, args.attention_resolutions) == (8, True, "4")
+
+
+def test_contradicting_flags_name_every_flag_and_the_saved_value(tmp_path):
+    model_path = _write_run(tmp_path, image_size=8, num_channels=32, class_cond=False)
+    defaults = dict(model_path="", **model_and_diffusion_defaults())
+    argv = ["--model_path", model_path, "--image_size", "16", "--num_channels", "32", "--class_cond", "True"]
+    args, explicit = sample_util.parse_flags(defaults, argv)
+    with pytest.raises(UsageError) as info:
+        sample_util.apply_run_flags(args, explicit, list(model_and_diffusion_defaults()))
+    message = str(info.value)
+    assert "--image_size 16 (trained with 8)" in message
+    assert "--class_cond True (trained with False)" in message
+    assert "num_channels" not in message
+    assert "flags.json" in message
+
+
+def test_no_saved_flags_leaves_the_flags_alone(tmp_path):
+    defaults = dict(model_path="", **model_and_diffusion_defaults())
+    args, explicit = sample_util.parse_flags(defaults, ["--model_path", str(tmp_path / "model.pt"), "--image_size", "16"])
+    assert sample_util.apply_run_flags(args, explicit, list(model_and_diffusion_defaults())) is None
+    assert args.image_size == 16
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "--model_path is required"),
+        (["--model_path", "m.pt", "--eta", "0.5"], "--use_ddim True"),
+        (["--model_path", "m.pt", "--use_fp16", "True", "--use_bf16", "True"], "exclude each other"),
+        (["--model_path", "m.pt", "--num_samples", "0"], "at least 1"),
+    ],
+)
+def test_sampling_flags_that_contradict_each_other_fail(monkeypatch, tmp_path, argv, needle):
+    defaults = dict(model_path="", use_ddim=False, eta=0.0, num_samples=4, batch_size=2, **sample_util.COMMON_FLAGS)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=needle.replace("(", r"\(")):
+        sample_util.parse_sampling_flags(defaults, [], argv)
+
+
+def test_sample_seeds_are_deterministic_and_distinct():
+    seeds = {sample_util.sample_seed(7, i, stream) for i in range(100) for stream in (0, 1)}
+    assert len(seeds) == 200
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert sample_util.sample_seed(7, 3) == sample_util.sample_seed(7, 3)
+    assert sample_util.sample_seed(7, 3) != sample_util.sample_seed(8, 3)
+
+
+def test_draw_labels_depends_on_the_index_only():
+    together = sample_util.draw_labels(5, range(10), 1000)
+    apart = torch.cat([sample_util.draw_labels(5, range(0, 3), 1000), sample_util.draw_labels(5, range(3, 10), 1000)])
+    assert together.dtype == torch.int64 and torch.equal(together, apart)
+    assert len(set(together.tolist())) > 1 and together.max() < 1000
+
+
+@pytest.mark.parametrize("num_items", [1, 5, 10, 17])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_rank_indices_partition_the_items_in_order(num_items, world_size):
+    blocks = [sample_util.rank_indices(num_items, r, world_size) for r in range(world_size)]
+    assert [i for block in blocks for i in block] == list(range(num_items))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_chunks_cover_a_range_with_a_short_last_chunk():
+    assert [list(c) for c in sample_util.chunks(range(3, 10), 3)] == [[3, 4, 5], [6, 7, 8], [9]]
+    assert sample_util.chunks(range(0), 4) == []
+
+
+class _ToyModel(torch.nn.Module):
+    """An elementwise stand-in for a UNet: [N x C x H x W] -> [N x C x H x W]."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x, timesteps, y=None):
+        out = self.scale * x + timesteps.float().view(-1, 1, 1, 1) / 1000
+        return out if y is None else out + y.float().view(-1, 1, 1, 1) / 10
+
+
+@pytest.mark.parametrize("use_ddim, eta", [(False, 0.0), (True, 0.0), (True, 1.0)])
+def test_samples_do_not_depend_on_how_indices_are_batched(use_ddim, eta):
+    diffusion = create_gaussian_diffusion(
+        steps=20, noise_schedule="cosine", timestep_respacing="5" if use_ddim else ""
+    )
+    args = argparse.Namespace(seed=3, use_ddim=use_ddim, eta=eta, clip_denoised=True)
+    model = _ToyModel()
+
+    def sample(indices):
+        y = torch.tensor(list(indices)) % 2
+        return sample_util.run_sampler(diffusion, model, args, indices, (3, 4, 4), {"y": y})
+
+    whole = sample(range(0, 5))
+    pieces = torch.cat([sample(range(0, 2)), sample(range(2, 3)), sample(range(3, 5))])
+    assert whole.shape == (5, 3, 4, 4)
+    torch.testing.assert_close(whole, pieces, rtol=0, atol=1e-6)
+    other_seed = sample_util.run_sampler(
+        diffusion, model, argparse.Namespace(**{**vars(args), "seed": 4}), range(0, 5), (3, 4, 4), {"y": torch.arange(5) % 2}
+    )
+    assert not torch.allclose(whole, other_seed)
+
+
+def test_autocast_model_runs_in_bfloat16_and_returns_float32():
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, timesteps):
+            out = self.conv(x)
+            seen["dtype"] = out.dtype
+            return out
+
+    out = sample_util.AutocastModel(Probe())(torch.randn(2, 3, 4, 4), torch.zeros(2))
+    assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32
+
+
+def test_uint8_conversion_round_trips_and_rounds():
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4, 3), dtype=np.uint8)
+    x = sample_util.from_uint8_images(images, "cpu")
+    assert x.shape == (3, 3, 5, 4) and x.min() >= -1 and x.max() <= 1
+    np.testing.assert_array_equal(sample_util.to_uint8_images(x), images)
+    edge = sample_util.to_uint8_images(torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5))
+    assert edge.ravel().tolist() == [0, 0, 128, 255, 255]
+
+
+def test_image_grid_places_each_image():
+    images = np.stack([np.full((2, 3, 3), 10 * (k + 1), dtype=np.uint8) for k in range(5)])
+    grid = sample_util.image_grid(images, pad=1)
+    assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 3)
+    assert grid[1, 1, 0] == 10 and grid[1, 5, 0] == 20 and grid[4, 1, 0] == 40 and grid[4, 5, 0] == 50
+    assert grid[4, 9, 0] == 0, "the empty sixth cell stays black"
+
+
+def test_save_samples_writes_npz_grid_and_pngs(tmp_path, capsys):
+    images = np.random.default_rng(1).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(5)
+    npz_path, grid_path = sample_util.save_samples(images, labels, save_pngs=True, log_dir=str(tmp_path))
+    assert npz_path == str(tmp_path / "samples_5x8x8x3.npz")
+    with np.load(npz_path) as data:
+        np.testing.assert_array_equal(data["arr_0"], images)
+        np.testing.assert_array_equal(data["arr_1"], labels)
+    assert Image.open(grid_path).size == (3 * 10 + 2, 2 * 10 + 2)
+    pngs = sorted(os.listdir(tmp_path / "samples_5x8x8x3_pngs"))
+    assert pngs == [f"{i:06d}.png" for i in range(5)]
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "samples_5x8x8x3_pngs" / pngs[3])), images[3])
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    out = capsys.readouterr().out
+    assert npz_path in out and grid_path in out
+
+
+def test_save_samples_without_labels_has_no_arr_1(tmp_path):
+    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    npz_path, _ = sample_util.save_samples(images, log_dir=str(tmp_path))
+    with np.load(npz_path) as data:
+        assert data.files == ["arr_0"]
