@@ -1,21 +1,16 @@
 import json
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _launch import BIN, LAUNCH_VARS, MPIEXEC, ROOT, launch_env
 
 from improved_diffusion import dist_util
 from improved_diffusion.io_util import CheckpointError
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 WORKER = ROOT / "tests" / "_dist_worker.py"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE",
-               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
 
 @pytest.fixture
@@ -28,26 +23,20 @@ def checkpoints(tmp_path):
     return [str(good), str(tmp_path / "missing.pt"), str(truncated)]
 
 
-def clean_env():
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def run_workers(launcher, tmp_path, checkpoints, world_size):
+def run_workers(launcher, tmp_path, checkpoints, world_size, gpu=False):
     """Run the worker under `launcher` and return each rank's observations, by rank."""
     out = subprocess.run(launcher + [sys.executable, str(WORKER), str(tmp_path)] + checkpoints,
-                         env=clean_env(), capture_output=True, text=True, timeout=120)
+                         env=launch_env(gpu), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
-def check_ranks(results, checkpoints):
+def check_ranks(results, checkpoints, device="cpu", backend="gloo"):
     world_size = len(results)
     for rank, r in enumerate(results):
         assert r["rank"] == rank and r["world_size"] == world_size
         assert r["is_main"] == (rank == 0)
-        assert r["device"] == "cpu" and r["backend"] == "gloo"
+        assert r["device"] == device and r["backend"] == backend
         assert r["synced"] == [[0.0] * 3, [10.0] * 4]
         assert r["weight_sum"] == sum(range(1000))
         assert checkpoints[1] in r["missing_error"]
@@ -70,14 +59,21 @@ def test_single_plain_process_without_mpi4py_installed(tmp_path, checkpoints):
         f"sys.argv = ['worker', {str(tmp_path)!r}] + {checkpoints!r}; "
         f"runpy.run_path({str(WORKER)!r}, run_name='__main__')"
     )
-    out = subprocess.run([sys.executable, "-c", hide_mpi4py], env=clean_env(), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", hide_mpi4py], env=launch_env(), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     check_ranks([json.loads((tmp_path / "rank0.json").read_text())], checkpoints)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_single_process_on_gpu_uses_nccl(tmp_path, checkpoints):
+    [result] = run_workers([], tmp_path, checkpoints, 1, gpu=True)
+    check_ranks([result], checkpoints, device="cuda:0", backend="nccl")
+
+
+@pytest.mark.skipif(not MPIEXEC, reason="mpiexec not found (pip install mpich mpi4py)")
 def test_two_ranks_under_mpiexec(tmp_path, checkpoints):
-    results = run_workers([str(BIN / "mpiexec"), "-n", "2"], tmp_path, checkpoints, 2)
+    results = run_workers([MPIEXEC, "-n", "2"], tmp_path, checkpoints, 2)
     check_ranks(results, checkpoints)
     assert all(r["mpi4py_imported"] for r in results)
 

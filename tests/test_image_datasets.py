@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _launch import MPIEXEC, ROOT, launch_env
 from PIL import Image
 
 from improved_diffusion.image_datasets import list_image_files, load_data, load_image
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_image(rng, height, width, mode="RGB"):
@@ -250,16 +249,15 @@ def test_bad_arguments_are_rejected(tmp_path):
         load_data(data_dir=folder, batch_size=0, image_size=8)
 
 
+@pytest.mark.skipif(not MPIEXEC, reason="mpiexec not found (pip install mpich mpi4py)")
 def test_ranks_of_a_process_group_shard_and_agree_on_errors(tmp_path):
     good = make_folder(tmp_path / "good", [f"{i}.png" for i in range(4)])
     bad = make_folder(tmp_path / "bad", [f"{i}.png" for i in range(4)])
     (tmp_path / "bad" / "3.png").write_bytes(b"garbage")  # in rank 1's shard only
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE")}
-    env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "mpiexec"), "-n", "2", sys.executable,
+        [MPIEXEC, "-n", "2", sys.executable,
          str(ROOT / "tests" / "_data_worker.py"), good, bad, str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=launch_env(), capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

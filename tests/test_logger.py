@@ -6,16 +6,16 @@ import tempfile
 
 import pytest
 import torch
+from _launch import LAUNCH_VARS
 
 from improved_diffusion import logger
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-               "PMIX_RANK", "OPENAI_LOGDIR", "OPENAI_LOG_FORMAT", "OPENAI_LOG_FORMAT_MPI")
+ENV_VARS = LAUNCH_VARS + ("OPENAI_LOGDIR", "OPENAI_LOG_FORMAT", "OPENAI_LOG_FORMAT_MPI")
 
 
 @pytest.fixture(autouse=True)
 def fresh_logger(monkeypatch):
-    for name in LAUNCH_VARS:
+    for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     logger.reset()
     yield
@@ -80,6 +80,20 @@ def test_tensor_means_are_read_back_only_at_dump(tmp_path, monkeypatch):
     kvs = logger.dumpkvs()
     assert kvs == {"loss": pytest.approx(14.0 / 3), "lr": 0.5}
     assert type(kvs["loss"]) is float and len(reads) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_means_do_not_synchronize_until_dump(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs="")
+    losses = torch.arange(4.0, device="cuda", requires_grad=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for loss in losses:
+            logger.logkv_mean("loss", loss * 2)
+        logger.logkv("half", losses.sum().half())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logger.dumpkvs() == {"loss": 3.0, "half": 6.0}
 
 
 def test_low_precision_tensors_are_averaged_in_float32(tmp_path):
