@@ -8,6 +8,8 @@ loading weights with an error that names the flags to fix
 
 import argparse
 
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
 from .unet import SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
@@ -324,9 +326,6 @@ def create_gaussian_diffusion(
     else MSE. Mean: START_X with predict_xstart, else EPSILON. Variance:
     LEARNED_RANGE with learn_sigma, else FIXED_SMALL with sigma_small, else FIXED_LARGE.
     """
-    from . import gaussian_diffusion as gd
-    from .respace import SpacedDiffusion, space_timesteps
-
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
@@ -447,7 +446,7 @@ def load_model_state_dict(model, state_dict, flags, source="the weights"):
                         mismatch, summarizing the missing, unexpected and misshapen keys.
     """
     layout = _read_layout(state_dict, source)
-    problems = _contradictions(layout, flags)
+    problems = _contradictions(layout, flags, model)
     if not problems:
         problems = _key_differences(model.state_dict(), state_dict)
     if problems:
@@ -518,15 +517,17 @@ def _check_model_weights(state_dict, source):
     raise ValueError(f"{source} does not hold UNet weights (no '{missing[0]}'): {hint}")
 
 
-def _contradictions(layout, flags):
+def _contradictions(layout, flags, model):
     """["--flag X (the weights say Y)", ...] for each flag that the weights contradict."""
-    super_res = "large_size" in flags
-    if layout["in_channels"] != (6 if super_res else 3):
-        kind = "super-resolution" if layout["in_channels"] == 6 else "image"
-        return [
-            f"the weights are a {kind} model's ({layout['in_channels']} input channels): "
-            f"use the {'image' if super_res else 'super_res'} scripts' flags for them"
-        ]
+    super_res = isinstance(model, SuperResModel)
+    weights_in, model_in = layout["in_channels"], model.in_channels
+    if weights_in != model_in:
+        hint = ""
+        if weights_in == 2 * model_in:
+            hint = ": these are super-resolution weights, for the super_res scripts"
+        elif 2 * weights_in == model_in:
+            hint = ": these are image-model weights, for the image scripts"
+        return [f"the weights take {weights_in} input channels, this model {model_in}{hint}"]
     found = {
         "num_channels": layout["model_channels"],
         "num_res_blocks": layout["num_res_blocks"],

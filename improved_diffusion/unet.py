@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
+    Dropout,
     SiLU,
     avg_pool_nd,
     checkpoint,
@@ -142,7 +143,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.Sequential(
             normalization(out),
             SiLU(),
-            nn.Dropout(p=dropout),
+            Dropout(p=dropout),
             zero_module(conv_nd(dims, out, out, 3, padding=1)),
         )
         if out == channels:
@@ -171,10 +172,11 @@ class QKVAttention(nn.Module):
     """
     Multi-head attention over packed queries, keys and values.
 
-    Input [N x 3HD x T]: head h owns the channels [3hD, 3hD + 3D), split into
-    its query, key and value of D channels each. Output [N x HD x T], head h
-    in channels [hD, hD + D). Attention weights are softmax(q.k / sqrt(D)),
-    computed by scaled_dot_product_attention (float32 accumulation).
+    Input [N x T x 3HD] (T positions): head h owns the channels [3hD, 3hD + 3D),
+    split into its query, key and value of D channels each. Output
+    [N x T x HD], head h in channels [hD, hD + D). The weights are
+    softmax(q.k / sqrt(D)), computed by scaled_dot_product_attention, whose
+    fused CPU and CUDA kernels accumulate the softmax in float32.
     """
 
     def __init__(self, num_heads=1):
@@ -182,11 +184,10 @@ class QKVAttention(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, qkv):
-        n, width, length = qkv.shape
-        per_head = qkv.reshape(n, self.num_heads, width // self.num_heads, length)
-        q, k, v = per_head.transpose(-1, -2).chunk(3, dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(-1, -2).reshape(n, width // 3, length)
+        n, length, width = qkv.shape
+        heads = qkv.view(n, length, self.num_heads, width // self.num_heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(*heads.chunk(3, dim=-1))
+        return out.transpose(1, 2).reshape(n, length, width // 3)
 
 
 class AttentionBlock(nn.Module):
@@ -194,6 +195,9 @@ class AttentionBlock(nn.Module):
     Self-attention between all spatial positions, added to the input.
 
     [N x C x ...] -> [N x C x ...], with `num_heads` heads of C / num_heads channels.
+    `qkv` and `proj_out` are 1x1 Conv1d modules (the reference's parameter
+    layout); they are applied as matrix products over [N x T x C] tokens, so
+    that each head's q, k and v are contiguous for the fused attention kernels.
     """
 
     def __init__(self, channels, num_heads=1, use_checkpoint=False):
@@ -217,8 +221,11 @@ class AttentionBlock(nn.Module):
     def _forward(self, x):
         n, c, *spatial = x.shape
         x = x.reshape(n, c, -1)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(n, c, *spatial)
+        tokens = self.norm(x).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)
+        h = self.attention(qkv)
+        h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return (x + h.transpose(1, 2)).reshape(n, c, *spatial)
 
 
 class UNetModel(nn.Module):
