@@ -1,7 +1,6 @@
 """
 What the training scripts (image_train.py, super_res_train.py) share: the
-training flags, the setup of processes, logger and seeds, data errors agreed
-on by every rank, and a clean exit.
+training flags, the setup of processes, logger and seeds, and a clean exit.
 
 Exit status: 0 when training ends or stops after SIGTERM (the checkpoint set
 of the last step is saved first); 130 after SIGINT (also saved); 1 with a
@@ -60,8 +59,8 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
     Set up processes, logger and seeds, build the model and data, and train.
 
     :param model_keys: the flags create_model_and_diffusion takes.
-    :param make_data: args -> the data iterator (load_data's ValueError for
-        bad data is raised on every rank when any rank hits it).
+    :param make_data: args -> the data iterator (load_data checks every
+        rank's files before training and raises the same ValueError on every rank).
     :return: the finished TrainLoop.
     """
     if not args.data_dir:
@@ -76,7 +75,7 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
     model.to(dist_util.dev())
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     logger.log("creating data loader...")
-    data = _agreed_on_every_rank(lambda: make_data(args))
+    data = make_data(args)
     logger.log("training...")
     loop = TrainLoop(
         model=model,
@@ -95,19 +94,6 @@ _LOOP_KEYS = (
     "fp16_scale_growth weight_decay lr_anneal_steps use_bf16 seed max_steps keep_checkpoints "
     "max_bad_steps allow_partial_resume check_replicas"
 ).split()
-
-
-def _agreed_on_every_rank(build):
-    """build() on every rank; if it raises ValueError on any rank, every rank raises one."""
-    result, error = None, None
-    try:
-        result = build()
-    except ValueError as exc:
-        error = str(exc)
-    failures = [(rank, e) for rank, e in enumerate(dist_util.all_gather_object(error)) if e is not None]
-    if failures:
-        raise ValueError(error if error is not None else f"rank {failures[0][0]}: {failures[0][1]}")
-    return result
 
 
 def main(run):

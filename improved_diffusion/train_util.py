@@ -181,7 +181,6 @@ class TrainLoop:
         return DDP(
             self.model,
             device_ids=[self.device] if self.device.type == "cuda" else None,
-            broadcast_buffers=False,
             bucket_cap_mb=128,
             find_unused_parameters=False,
         )

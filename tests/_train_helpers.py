@@ -1,5 +1,6 @@
 """Shared pieces of the training tests: tiny models, image folders, script launches, checkpoint comparison."""
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -30,6 +31,24 @@ TINY_MODEL = dict(
     noise_schedule="cosine",
     learn_sigma=True,
 )
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One torch thread inside the block: on a shared 2-core machine two threads can be ~40x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test under single_thread()."""
+    with single_thread():
+        yield
 
 
 def tiny_flags(**overrides):
@@ -199,16 +218,20 @@ def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):
     return proc.returncode, out, err
 
 
-def wait_for(path, proc, timeout=120):
-    """Wait until `path` exists; fail if `proc` ends first or time runs out."""
+def wait_for(path, proc, min_lines=0, timeout=120):
+    """
+    Wait until `path` exists (and has more than `min_lines` lines); fail if
+    `proc` ends first or time runs out.
+    """
+    path = pathlib.Path(path)
     deadline = time.monotonic() + timeout
-    while not pathlib.Path(path).exists():
+    while not (path.exists() and (not min_lines or len(path.read_text().splitlines()) > min_lines)):
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"process ended (status {proc.returncode}) before {path} appeared\n{out}\n{err}")
+            raise AssertionError(f"process ended (status {proc.returncode}) before {path} was ready\n{out}\n{err}")
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"{path} did not appear in {timeout}s")
+            kill_group(proc)
+            raise AssertionError(f"{path} was not ready in {timeout}s")
         time.sleep(0.05)
 
 

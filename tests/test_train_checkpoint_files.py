@@ -6,9 +6,11 @@ import shutil
 import pytest
 import torch
 
-from _train_helpers import assert_same, make_loop, set_names
+from _train_helpers import assert_same, make_loop, set_names, one_thread, single_thread  # noqa: F401 (fixture)
 from improved_diffusion import checkpointing, io_util
 from improved_diffusion.io_util import CheckpointError, load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RATE = "0.99"
 
@@ -17,7 +19,8 @@ RATE = "0.99"
 def finished_run(tmp_path_factory):
     """A run of 4 steps with complete sets at steps 2 and 4."""
     log_dir = tmp_path_factory.mktemp("finished")
-    make_loop(log_dir, max_steps=4, save_interval=2).run_loop()
+    with single_thread():
+        make_loop(log_dir, max_steps=4, save_interval=2).run_loop()
     return log_dir
 
 

@@ -2,8 +2,12 @@
 
 import csv
 
-from _train_helpers import SyntheticData, make_loop
+import pytest
+
+from _train_helpers import SyntheticData, make_loop, one_thread  # noqa: F401 (fixture)
 from improved_diffusion.io_util import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lr_of_last_step(log_dir, step):
