@@ -111,7 +111,7 @@ def apply_run_flags(args, explicit, model_keys):
         raise UsageError(
             f"flags contradict the training run of {args.model_path} (saved in {flags_path}): "
             + ", ".join(conflicts)
-            + ". Drop them: --model_path alone rebuilds the model from its saved flags."
+            + ". Drop or fix them: --model_path alone rebuilds the model from its saved flags."
         )
     return saved
 
@@ -153,12 +153,22 @@ def parse_sampling_flags(defaults, model_keys, argv=None, description=None):
 # ---------------------------------------------------------------- setup and model
 
 
-def setup_run(args):
-    """Set up the process group and logger; resolve `args.seed` (random when < 0, shared by all ranks)."""
+def prepare(args, create_fn, model_keys):
+    """
+    Set up the process group, load the model (so a bad checkpoint fails before
+    the log directory is touched), configure the logger and resolve `args.seed`
+    (random when < 0, the same on every rank).
+
+    :return: (model, diffusion) as load_model returns them.
+    """
     dist_util.setup_dist()
+    model, diffusion = load_model(args, create_fn, model_keys)
     logger.configure()
     args.seed = shared_seed(args.seed)
+    if args.saved_flags is not None:
+        logger.log(f"model flags from the training run's {FLAGS_FILENAME} beside {args.model_path}")
     logger.log(f"seed {args.seed}, {dist.get_world_size()} rank(s), device {dist_util.dev()}")
+    return model, diffusion
 
 
 def shared_seed(seed):

@@ -81,15 +81,17 @@ def main(argv=None):
     args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
     if not args.data_dir:
         raise UsageError("--data_dir is required: a folder of images to evaluate")
-    sample_util.setup_run(args)
-    model, diffusion = sample_util.load_model(args, create_model_and_diffusion, model_keys)
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        deterministic=True,
-    )
+    model, diffusion = sample_util.prepare(args, create_model_and_diffusion, model_keys)
+    try:
+        data = load_data(
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            class_cond=args.class_cond,
+            deterministic=True,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     result = sample_util.gather_parts(evaluate(model, diffusion, data, args))
     if result is not None:
         order = np.argsort(result.pop("index"), kind="stable")

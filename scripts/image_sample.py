@@ -36,7 +36,7 @@ def check_class_label(args):
         return
     if not args.class_cond:
         raise UsageError("--class_label needs a class-conditional model (--class_cond True)")
-    num_classes = getattr(args, "num_classes", 1000)
+    num_classes = args.num_classes
     if args.class_label >= num_classes:
         raise UsageError(f"--class_label {args.class_label} is not below --num_classes {num_classes}")
 
@@ -45,7 +45,7 @@ def batch_labels(args, indices):
     """Class labels for these sample indices: int64 [len(indices)] (all --class_label, or random per sample)."""
     if args.class_label >= 0:
         return torch.full((len(indices),), args.class_label, dtype=torch.int64)
-    return sample_util.draw_labels(args.seed, indices, getattr(args, "num_classes", 1000))
+    return sample_util.draw_labels(args.seed, indices, args.num_classes)
 
 
 def main(argv=None):
@@ -53,8 +53,7 @@ def main(argv=None):
     model_keys = list(model_and_diffusion_defaults())
     args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
     check_class_label(args)
-    sample_util.setup_run(args)
-    model, diffusion = sample_util.load_model(args, create_model_and_diffusion, model_keys)
+    model, diffusion = sample_util.prepare(args, create_model_and_diffusion, model_keys)
     shape = (3, args.image_size, args.image_size)
 
     def draw_batch(indices):

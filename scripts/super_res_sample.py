@@ -67,10 +67,9 @@ def main(argv=None):
     model_keys = list(sr_model_and_diffusion_defaults())
     args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
     base_images, base_labels = load_base_samples(args)
-    sample_util.setup_run(args)
+    model, diffusion = sample_util.prepare(args, sr_create_model_and_diffusion, model_keys)
     if args.num_samples > len(base_images):
         logger.log(f"{args.num_samples} samples from {len(base_images)} base images: reusing them in order")
-    model, diffusion = sample_util.load_model(args, sr_create_model_and_diffusion, model_keys)
     shape = (3, args.large_size, args.large_size)
 
     def draw_batch(indices):
