@@ -13,7 +13,7 @@ Two ways to run a model in 16 bits:
 """
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -3,8 +3,8 @@
 import math
 
 import torch
-import torch.nn as nn
 import torch.utils.checkpoint
+from torch import nn
 
 
 class SiLU(nn.SiLU):
@@ -22,12 +22,14 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            if x.device.type == "cpu" and x.dtype in _CPU_MIXED_NORM_DTYPES and self.weight.dtype == torch.float32:
+            if self._mixed_kernel(x):
                 return super().forward(x)
             return super().forward(x.float()).type(x.dtype)
 
-
-_CPU_MIXED_NORM_DTYPES = (torch.bfloat16, torch.float16)
+    def _mixed_kernel(self, x):
+        """Whether the kernel takes x as it is: 16-bit on CPU with float32 parameters."""
+        low_precision = x.dtype in (torch.bfloat16, torch.float16)
+        return x.device.type == "cpu" and low_precision and self.weight.dtype == torch.float32
 
 
 class Dropout(nn.Dropout):

@@ -30,29 +30,29 @@ DEFAULT_CHANNEL_MULT = {
 
 def model_and_diffusion_defaults():
     """The flags of image_train.py / image_sample.py and their defaults."""
-    return dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        attention_resolutions="16,8",
-        dropout=0.0,
-        learn_sigma=False,
-        sigma_small=False,
-        class_cond=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=True,
-        rescale_learned_sigmas=True,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        channel_mult="",
-        num_classes=NUM_CLASSES,
-    )
+    return {
+        "image_size": 64,
+        "num_channels": 128,
+        "num_res_blocks": 2,
+        "num_heads": 4,
+        "num_heads_upsample": -1,
+        "attention_resolutions": "16,8",
+        "dropout": 0.0,
+        "learn_sigma": False,
+        "sigma_small": False,
+        "class_cond": False,
+        "diffusion_steps": 1000,
+        "noise_schedule": "linear",
+        "timestep_respacing": "",
+        "use_kl": False,
+        "predict_xstart": False,
+        "rescale_timesteps": True,
+        "rescale_learned_sigmas": True,
+        "use_checkpoint": False,
+        "use_scale_shift_norm": True,
+        "channel_mult": "",
+        "num_classes": NUM_CLASSES,
+    }
 
 
 def sr_model_and_diffusion_defaults():
@@ -415,13 +415,13 @@ def infer_model_flags(state_dict):
     :raises ValueError: for an optimizer state or anything else that holds no UNet weights.
     """
     layout = _read_layout(state_dict, "the state dict")
-    flags = dict(
-        num_channels=layout["model_channels"],
-        num_res_blocks=layout["num_res_blocks"],
-        channel_mult=_format_ints(layout["channel_mult"]),
-        class_cond=layout["num_classes"] is not None,
-        use_scale_shift_norm=layout["use_scale_shift_norm"],
-    )
+    flags = {
+        "num_channels": layout["model_channels"],
+        "num_res_blocks": layout["num_res_blocks"],
+        "channel_mult": _format_ints(layout["channel_mult"]),
+        "class_cond": layout["num_classes"] is not None,
+        "use_scale_shift_norm": layout["use_scale_shift_norm"],
+    }
     if layout["num_classes"] is not None:
         flags["num_classes"] = layout["num_classes"]
     if layout["out_channels"] in (3, 6):
@@ -477,16 +477,16 @@ def _read_layout(state_dict, source):
     model_channels = state_dict["time_embed.0.weight"].shape[1]
     label_emb = state_dict.get("label_emb.weight")
     middle_out = state_dict["middle_block.0.in_layers.2.weight"].shape[0]
-    return dict(
-        model_channels=model_channels,
-        in_channels=state_dict["input_blocks.0.0.weight"].shape[1],
-        out_channels=state_dict["out.2.weight"].shape[0],
-        channel_mult=tuple(level[0][0] // model_channels for level in levels),
-        num_res_blocks=len(levels[0]) if len({len(lv) for lv in levels}) == 1 else None,
-        attention_ds={2**i for i, level in enumerate(levels) if any(a for _, a in level)},
-        num_classes=None if label_emb is None else label_emb.shape[0],
-        use_scale_shift_norm=state_dict["middle_block.0.emb_layers.1.weight"].shape[0] == 2 * middle_out,
-    )
+    return {
+        "model_channels": model_channels,
+        "in_channels": state_dict["input_blocks.0.0.weight"].shape[1],
+        "out_channels": state_dict["out.2.weight"].shape[0],
+        "channel_mult": tuple(level[0][0] // model_channels for level in levels),
+        "num_res_blocks": len(levels[0]) if len({len(lv) for lv in levels}) == 1 else None,
+        "attention_ds": {2**i for i, level in enumerate(levels) if any(a for _, a in level)},
+        "num_classes": None if label_emb is None else label_emb.shape[0],
+        "use_scale_shift_norm": state_dict["middle_block.0.emb_layers.1.weight"].shape[0] == 2 * middle_out,
+    }
 
 
 _REQUIRED_KEYS = (
@@ -501,7 +501,8 @@ _REQUIRED_KEYS = (
 def _check_model_weights(state_dict, source):
     """Raise ValueError unless state_dict looks like UNet weights, saying what it is instead."""
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{source} holds a {type(state_dict).__name__}, not a state dict of model weights")
+        message = f"{source} holds a {type(state_dict).__name__}, not a state dict of model weights"
+        raise ValueError(message)  # noqa: TRY004 (callers report every bad checkpoint as a ValueError)
     if {"state", "param_groups"} <= set(state_dict):
         raise ValueError(
             f"{source} is an optimizer state (keys 'state' and 'param_groups'), not model "

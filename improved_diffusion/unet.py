@@ -13,8 +13,8 @@ float16 by `convert_to_fp16()`.
 from abc import abstractmethod
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (

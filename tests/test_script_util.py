@@ -13,19 +13,19 @@ from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion import script_util as su
 from improved_diffusion.unet import AttentionBlock, SuperResModel
 
-REFERENCE_DEFAULTS = dict(
-    image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
-    attention_resolutions="16,8", dropout=0.0, learn_sigma=False, sigma_small=False,
-    class_cond=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
-    use_kl=False, predict_xstart=False, rescale_timesteps=True, rescale_learned_sigmas=True,
-    use_checkpoint=False, use_scale_shift_norm=True,
-)
+REFERENCE_DEFAULTS = {
+    "image_size": 64, "num_channels": 128, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
+    "attention_resolutions": "16,8", "dropout": 0.0, "learn_sigma": False, "sigma_small": False,
+    "class_cond": False, "diffusion_steps": 1000, "noise_schedule": "linear", "timestep_respacing": "",
+    "use_kl": False, "predict_xstart": False, "rescale_timesteps": True, "rescale_learned_sigmas": True,
+    "use_checkpoint": False, "use_scale_shift_norm": True,
+}
 MODEL_FLAGS = (
     "num_channels", "num_res_blocks", "learn_sigma", "class_cond", "use_checkpoint",
     "attention_resolutions", "num_heads", "num_heads_upsample", "use_scale_shift_norm",
     "dropout", "channel_mult", "num_classes",
 )
-TINY = dict(num_channels=32, num_res_blocks=1, attention_resolutions="8")
+TINY = {"num_channels": 32, "num_res_blocks": 1, "attention_resolutions": "8"}
 
 
 def parse_flags(argv, super_res=False):
@@ -225,8 +225,8 @@ def test_infer_model_flags_of_a_custom_model():
     flags = tiny_flags(image_size=48, channel_mult="1,3", num_res_blocks=2, class_cond=True,
                        num_classes=7, learn_sigma=True, use_scale_shift_norm=False)
     inferred = su.infer_model_flags(build(flags).state_dict())
-    assert inferred == dict(num_channels=32, num_res_blocks=2, channel_mult="1,3", class_cond=True,
-                            num_classes=7, learn_sigma=True, use_scale_shift_norm=False)
+    assert inferred == {"num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,3", "class_cond": True,
+                            "num_classes": 7, "learn_sigma": True, "use_scale_shift_norm": False}
 
 
 def _load_error(weights_flags, model_flags):

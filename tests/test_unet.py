@@ -24,24 +24,24 @@ REGRESSION_FILE = pathlib.Path(__file__).parent / "data" / "unet_regression.pt"
 
 # Tiny configurations for the regression data: constructor keyword arguments by name.
 REGRESSION_CONFIGS = {
-    "conditional_scale_shift": dict(
-        cls="UNetModel", in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-        attention_resolutions=(2,), channel_mult=(1, 2), num_classes=5, num_heads=2,
-        use_scale_shift_norm=True,
-    ),
-    "plain_avgpool_heads": dict(
-        cls="UNetModel", in_channels=3, model_channels=32, out_channels=3, num_res_blocks=2,
-        attention_resolutions=(1, 2), channel_mult=(1, 1, 2), conv_resample=False,
-        num_heads=1, num_heads_upsample=4,
-    ),
-    "super_res": dict(
-        cls="SuperResModel", in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-        attention_resolutions=(2,), channel_mult=(1, 2), num_heads=4, use_scale_shift_norm=True,
-    ),
-    "one_dimensional": dict(
-        cls="UNetModel", in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
-        attention_resolutions=(2,), channel_mult=(1, 2), dims=1, num_heads=2,
-    ),
+    "conditional_scale_shift": {
+        "cls": "UNetModel", "in_channels": 3, "model_channels": 32, "out_channels": 6, "num_res_blocks": 1,
+        "attention_resolutions": (2,), "channel_mult": (1, 2), "num_classes": 5, "num_heads": 2,
+        "use_scale_shift_norm": True,
+    },
+    "plain_avgpool_heads": {
+        "cls": "UNetModel", "in_channels": 3, "model_channels": 32, "out_channels": 3, "num_res_blocks": 2,
+        "attention_resolutions": (1, 2), "channel_mult": (1, 1, 2), "conv_resample": False,
+        "num_heads": 1, "num_heads_upsample": 4,
+    },
+    "super_res": {
+        "cls": "SuperResModel", "in_channels": 3, "model_channels": 32, "out_channels": 6, "num_res_blocks": 1,
+        "attention_resolutions": (2,), "channel_mult": (1, 2), "num_heads": 4, "use_scale_shift_norm": True,
+    },
+    "one_dimensional": {
+        "cls": "UNetModel", "in_channels": 2, "model_channels": 32, "out_channels": 2, "num_res_blocks": 1,
+        "attention_resolutions": (2,), "channel_mult": (1, 2), "dims": 1, "num_heads": 2,
+    },
 }
 
 
@@ -74,10 +74,10 @@ def build_regression_case(name):
 
 def tiny_model(**overrides):
     """A small UNetModel with random weights (zero-initialized layers filled too)."""
-    kwargs = dict(
-        in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-        attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
-    )
+    kwargs = {
+        "in_channels": 3, "model_channels": 32, "out_channels": 3, "num_res_blocks": 1,
+        "attention_resolutions": (2,), "channel_mult": (1, 2), "num_heads": 2, "use_scale_shift_norm": True,
+    }
     kwargs.update(overrides)
     cls = kwargs.pop("cls", UNetModel)
     torch.manual_seed(0)
