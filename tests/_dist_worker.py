@@ -10,10 +10,11 @@ Writes OUT_DIR/rank<R>.json with what this rank observed.
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
-from improved_diffusion import dist_util
+from improved_diffusion import dist_util, logger
 from improved_diffusion.io_util import CheckpointError
 
 
@@ -23,6 +24,14 @@ def checkpoint_error(path):
     except CheckpointError as exc:
         return str(exc)
     return None
+
+
+def default_log_dir(scratch):
+    """The logger's default folder (a new one under `scratch`) as this rank sees it."""
+    os.environ.pop("OPENAI_LOGDIR", None)
+    tempfile.tempdir = scratch
+    logger.configure(format_strs="")
+    return logger.get_dir()
 
 
 def main(out_dir, good, missing, truncated):
@@ -48,6 +57,7 @@ def main(out_dir, good, missing, truncated):
         "gathered": dist_util.all_gather_object(rank * 2),
         "broadcast": dist_util.broadcast_object(f"from {rank}"),
         "mpi4py_imported": sys.modules.get("mpi4py") is not None,
+        "log_dir": default_log_dir(out_dir),
     }
     dist_util.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

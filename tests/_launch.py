@@ -18,4 +18,6 @@ def launch_env(gpu=False):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    # Open MPI refuses to start as root (as in containers) without these; MPICH ignores them.
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env

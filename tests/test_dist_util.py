@@ -45,6 +45,7 @@ def check_ranks(results, checkpoints, device="cpu", backend="gloo"):
         assert r["gathered"] == [2 * k for k in range(world_size)]
         assert r["broadcast"] == "from 0"
     assert len({r["missing_error"] for r in results}) == 1
+    assert len({r["log_dir"] for r in results}) == 1
 
 
 def test_single_plain_process_does_not_import_mpi4py(tmp_path, checkpoints):
