@@ -156,6 +156,7 @@ class TrainLoop:
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rate]
         self._ema_rate_tensors = [torch.tensor(r, dtype=torch.float64, device=self.device) for r in self.ema_rate]
         self.lg_loss_scale = self._f64(INITIAL_LG_LOSS_SCALE) if use_fp16 else None
+        self._lg_growth, self._lg_drop = self._f64(fp16_scale_growth), self._f64(-1.0)
         self.stats = StepStats(diffusion.num_timesteps, self.device)
         self.ddp_model = self._wrap_ddp()
         self._control_group = self._make_control_group()
@@ -403,7 +404,7 @@ class TrainLoop:
         for rate, ema in zip(self._ema_rate_tensors, self.ema_params):
             update_ema(ema, self.params, rate=torch.where(ok, rate, 1.0))
         if self.lg_loss_scale is not None:
-            self.lg_loss_scale += torch.where(ok, self._f64(self.fp16_scale_growth), self._f64(-1.0))
+            self.lg_loss_scale += torch.where(ok, self._lg_growth, self._lg_drop)
         self.stats.add_step(ok, grad_norm)
 
     def _agree(self, ok):
