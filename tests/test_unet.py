@@ -21,6 +21,8 @@ from improved_diffusion.nn import Dropout
 from improved_diffusion.unet import QKVAttention, SuperResModel, UNetModel
 
 REGRESSION_FILE = pathlib.Path(__file__).parent / "data" / "unet_regression.pt"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 # Tiny configurations for the regression data: constructor keyword arguments by name.
 REGRESSION_CONFIGS = {
@@ -119,12 +121,15 @@ def test_golden_outputs(golden_cases, index):
     assert relative_error(out, case["expected"]) < 2e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(REGRESSION_CONFIGS))
-def test_regression_data(name):
+def test_regression_data(name, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     expected = torch.load(REGRESSION_FILE, weights_only=True)[name]
     model, x, t, kwargs = build_regression_case(name)
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
     with torch.no_grad():
-        out = model(x, t, **kwargs)
+        out = model.to(device)(x.to(device), t.to(device), **kwargs).cpu()
     assert out.shape == expected.shape
     assert relative_error(out, expected) < 2e-4
 
@@ -215,9 +220,38 @@ def test_bfloat16_autocast_backward_runs():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-def test_convert_to_fp16_and_back():
-    model = tiny_model().eval()
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5.0, 50.0])
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_cuda(dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_model(num_classes=4, use_checkpoint=True).cuda().train()
+    x, t, y = torch.randn(2, 3, 16, 16).cuda(), torch.tensor([5.0, 900.0]).cuda(), torch.tensor([0, 3]).cuda()
+    with torch.no_grad():
+        expected = model.eval()(x, t, y)
+    with torch.autocast("cuda", dtype=dtype):
+        out = model.train()(x, t, y)
+    assert out.dtype == torch.float32
+    assert relative_error(out.detach(), expected) < 0.05
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@CUDA
+def test_checkpointing_on_cuda_gives_the_same_gradients():
+    plain = tiny_model(dropout=0.2).cuda().train()
+    ckpt = tiny_model(dropout=0.2, use_checkpoint=True).cuda().train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 3, 16, 16).cuda(), torch.tensor([10.0, 500.0]).cuda()
+    _, grads_plain = _loss_and_grads(plain, x, t, seed=3)
+    _, grads_ckpt = _loss_and_grads(ckpt, x, t, seed=3)
+    for g_ckpt, g_plain in zip(grads_ckpt, grads_plain):
+        torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_convert_to_fp16_and_back(device):
+    model = tiny_model().to(device).eval()
+    x, t = torch.randn(2, 3, 16, 16, device=device), torch.tensor([5.0, 50.0], device=device)
     with torch.no_grad():
         expected = model(x, t)
         model.convert_to_fp16()
