@@ -37,6 +37,9 @@ COMMON_FLAGS = dict(seed=-1, use_bf16=False, use_fp16=False)
 # training run used: they change neither the weights nor their meaning.
 SAMPLING_ONLY_FLAGS = frozenset({"timestep_respacing", "use_checkpoint", "dropout"})
 
+# The size flags that tell an image model's run from a super-resolution model's.
+SIZE_FLAGS = ("image_size", "large_size", "small_size")
+
 NOISE_STREAM = 0
 LABEL_STREAM = 1
 GRID_MAX_IMAGES = 64
@@ -97,6 +100,14 @@ def apply_run_flags(args, explicit, model_keys):
     saved = read_run_flags(args.model_path)
     if saved is None:
         return None
+    flags_path = bf.join(bf.dirname(args.model_path), FLAGS_FILENAME)
+    missing_sizes = [f"--{key}" for key in SIZE_FLAGS if key in model_keys and key not in saved]
+    if missing_sizes:
+        raise UsageError(
+            f"{flags_path} has no {' or '.join(missing_sizes)}: {args.model_path} comes from another kind "
+            f"of training run (image_train.py pairs with image_sample.py and image_nll.py, "
+            f"super_res_train.py with super_res_sample.py)"
+        )
     conflicts = []
     for key in model_keys:
         if key not in saved or key in SAMPLING_ONLY_FLAGS:
@@ -107,7 +118,6 @@ def apply_run_flags(args, explicit, model_keys):
         elif getattr(args, key) != value:
             conflicts.append(f"--{key} {getattr(args, key)} (trained with {saved[key]!r})")
     if conflicts:
-        flags_path = bf.join(bf.dirname(args.model_path), FLAGS_FILENAME)
         raise UsageError(
             f"flags contradict the training run of {args.model_path} (saved in {flags_path}): "
             + ", ".join(conflicts)

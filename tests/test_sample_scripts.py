@@ -67,6 +67,14 @@ def test_contradicting_flags_name_every_flag_and_the_saved_value(tmp_path):
     assert "flags.json" in message
 
 
+def test_flags_of_another_kind_of_run_are_named(tmp_path):
+    model_path = _write_run(tmp_path, large_size=16, small_size=8, num_channels=32)
+    defaults = dict(model_path="", **model_and_diffusion_defaults())
+    args, explicit = sample_util.parse_flags(defaults, ["--model_path", model_path])
+    with pytest.raises(UsageError, match="has no --image_size.*super_res_train.py with super_res_sample.py"):
+        sample_util.apply_run_flags(args, explicit, list(model_and_diffusion_defaults()))
+
+
 def test_no_saved_flags_leaves_the_flags_alone(tmp_path):
     defaults = dict(model_path="", **model_and_diffusion_defaults())
     args, explicit = sample_util.parse_flags(defaults, ["--model_path", str(tmp_path / "model.pt"), "--image_size", "16"])
