@@ -7,18 +7,21 @@ Prints a markdown table: seconds per training iteration (forward, mean loss,
 backward) in float32 and under autocast, and peak memory of one iteration
 with and without gradient checkpointing.
 
-Memory is measured in a fresh process per setting. On CUDA it is
-torch.cuda.max_memory_allocated() minus the memory held before the forward
-pass; on CPU it is the growth of the process's peak resident set size
-(getrusage ru_maxrss) over the resident size before the forward pass, once
-for the forward pass alone (the activations the graph keeps) and once for the
-whole iteration (which adds the parameter gradients and the backward pass's
-temporaries).
+Memory is measured in a fresh process per setting, after one warm-up step,
+as two numbers relative to the memory in use before the forward pass: what
+the autograd graph holds once the forward pass is done (the activations),
+and the peak over forward and backward (which adds the parameter gradients
+and the backward pass's temporaries). On CUDA these come from
+torch.cuda.memory_allocated() and max_memory_allocated(); on CPU from the
+process's resident set size (VmRSS) and its peak (VmHWM, reset through
+/proc/self/clear_refs), with glibc told to map every allocation of 64 KiB
+or more on its own (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the
+resident set at once.
 """
 
 import argparse
 import multiprocessing
-import resource
+import os
 import statistics
 import time
 
@@ -81,37 +84,55 @@ def seconds_per_iter(model, x, t, dtype, iters, warmup):
     return statistics.median(times)
 
 
-def _resident_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _resident_bytes(field):
+    """A memory field of this process ("VmRSS" now, "VmHWM" peak since the last reset), in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
-def _memory_probe(device_name, use_checkpoint, batch_size, forward_only, queue):
-    """Run in a fresh process: report the memory growth of one forward (+ backward) pass."""
+def _reset_peak_resident():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _memory_counters(device):
+    """Functions giving the bytes in use on `device` now and their peak since this call."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return (lambda: torch.cuda.memory_allocated(device)), (lambda: torch.cuda.max_memory_allocated(device))
+    _reset_peak_resident()
+    return (lambda: _resident_bytes("VmRSS")), (lambda: _resident_bytes("VmHWM"))
+
+
+def _memory_probe(device_name, use_checkpoint, batch_size, queue):
+    """
+    Run in a fresh process: after one warm-up step, report (bytes held after
+    the forward pass, peak bytes over forward and backward), both relative to
+    the memory in use before the forward pass.
+    """
     device = torch.device(device_name)
     model = build(device, use_checkpoint)
     x, t = batch(device, batch_size)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = _resident_bytes()
-    loss = model(x, t).square().mean()
-    if not forward_only:
-        loss.backward()
+    train_step(model, x, t, torch.float32)
+    model.zero_grad(set_to_none=True)
     _sync(device)
-    if device.type == "cuda":
-        queue.put(torch.cuda.max_memory_allocated(device) - before)
-    else:
-        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    now, peak = _memory_counters(device)
+    before = now()
+    loss = model(x, t).square().mean()
+    _sync(device)
+    held = now() - before
+    loss.backward()
+    _sync(device)
+    queue.put((held, peak() - before))
 
 
-def peak_memory(device, use_checkpoint, batch_size, forward_only):
-    """Bytes: see _memory_probe (measured in a spawned process)."""
+def memory_use(device, use_checkpoint, batch_size):
+    """(held after forward, peak) in bytes, measured in a spawned process (see _memory_probe)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    args = (str(device), use_checkpoint, batch_size, forward_only, queue)
-    proc = ctx.Process(target=_memory_probe, args=args)
+    proc = ctx.Process(target=_memory_probe, args=(str(device), use_checkpoint, batch_size, queue))
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     proc.start()
     result = queue.get()
     proc.join()
@@ -149,9 +170,10 @@ def main():
         return
     print("\n| float32, one iteration | no checkpointing | checkpointing | saved |")
     print("| --- | --- | --- | --- |")
-    for label, forward_only in (("forward (activations kept)", True), ("forward + backward", False)):
-        plain, ckpt = (peak_memory(device, c, args.batch, forward_only) for c in (False, True))
-        print(f"| {label} | {plain / 2**20:.0f} MiB | {ckpt / 2**20:.0f} MiB | {1 - ckpt / plain:.0%} |")
+    plain, ckpt = (memory_use(device, c, args.batch) for c in (False, True))
+    labels = ("held by the graph after forward", "peak over forward + backward")
+    for label, without, with_ in zip(labels, plain, ckpt):
+        print(f"| {label} | {without / 2**20:.0f} MiB | {with_ / 2**20:.0f} MiB | {1 - with_ / without:.0%} |")
 
 
 if __name__ == "__main__":
