@@ -20,12 +20,14 @@ Changes from the reference, all deliberate:
 - With microbatches each microbatch's loss is weighted by its share of the
   batch, so the gradient is the full batch's mean whatever `microbatch` is
   (the reference summed the microbatch means).
-- Nothing in a step waits for the device: the finiteness decision reaches
-  AdamW (fused kernel, `found_inf`) and the EMA (a tensor lerp weight) as
-  device tensors, and statistics accumulate on the device until a log step
-  reads them in one transfer. Exceptions: the loss-second-moment sampler
-  reads its losses every microbatch, and a health check reads the count of
-  skipped steps every `max_bad_steps` steps.
+- On a GPU nothing in a step waits for the device: batches are copied
+  through pinned memory, the finiteness decision reaches AdamW (fused
+  kernel, `found_inf`) and the EMA (a device-side weight) as tensors, and
+  statistics accumulate on the device until a log step reads them in one
+  transfer. Exceptions: the loss-second-moment sampler reads its losses every
+  microbatch, and a health check reads the longest run of skipped steps every
+  `max_bad_steps` steps. (On CPU, where reading a flag is free, the EMA
+  reads it and uses nn.update_ema's single lerp.)
 """
 
 import contextlib
@@ -154,7 +156,6 @@ class TrainLoop:
         self.params = list(model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rate]
-        self._ema_rate_tensors = [torch.tensor(r, dtype=torch.float64, device=self.device) for r in self.ema_rate]
         self.lg_loss_scale = self._f64(INITIAL_LG_LOSS_SCALE) if use_fp16 else None
         self._lg_growth, self._lg_drop = self._f64(fp16_scale_growth), self._f64(-1.0)
         self.stats = StepStats(diffusion.num_timesteps, self.device)
@@ -234,16 +235,24 @@ class TrainLoop:
             target.copy_(value)
 
     def _load_opt(self, path):
+        """
+        Load an AdamW state dict, this library's or the reference's (whose
+        torch may have saved `step` as a number and fewer group settings);
+        this run's fused kernel and weight decay apply.
+        """
+        state = dist_util.load_state_dict(path)
         try:
-            self.opt.load_state_dict(dist_util.load_state_dict(path))
-        except (ValueError, KeyError) as exc:
+            for group in state["param_groups"]:
+                group.update(fused=True, foreach=None, weight_decay=self.weight_decay)
+            for param_state in state["state"].values():
+                param_state["step"] = torch.as_tensor(param_state["step"], dtype=torch.float32)
+            self.opt.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"{path} does not fit this model's parameters ({exc}); an optimizer state from a "
                 f"--use_fp16 run of the reference (one flattened parameter) cannot be loaded: move "
                 f"the file aside and pass --allow_partial_resume True to start AdamW afresh"
             ) from exc
-        for group in self.opt.param_groups:
-            group.update(fused=True, foreach=None, weight_decay=self.weight_decay)
 
     def _load_run_state(self, path, step):
         """Restore what exact resume needs from the state file of step `step`."""
@@ -344,8 +353,8 @@ class TrainLoop:
 
     def _forward_backward(self, batch, cond):
         """Accumulate the gradient of the batch's mean loss; return that loss (0-d, detached)."""
-        batch = batch.to(self.device)
-        cond = {k: v.to(self.device) for k, v in cond.items()}
+        batch = self._to_device(batch)
+        cond = {k: self._to_device(v) for k, v in cond.items()}
         total = torch.zeros((), device=self.device)
         for start in range(0, batch.shape[0], self.microbatch):
             part = slice(start, start + self.microbatch)
@@ -357,6 +366,12 @@ class TrainLoop:
                 (loss if scale is None else loss * scale).backward()
             total += loss.detach()
         return total
+
+    def _to_device(self, tensor):
+        """`tensor` on the training device; CPU to GPU through pinned memory, so the host does not wait."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def _no_sync_unless(self, is_last):
         """DDP's no_sync (gradients stay local) for all but the last microbatch."""
@@ -401,11 +416,28 @@ class TrainLoop:
         self.opt.grad_scale = scale
         self.opt.found_inf = (~ok).float()
         self.opt.step()
-        for rate, ema in zip(self._ema_rate_tensors, self.ema_params):
-            update_ema(ema, self.params, rate=torch.where(ok, rate, 1.0))
+        self._update_emas(ok)
         if self.lg_loss_scale is not None:
             self.lg_loss_scale += torch.where(ok, self._lg_growth, self._lg_drop)
         self.stats.add_step(ok, grad_norm)
+
+    def _update_emas(self, ok):
+        """
+        Move each EMA toward the weights unless the step was skipped (`ok` false).
+        On CPU, reading `ok` costs nothing and nn.update_ema's lerp is cheapest;
+        elsewhere lerp would read its weight on the host, so the update is
+        ema += (1 - rate) * ok * (params - ema) with the weight on the device.
+        """
+        params = [p.detach() for p in self.params]
+        if self.device.type == "cpu":
+            if ok.item():
+                for rate, ema in zip(self.ema_rate, self.ema_params):
+                    update_ema(ema, params, rate=rate)
+            return
+        for rate, ema in zip(self.ema_rate, self.ema_params):
+            deltas = torch._foreach_sub(params, ema)
+            torch._foreach_mul_(deltas, ok * (1.0 - rate))
+            torch._foreach_add_(ema, deltas)
 
     def _agree(self, ok):
         """`ok` (0-d bool) and-ed over ranks, without waiting on the device."""

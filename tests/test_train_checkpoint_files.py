@@ -126,6 +126,20 @@ def test_missing_optimizer_is_accepted_with_the_flag_and_starts_afresh(run_copy)
     assert_same(loop.ema_params[0], [saved_ema[n] for n, _ in loop.model.named_parameters()])
 
 
+def test_an_optimizer_file_in_the_reference_format_is_resumed(run_copy):
+    opt = load_checkpoint(run_copy / "opt000004.pt")
+    for group in opt["param_groups"]:
+        for key in ("fused", "foreach", "capturable", "differentiable", "decoupled_weight_decay"):
+            group.pop(key, None)
+    for param_state in opt["state"].values():
+        param_state["step"] = int(param_state["step"])  # torch < 1.12 saved a number
+    torch.save(opt, run_copy / "opt000004.pt")
+    loop = make_loop(run_copy, resume_checkpoint=str(run_copy / "model000004.pt"), max_steps=5)
+    loop.run_loop()
+    steps = {s["step"].item() for s in load_checkpoint(run_copy / "opt000005.pt")["state"].values()}
+    assert steps == {5.0}
+
+
 def test_keep_checkpoints_keeps_the_newest_complete_sets(tmp_path):
     (tmp_path / "model000000.pt").write_bytes(b"stale, incomplete")
     make_loop(tmp_path, max_steps=5, save_interval=1, keep_checkpoints=2).run_loop()
