@@ -104,7 +104,8 @@ def main(run):
     try:
         loop = run()
     except (ValueError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks' lines stay whole when a launcher merges them
+        sys.stderr.flush()
         dist_util.cleanup_dist()
         sys.exit(1)
     dist_util.cleanup_dist()
