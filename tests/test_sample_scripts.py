@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion import sample_util
+from improved_diffusion import dist_util, sample_util
 from improved_diffusion.sample_util import UsageError
 from improved_diffusion.script_util import create_gaussian_diffusion, model_and_diffusion_defaults
 
@@ -144,10 +144,11 @@ def test_samples_do_not_depend_on_how_indices_are_batched(use_ddim, eta):
         steps=20, noise_schedule="cosine", timestep_respacing="5" if use_ddim else ""
     )
     args = argparse.Namespace(seed=3, use_ddim=use_ddim, eta=eta, clip_denoised=True)
-    model = _ToyModel()
+    device = dist_util.dev()
+    model = _ToyModel().to(device)
 
     def sample(indices):
-        y = torch.tensor(list(indices)) % 2
+        y = torch.tensor(list(indices), device=device) % 2
         return sample_util.run_sampler(diffusion, model, args, indices, (3, 4, 4), {"y": y})
 
     whole = sample(range(0, 5))
@@ -155,7 +156,7 @@ def test_samples_do_not_depend_on_how_indices_are_batched(use_ddim, eta):
     assert whole.shape == (5, 3, 4, 4)
     torch.testing.assert_close(whole, pieces, rtol=0, atol=1e-6)
     other_seed = sample_util.run_sampler(
-        diffusion, model, argparse.Namespace(**{**vars(args), "seed": 4}), range(0, 5), (3, 4, 4), {"y": torch.arange(5) % 2}
+        diffusion, model, argparse.Namespace(**{**vars(args), "seed": 4}), range(0, 5), (3, 4, 4), {"y": torch.arange(5, device=device) % 2}
     )
     assert not torch.allclose(whole, other_seed)
 
