@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 
-def rank_seed(seed, rank, stream):
-    """A 63-bit seed for random stream number `stream` of `rank`, derived from the run's `seed`."""
-    return int(np.random.SeedSequence([seed, rank, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def rank_seed(seed, rank, stream, step=0):
+    """A 63-bit seed for random stream number `stream` of `rank` from `step` on, derived from the run's `seed`."""
+    return int(np.random.SeedSequence([seed, rank, stream, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def seed_everything(seed):

@@ -151,8 +151,9 @@ class TrainLoop:
         self.stop = StopRequest()
         self.stop_signal = None
 
+        self.seed = seed
         self.generator = torch.Generator(self.device)
-        self._seed_streams(seed)
+        self._seed_streams()
         self.params = list(model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, fused=True)
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rate]
@@ -168,13 +169,13 @@ class TrainLoop:
     def _f64(self, value):
         return torch.tensor(value, dtype=torch.float64, device=self.device)
 
-    def _seed_streams(self, seed):
-        """Seed dropout (torch's global generator) and timestep/noise sampling (self.generator)."""
-        if seed is None:
+    def _seed_streams(self):
+        """Seed dropout (torch's global generator) and timestep/noise sampling (self.generator) for self.step."""
+        if self.seed is None:
             self.generator.manual_seed(int(torch.randint(2**62, ()).item()))
             return
-        torch.manual_seed(rank_seed(seed, self.rank, _DROPOUT_STREAM))
-        self.generator.manual_seed(rank_seed(seed, self.rank, _SAMPLING_STREAM))
+        torch.manual_seed(rank_seed(self.seed, self.rank, _DROPOUT_STREAM, self.step))
+        self.generator.manual_seed(rank_seed(self.seed, self.rank, _SAMPLING_STREAM, self.step))
 
     def _wrap_ddp(self):
         """The model, wrapped in DistributedDataParallel when there are several ranks."""
@@ -218,7 +219,9 @@ class TrainLoop:
         if ckpt.opt not in missing:
             logger.log(f"loading optimizer state from checkpoint: {ckpt.opt}...")
             self._load_opt(ckpt.opt)
-        if ckpt.state not in missing:
+        if ckpt.state in missing:
+            self._seed_streams()
+        else:
             self._load_run_state(ckpt.state, ckpt.step)
 
     def _load_ema(self, ema, path):
@@ -260,7 +263,7 @@ class TrainLoop:
         if state.get("format") != STATE_FORMAT or state.get("step") != step:
             raise CheckpointError(f"{path} is not the state file of step {step} written by this library")
         self._warn_changed_flags(state["flags"])
-        if hasattr(self.schedule_sampler, "load_state_dict"):
+        if state["sampler"] and hasattr(self.schedule_sampler, "load_state_dict"):
             self.schedule_sampler.load_state_dict(state["sampler"])
         if self.use_fp16 and state["lg_loss_scale"] is not None:
             self.lg_loss_scale.fill_(state["lg_loss_scale"])
@@ -282,6 +285,7 @@ class TrainLoop:
         if not self.allow_partial_resume:
             raise CheckpointError(message + "; pass --allow_partial_resume True to continue anyway")
         logger.log(f"warning: {message}; continuing with fresh streams")
+        self._seed_streams()
 
     def _warn_changed_flags(self, saved_flags):
         changed = sorted(

@@ -126,6 +126,23 @@ def test_missing_optimizer_is_accepted_with_the_flag_and_starts_afresh(run_copy)
     assert_same(loop.ema_params[0], [saved_ema[n] for n, _ in loop.model.named_parameters()])
 
 
+def test_missing_state_is_accepted_with_the_flag_and_reseeds_for_the_step(run_copy):
+    (run_copy / "state000004.pt").unlink()
+    loop = make_loop(run_copy, resume_checkpoint=str(run_copy / "model000004.pt"), allow_partial_resume=True)
+    fresh = make_loop(run_copy / "fresh")
+    assert loop.step == 4 and not torch.equal(loop.generator.get_state(), fresh.generator.get_state())
+
+
+def test_another_number_of_ranks_is_refused_unless_allowed(run_copy):
+    state = load_checkpoint(run_copy / "state000004.pt")
+    state["world_size"], state["ranks"] = 2, state["ranks"] * 2
+    torch.save(state, run_copy / "state000004.pt")
+    resume = str(run_copy / "model000004.pt")
+    with pytest.raises(CheckpointError, match="2 rank.*this run has 1.*--allow_partial_resume"):
+        make_loop(run_copy, resume_checkpoint=resume)
+    assert make_loop(run_copy, resume_checkpoint=resume, allow_partial_resume=True).step == 4
+
+
 def test_an_optimizer_file_in_the_reference_format_is_resumed(run_copy):
     opt = load_checkpoint(run_copy / "opt000004.pt")
     for group in opt["param_groups"]:
