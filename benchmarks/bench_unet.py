@@ -1,11 +1,13 @@
 """
 Forward+backward speed and memory of the CIFAR-10 UNet (the published configuration).
 
-    python benchmarks/bench_unet.py [--device cpu|cuda] [--iters 3] [--batch 8] [--compile]
+    python benchmarks/bench_unet.py [--device cpu|cuda] [--iters 3] [--batch 8] [--threads N] [--compile]
 
-Prints a markdown table: seconds per training iteration (forward, mean loss,
-backward) in float32 and under autocast, and peak memory of one iteration
-with and without gradient checkpointing.
+Prints markdown tables: seconds per training iteration (forward, mean loss,
+backward; wall clock and the process's CPU time) in float32 and under
+autocast, with and without gradient checkpointing, next to a baseline with
+the reference's formulation of the changed layers (see reference_formulation);
+then the memory of one iteration with and without gradient checkpointing.
 
 Memory is measured in a fresh process per setting, after one warm-up step,
 as two numbers relative to the memory in use before the forward pass: what
@@ -20,6 +22,7 @@ resident set at once.
 """
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -27,7 +30,9 @@ import time
 
 import torch
 
+from improved_diffusion.nn import Dropout, GroupNorm32
 from improved_diffusion.script_util import create_model
+from improved_diffusion.unet import AttentionBlock
 
 CIFAR10_FLAGS = {
     "image_size": 32,
@@ -71,17 +76,55 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def seconds_per_iter(model, x, t, dtype, iters, warmup):
-    """Median wall time of `iters` training steps after `warmup` untimed ones."""
-    times = []
+@contextlib.contextmanager
+def reference_formulation():
+    """
+    Swap in the reference's formulation of the layers this implementation
+    changed, for a baseline measured under the same conditions: attention as
+    two einsums around a float32 softmax over [N*heads x 3d x T] channels,
+    dropout through bernoulli_ (nn.Dropout), and GroupNorm through float32
+    copies of 16-bit inputs.
+    """
+    saved = AttentionBlock._forward, Dropout.forward, GroupNorm32._mixed_kernel
+    AttentionBlock._forward = _einsum_attention
+    Dropout.forward = torch.nn.Dropout.forward
+    GroupNorm32._mixed_kernel = lambda self, x: False
+    try:
+        yield
+    finally:
+        AttentionBlock._forward, Dropout.forward, GroupNorm32._mixed_kernel = saved
+
+
+def _einsum_attention(self, x):
+    """AttentionBlock._forward as the reference computes it: [N x C x ...] -> [N x C x ...]."""
+    n, c, *spatial = x.shape
+    x = x.reshape(n, c, -1)
+    qkv = self.qkv(self.norm(x)).reshape(n * self.num_heads, -1, x.shape[-1])
+    q, k, v = qkv.chunk(3, dim=1)
+    scale = (c // self.num_heads) ** -0.25
+    weights = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weights = weights.float().softmax(dim=-1).type(weights.dtype)
+    h = torch.einsum("bts,bcs->bct", weights, v).reshape(n, c, -1)
+    return (x + self.proj_out(h)).reshape(n, c, *spatial)
+
+
+def time_settings(settings, x, t, iters, warmup):
+    """
+    Median (wall, CPU) seconds of a training step per setting. Settings take
+    turns step by step, so that a change in the machine's load hits them alike.
+    """
+    times = {name: [] for name in settings}
     for i in range(warmup + iters):
-        _sync(x.device)
-        start = time.perf_counter()
-        train_step(model, x, t, dtype)
-        _sync(x.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, (model, dtype, formulation) in settings.items():
+            with formulation():
+                _sync(x.device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                train_step(model, x, t, dtype)
+                _sync(x.device)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if i >= warmup:
+                times[name].append((wall, cpu))
+    return {name: tuple(statistics.median(col) for col in zip(*runs)) for name, runs in times.items()}
 
 
 def _resident_bytes(field):
@@ -146,26 +189,30 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--skip_memory", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    plain, ckpt = build(device, False, args.compile), build(device, True, args.compile)
+    settings = {}
+    for dtype in dtypes:
+        precision = "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} autocast"
+        settings[(precision, "this implementation", "no")] = (plain, dtype, contextlib.nullcontext)
+        if not args.compile:
+            settings[(precision, "reference formulation", "no")] = (plain, dtype, reference_formulation)
+        settings[(precision, "this implementation", "yes")] = (ckpt, dtype, contextlib.nullcontext)
     x, t = batch(device, args.batch)
-    rows = []
-    for use_checkpoint in (False, True):
-        model = build(device, use_checkpoint, args.compile)
-        for dtype in dtypes:
-            sec = seconds_per_iter(model, x, t, dtype, args.iters, args.warmup)
-            name = "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} autocast"
-            rows.append((name, use_checkpoint, f"{sec:.3f} s"))
+    results = time_settings(settings, x, t, args.iters, args.warmup)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device: {device} ({name}), batch {args.batch}, torch {torch.__version__}\n")
-    print("| precision | checkpointing | seconds / iteration |")
-    print("| --- | --- | --- |")
-    for name, ckpt, sec in rows:
-        print(f"| {name} | {'yes' if ckpt else 'no'} | {sec} |")
+    print(f"device: {device} ({name}), batch {args.batch}, torch {torch.__version__}, median of {args.iters}\n")
+    print("| precision | layers | checkpointing | seconds / iteration | CPU seconds / iteration |")
+    print("| --- | --- | --- | --- | --- |")
+    for (precision, layers, checkpointing), (wall, cpu) in results.items():
+        print(f"| {precision} | {layers} | {checkpointing} | {wall:.3f} | {cpu:.3f} |")
     if args.skip_memory:
         return
     print("\n| float32, one iteration | no checkpointing | checkpointing | saved |")
