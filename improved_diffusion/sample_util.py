@@ -112,10 +112,9 @@ def apply_run_flags(args, explicit, model_keys):
     for key in model_keys:
         if key not in saved or key in SAMPLING_ONLY_FLAGS:
             continue
-        value = _as_type_of(getattr(args, key), saved[key])
         if key not in explicit:
-            setattr(args, key, value)
-        elif getattr(args, key) != value:
+            setattr(args, key, saved[key])
+        elif getattr(args, key) != saved[key]:
             conflicts.append(f"--{key} {getattr(args, key)} (trained with {saved[key]!r})")
     if conflicts:
         raise UsageError(
@@ -123,18 +122,6 @@ def apply_run_flags(args, explicit, model_keys):
             + ", ".join(conflicts)
             + ". Drop or fix them: --model_path alone rebuilds the model from its saved flags."
         )
-    return saved
-
-
-def _as_type_of(current, saved):
-    """`saved` converted to the type of the flag's current value where that is lossless."""
-    if isinstance(current, bool) or current is None or saved is None:
-        return saved
-    if isinstance(current, (int, float, str)) and isinstance(saved, (int, float, str)):
-        try:
-            return type(current)(saved)
-        except ValueError:
-            return saved
     return saved
 
 
@@ -155,7 +142,7 @@ def parse_sampling_flags(defaults, model_keys, argv=None, description=None):
         raise UsageError("--use_fp16 needs a CUDA device; on CPU use --use_bf16 True")
     if getattr(args, "eta", 0.0) != 0.0 and not getattr(args, "use_ddim", True):
         raise UsageError("--eta applies only to DDIM sampling: add --use_ddim True or drop --eta")
-    if getattr(args, "num_samples", 1) < 1 or getattr(args, "batch_size", 1) < 1:
+    if args.num_samples < 1 or args.batch_size < 1:
         raise UsageError("--num_samples and --batch_size must be at least 1")
     return args
 
@@ -202,8 +189,6 @@ def load_model(args, create_fn, model_keys):
     state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
     try:
         load_model_state_dict(model, state_dict, flags, args.model_path)
-    except CheckpointError:
-        raise
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     model.to(dist_util.dev())
