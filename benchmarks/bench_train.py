@@ -21,16 +21,16 @@ import torch
 from improved_diffusion import logger, script_util
 from improved_diffusion.train_util import TrainLoop
 
-PRESET = dict(
-    image_size=32,
-    num_channels=64,
-    num_res_blocks=2,
-    learn_sigma=True,
-    noise_schedule="cosine",
-    diffusion_steps=4000,
-    attention_resolutions="16,8",
-    num_heads=4,
-)
+PRESET = {
+    "image_size": 32,
+    "num_channels": 64,
+    "num_res_blocks": 2,
+    "learn_sigma": True,
+    "noise_schedule": "cosine",
+    "diffusion_steps": 4000,
+    "attention_resolutions": "16,8",
+    "num_heads": 4,
+}
 BATCH = 8
 MODES = {"fp32": {}, "bf16": {"use_bf16": True}, "fp16": {"use_fp16": True}}
 

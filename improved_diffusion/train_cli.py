@@ -22,29 +22,29 @@ from .train_util import TrainingError, TrainLoop
 
 def training_defaults():
     """The training flags and their defaults (the reference's, then the new ones)."""
-    return dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,
-        ema_rate="0.9999",
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        seed=0,
-        max_steps=0,
-        use_bf16=False,
-        random_flip=False,
-        keep_checkpoints=0,
-        max_bad_steps=20,
-        allow_partial_resume=False,
-        check_replicas=False,
-    )
+    return {
+        "data_dir": "",
+        "schedule_sampler": "uniform",
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "lr_anneal_steps": 0,
+        "batch_size": 1,
+        "microbatch": -1,
+        "ema_rate": "0.9999",
+        "log_interval": 10,
+        "save_interval": 10000,
+        "resume_checkpoint": "",
+        "use_fp16": False,
+        "fp16_scale_growth": 1e-3,
+        "seed": 0,
+        "max_steps": 0,
+        "use_bf16": False,
+        "random_flip": False,
+        "keep_checkpoints": 0,
+        "max_bad_steps": 20,
+        "allow_partial_resume": False,
+        "check_replicas": False,
+    }
 
 
 def create_argparser(model_defaults, description):
@@ -89,11 +89,11 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
     return loop
 
 
-_LOOP_KEYS = (
-    "batch_size microbatch lr ema_rate log_interval save_interval resume_checkpoint use_fp16 "
-    "fp16_scale_growth weight_decay lr_anneal_steps use_bf16 seed max_steps keep_checkpoints "
-    "max_bad_steps allow_partial_resume check_replicas"
-).split()
+_LOOP_KEYS = [
+    "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval", "resume_checkpoint",
+    "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "use_bf16", "seed", "max_steps",
+    "keep_checkpoints", "max_bad_steps", "allow_partial_resume", "check_replicas",
+]
 
 
 def main(run):

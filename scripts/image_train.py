@@ -10,7 +10,10 @@ improved_diffusion/train_cli.py for the exit status.
 
 from improved_diffusion import train_cli
 from improved_diffusion.image_datasets import load_data
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
 
 
 def make_data(args):

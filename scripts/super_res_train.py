@@ -11,7 +11,10 @@ import torch.nn.functional as F
 
 from improved_diffusion import train_cli
 from improved_diffusion.image_datasets import load_data
-from improved_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
+from improved_diffusion.script_util import (
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
 
 
 class LowResData:

@@ -22,15 +22,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(sys.executable).parent
 
 # A model small enough for a CPU step in tens of milliseconds.
-TINY_MODEL = dict(
-    image_size=8,
-    num_channels=32,
-    num_res_blocks=1,
-    attention_resolutions="",
-    diffusion_steps=8,
-    noise_schedule="cosine",
-    learn_sigma=True,
-)
+TINY_MODEL = {
+    "image_size": 8,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "attention_resolutions": "",
+    "diffusion_steps": 8,
+    "noise_schedule": "cosine",
+    "learn_sigma": True,
+}
 
 
 @contextlib.contextmanager
@@ -98,17 +98,17 @@ def make_loop(log_dir, data=None, model_flags=None, **loop_args):
     logger.configure(dir=str(log_dir), format_strs=["csv", "log"])
     torch.manual_seed(0)
     model, diffusion = script_util.create_model_and_diffusion(**flags)
-    args = dict(
-        batch_size=2,
-        microbatch=-1,
-        lr=1e-3,
-        ema_rate="0.99",
-        log_interval=2,
-        save_interval=1000,
-        resume_checkpoint="",
-        seed=0,
-        run_flags=flags,
-    )
+    args = {
+        "batch_size": 2,
+        "microbatch": -1,
+        "lr": 1e-3,
+        "ema_rate": "0.99",
+        "log_interval": 2,
+        "save_interval": 1000,
+        "resume_checkpoint": "",
+        "seed": 0,
+        "run_flags": flags,
+    }
     args.update(loop_args)
     return TrainLoop(model=model, diffusion=diffusion, data=data or SyntheticData(), **args)
 

@@ -3,8 +3,15 @@
 import csv
 
 import pytest
+from _train_helpers import (  # noqa: F401 (fixture)
+    SyntheticData,
+    any_param_changed,
+    assert_same,
+    make_loop,
+    one_thread,
+    snapshot,
+)
 
-from _train_helpers import SyntheticData, any_param_changed, assert_same, make_loop, snapshot, one_thread  # noqa: F401 (fixture)
 from improved_diffusion.train_util import INITIAL_LG_LOSS_SCALE, TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

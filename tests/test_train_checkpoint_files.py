@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
+from _train_helpers import assert_same, make_loop, one_thread, set_names, single_thread  # noqa: F401 (fixture)
 
-from _train_helpers import assert_same, make_loop, set_names, one_thread, single_thread  # noqa: F401 (fixture)
 from improved_diffusion import checkpointing, io_util
 from improved_diffusion.io_util import CheckpointError, load_checkpoint
 

@@ -1,7 +1,6 @@
 """Two ranks under mpiexec and torchrun: identical replicas, the same run either way, exact resume after kill -9."""
 
 import pytest
-
 from _train_helpers import (
     TINY_MODEL,
     assert_same_files,

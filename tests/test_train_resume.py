@@ -1,7 +1,6 @@
 """Exact resume: a run interrupted at any checkpoint and resumed ends bitwise where the uninterrupted run does."""
 
 import pytest
-
 from _train_helpers import (
     TINY_MODEL,
     SyntheticData,
@@ -15,6 +14,7 @@ from _train_helpers import (
     wait_for,
     write_images,
 )
+
 from improved_diffusion import script_util
 from improved_diffusion.resample import create_named_schedule_sampler
 
@@ -27,17 +27,17 @@ def loop_args(max_steps, resume=""):
     """A run with dropout, microbatches, two EMA rates and the loss-second-moment sampler."""
     flags = tiny_flags(dropout=0.1, diffusion_steps=4)
     _, diffusion = script_util.create_model_and_diffusion(**flags)
-    return dict(
-        model_flags=flags,
-        data=SyntheticData(batch_size=4),
-        batch_size=4,
-        microbatch=2,
-        ema_rate=",".join(RATES),
-        save_interval=3,
-        max_steps=max_steps,
-        resume_checkpoint=resume,
-        schedule_sampler=create_named_schedule_sampler("loss-second-moment", diffusion),
-    )
+    return {
+        "model_flags": flags,
+        "data": SyntheticData(batch_size=4),
+        "batch_size": 4,
+        "microbatch": 2,
+        "ema_rate": ",".join(RATES),
+        "save_interval": 3,
+        "max_steps": max_steps,
+        "resume_checkpoint": resume,
+        "schedule_sampler": create_named_schedule_sampler("loss-second-moment", diffusion),
+    }
 
 
 def test_resumed_loop_matches_the_uninterrupted_one(tmp_path):
@@ -66,7 +66,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_script_run(tmp_path):
         tmp_path / "resumed",
     )
     for proc in (whole, resumed):
-        out, err = proc.communicate(timeout=180)
+        _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
     for step in (6, 8):
         assert_same_files(tmp_path / "whole", tmp_path / "resumed", set_names(step, RATES))

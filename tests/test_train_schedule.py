@@ -3,8 +3,8 @@
 import csv
 
 import pytest
-
 from _train_helpers import SyntheticData, make_loop, one_thread  # noqa: F401 (fixture)
+
 from improved_diffusion.io_util import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

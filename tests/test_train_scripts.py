@@ -6,7 +6,6 @@ import os
 import signal
 
 import pytest
-
 from _train_helpers import TINY_MODEL, run_script, start_script, wait_for, write_images
 
 TRAIN = dict(TINY_MODEL, batch_size=2, log_interval=2, save_interval=2)
@@ -25,7 +24,7 @@ def finished_run(images, tmp_path_factory):
 
 
 def test_image_train_writes_checkpoints_logs_and_flags(finished_run):
-    log_dir, status, out, err = finished_run
+    log_dir, status, _, err = finished_run
     assert status == 0, err
     for step in (2, 4):
         for name in (f"model{step:06d}.pt", f"ema_0.9999_{step:06d}.pt", f"opt{step:06d}.pt", f"state{step:06d}.pt"):
@@ -99,7 +98,7 @@ def test_signal_saves_at_a_step_boundary_and_exits(images, tmp_path, signum, exp
     proc = start_script("image_train.py", flags, tmp_path)
     wait_for(tmp_path / "progress.csv", proc, min_lines=1)  # a header and a row: training has begun
     os.kill(proc.pid, signum)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == expected_status, err
     states = sorted(tmp_path.glob("state*.pt"))
     assert len(states) == 1 and (tmp_path / states[0].name.replace("state", "model")).is_file()
