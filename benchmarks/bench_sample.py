@@ -3,16 +3,22 @@ Time DDIM sampling with the small preset: a 32x32 UNet (64 channels, 2
 residual blocks per level, attention at 16x16 and 8x8 with 4 heads, learned
 sigmas) over the cosine schedule of 4000 steps respaced to ddim50, one batch.
 
-    python benchmarks/bench_sample.py                  # float32 on CPU
-    python benchmarks/bench_sample.py --use_bf16       # bfloat16 autocast (image_sample.py --use_bf16 True)
-    python benchmarks/bench_sample.py --device cuda --use_fp16 --compile
+    python benchmarks/bench_sample.py                          # float32 and bf16 autocast, CPU
+    python benchmarks/bench_sample.py --precisions float32 --threads 2
+    python benchmarks/bench_sample.py --device cuda --precisions float32,fp16,bf16 --compile
 
-Weights are random (the zero-initialized layers too, so no path is trivially
-zero). Prints one Markdown table row per run: the median and best wall time
-of --repeats timed runs after one warm-up run.
+bf16 is image_sample.py --use_bf16 True (bfloat16 autocast around the model),
+fp16 is --use_fp16 True (float16 convolutions, CUDA). Weights are random (the
+zero-initialized layers too, so no path is trivially zero). The precisions
+are timed in turns, one whole sampling loop each, after one warm-up loop
+each, so a machine shared with other jobs slows them alike. Prints a
+Markdown table: median and best wall time, the median CPU time of the
+process (all threads; on a busy machine closer to what an idle one would
+take), and the median wall time over --reference_s.
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import time
@@ -35,17 +41,17 @@ PRESET = dict(
 )
 
 
-def build(device, use_fp16, use_bf16, compile_model):
-    """The preset model (random weights, eval mode, on `device`) and its diffusion."""
+def build(device, precision, compile_model):
+    """The preset model (random weights, eval mode, on `device`) in `precision`, and its diffusion."""
     model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **PRESET})
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     model.to(device).eval()
-    if use_fp16:
+    if precision == "fp16":
         model.convert_to_fp16()
-    if use_bf16:
+    if precision == "bf16":
         model = AutocastModel(model)
     if compile_model:
         model = torch.compile(model)
@@ -53,15 +59,15 @@ def build(device, use_fp16, use_bf16, compile_model):
 
 
 def time_sampling(model, diffusion, batch_size, device):
-    """Seconds for one ddim_sample_loop over a [batch_size x 3 x 32 x 32] batch."""
+    """(wall seconds, process CPU seconds) of one ddim_sample_loop over a [batch_size x 3 x 32 x 32] batch."""
     shape = (batch_size, 3, PRESET["image_size"], PRESET["image_size"])
     generator = torch.Generator(device=device).manual_seed(0)
     _synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         diffusion.ddim_sample_loop(model, shape, device=device, generator=generator, eta=0.0)
     _synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _synchronize(device):
@@ -85,26 +91,33 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--use_bf16", action="store_true", help="bfloat16 autocast around the model")
-    parser.add_argument("--use_fp16", action="store_true", help="float16 weights (CUDA)")
+    parser.add_argument("--precisions", default="float32,bf16", help="comma-separated: float32, bf16, fp16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--reference_s", type=float, default=7.0, help="reference time to compare with")
+    parser.add_argument("--reference_s", type=float, default=7.0, help="reference wall time to compare with")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, diffusion = build(args.device, args.use_fp16, args.use_bf16, args.compile)
-    time_sampling(model, diffusion, args.batch_size, args.device)
-    times = [time_sampling(model, diffusion, args.batch_size, args.device) for _ in range(args.repeats)]
-    median = statistics.median(times)
-    precision = "bf16 autocast" if args.use_bf16 else "fp16" if args.use_fp16 else "float32"
+    precisions = args.precisions.split(",")
+    models = {p: build(args.device, p, args.compile) for p in precisions}
+    times = {p: [] for p in precisions}
+    for repeat in range(args.repeats + 1):
+        for precision, (model, diffusion) in models.items():
+            measured = time_sampling(model, diffusion, args.batch_size, args.device)
+            if repeat:
+                times[precision].append(measured)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
-    print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| device | precision | compile | batch | median s | best s | vs reference |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(
-        f"| {args.device} | {precision} | {'yes' if args.compile else 'no'} | {args.batch_size} "
-        f"| {median:.2f} | {min(times):.2f} | {median / args.reference_s:.2f}x |"
-    )
+    print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print("| device | precision | compile | batch | median s | best s | median CPU s | median / reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for precision, measured in times.items():
+        walls = [wall for wall, _ in measured]
+        median = statistics.median(walls)
+        print(
+            f"| {args.device} | {precision} | {'yes' if args.compile else 'no'} | {args.batch_size} | {median:.2f} "
+            f"| {min(walls):.2f} | {statistics.median(cpu for _, cpu in measured):.2f} "
+            f"| {median / args.reference_s:.2f}x |"
+        )
 
 
 if __name__ == "__main__":
