@@ -1,9 +1,11 @@
 """
 Command-line flags and the factories that turn them into a model and a diffusion.
 
-Also: reading the flags back from a state dict (`infer_model_flags`) and
-loading weights with an error that names the flags to fix
-(`load_model_state_dict`).
+The model's levels follow the image size (`default_channel_mult`) unless
+--channel_mult lists them; --attention_resolutions lists the resolutions
+(16 means 16x16) whose blocks get self-attention. Also: reading the flags
+back from a state dict (`infer_model_flags`) and loading weights with an
+error that names the flags to fix (`load_model_state_dict`).
 """
 
 import argparse
@@ -106,7 +108,7 @@ def parse_channel_mult(channel_mult, image_size, size_flag="image_size"):
 def parse_attention_resolutions(attention_resolutions, image_size):
     """
     Downsampling factors with attention: "16,8" -> (image_size // 16, image_size // 8).
-    "" means no attention.
+    "" means no attention blocks on the way down or up (the middle block always has one).
     """
     if attention_resolutions in ("", None):
         return ()
