@@ -13,8 +13,10 @@ zero-initialized layers too, so no path is trivially zero). The precisions
 are timed in turns, one whole sampling loop each, after one warm-up loop
 each, so a machine shared with other jobs slows them alike. Prints a
 Markdown table: median and best wall time, the median CPU time of the
-process (all threads; on a busy machine closer to what an idle one would
-take), and the median wall time over --reference_s.
+process (all threads), the model's arithmetic per CPU second, and the median
+wall time over --reference_s. On a machine shared with other jobs the wall
+time measures the contention; with --threads 1 the CPU time is disturbed far
+less and GFLOP per CPU second is the per-core throughput.
 """
 
 import argparse
@@ -24,6 +26,7 @@ import subprocess
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from improved_diffusion.sample_util import AutocastModel
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -70,6 +73,15 @@ def time_sampling(model, diffusion, batch_size, device):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def loop_gflop(model, diffusion, batch_size, device):
+    """Floating-point operations of the model calls in one sampling loop, in GFLOP (torch's flop counter)."""
+    x = torch.zeros(batch_size, 3, PRESET["image_size"], PRESET["image_size"], device=device)
+    t = torch.zeros(batch_size, dtype=torch.long, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return counter.get_total_flops() * diffusion.num_timesteps / 1e9
+
+
 def _synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,17 +118,17 @@ def main():
             if repeat:
                 times[precision].append(measured)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
+    gflop = loop_gflop(*models[precisions[0]], args.batch_size, args.device)
     print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print("| device | precision | compile | batch | median s | best s | median CPU s | median / reference |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"load average {os.getloadavg()[0]:.2f}, {gflop:.0f} GFLOP per loop")
+    print("| device | precision | compile | batch | median s | best s | median CPU s | GFLOP per CPU s | median / reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for precision, measured in times.items():
         walls = [wall for wall, _ in measured]
-        median = statistics.median(walls)
+        median, cpu = statistics.median(walls), statistics.median(cpu for _, cpu in measured)
         print(
             f"| {args.device} | {precision} | {'yes' if args.compile else 'no'} | {args.batch_size} | {median:.2f} "
-            f"| {min(walls):.2f} | {statistics.median(cpu for _, cpu in measured):.2f} "
-            f"| {median / args.reference_s:.2f}x |"
+            f"| {min(walls):.2f} | {cpu:.2f} | {gflop / cpu:.0f} | {median / args.reference_s:.2f}x |"
         )
 
 
