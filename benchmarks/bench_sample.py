@@ -29,19 +29,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from improved_diffusion.sample_util import AutocastModel
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-
-PRESET = dict(
-    image_size=32,
-    num_channels=64,
-    num_res_blocks=2,
-    learn_sigma=True,
-    noise_schedule="cosine",
-    diffusion_steps=4000,
-    timestep_respacing="ddim50",
-    attention_resolutions="16,8",
-    num_heads=4,
+from improved_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
 )
+
+PRESET = {
+    "image_size": 32,
+    "num_channels": 64,
+    "num_res_blocks": 2,
+    "learn_sigma": True,
+    "noise_schedule": "cosine",
+    "diffusion_steps": 4000,
+    "timestep_respacing": "ddim50",
+    "attention_resolutions": "16,8",
+    "num_heads": 4,
+}
 
 
 def build(device, precision, compile_model):

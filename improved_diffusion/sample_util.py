@@ -31,7 +31,7 @@ from .run_flags import FLAGS_FILENAME, read_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
 
 # Flags every sampling script adds to its own.
-COMMON_FLAGS = dict(seed=-1, use_bf16=False, use_fp16=False)
+COMMON_FLAGS = {"seed": -1, "use_bf16": False, "use_fp16": False}
 
 # Model and diffusion flags a sampling run may choose freely, whatever the
 # training run used: they change neither the weights nor their meaning.
@@ -247,12 +247,12 @@ def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
     """
     device = dist_util.dev()
     batch_shape = (len(indices), *shape)
-    common = dict(
-        clip_denoised=args.clip_denoised,
-        model_kwargs=model_kwargs,
-        device=device,
-        generator=sample_generators(args.seed, indices, device),
-    )
+    common = {
+        "clip_denoised": args.clip_denoised,
+        "model_kwargs": model_kwargs,
+        "device": device,
+        "generator": sample_generators(args.seed, indices, device),
+    }
     with torch.inference_mode():
         if args.use_ddim:
             return diffusion.ddim_sample_loop(model, batch_shape, eta=args.eta, **common)
@@ -291,6 +291,18 @@ def sample_in_shards(num_samples, batch_size, draw_batch, desc="sampling"):
             parts.append(draw_batch(batch))
             bar.update(len(batch))
     return gather_parts(parts)
+
+
+def sample_and_save(args, draw_batch, desc="sampling"):
+    """
+    sample_in_shards over --num_samples in batches of --batch_size, then
+    save_samples on rank 0 (draw_batch returns "images" and, optionally,
+    "labels"); every rank waits for the files.
+    """
+    result = sample_in_shards(args.num_samples, args.batch_size, draw_batch, desc)
+    if result is not None:
+        save_samples(result["images"], result.get("labels"), args.save_pngs)
+    dist_util.barrier()
 
 
 def gather_parts(parts):

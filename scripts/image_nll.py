@@ -16,7 +16,10 @@ import torch.distributed as dist
 from improved_diffusion import dist_util, logger, sample_util
 from improved_diffusion.image_datasets import load_data
 from improved_diffusion.sample_util import UsageError
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
 
 TERMS = ("vb", "mse", "xstart_mse", "prior_bpd", "total_bpd")
 

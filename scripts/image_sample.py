@@ -10,7 +10,10 @@ import torch
 
 from improved_diffusion import dist_util, sample_util
 from improved_diffusion.sample_util import UsageError
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
 
 
 def flag_defaults():
@@ -67,10 +70,7 @@ def main(argv=None):
         out["images"] = sample_util.to_uint8_images(sample)
         return out
 
-    result = sample_util.sample_in_shards(args.num_samples, args.batch_size, draw_batch)
-    if result is not None:
-        sample_util.save_samples(result["images"], result.get("labels"), args.save_pngs)
-    dist_util.barrier()
+    sample_util.sample_and_save(args, draw_batch)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ from PIL import Image
 
 from improved_diffusion import dist_util, sample_util
 from improved_diffusion.sample_util import UsageError
-from improved_diffusion.script_util import create_gaussian_diffusion, model_and_diffusion_defaults
+from improved_diffusion.script_util import (
+    create_gaussian_diffusion,
+    model_and_diffusion_defaults,
+)
 
 
 def test_parse_flags_tells_explicit_flags_from_defaults():
-    defaults = dict(image_size=64, use_ddim=False, timestep_respacing="", eta=0.0)
+    defaults = {"image_size": 64, "use_ddim": False, "timestep_respacing": "", "eta": 0.0}
     args, explicit = sample_util.parse_flags(defaults, ["--image_size", "64", "--use_ddim", "True"])
     assert (args.image_size, args.use_ddim, args.timestep_respacing, args.eta) == (64, True, "", 0.0)
     assert explicit == {"image_size", "use_ddim"}
@@ -108,7 +111,7 @@ def test_sample_seeds_are_deterministic_and_distinct():
 
 def test_draw_labels_depends_on_the_index_only():
     together = sample_util.draw_labels(5, range(10), 1000)
-    apart = torch.cat([sample_util.draw_labels(5, range(0, 3), 1000), sample_util.draw_labels(5, range(3, 10), 1000)])
+    apart = torch.cat([sample_util.draw_labels(5, range(3), 1000), sample_util.draw_labels(5, range(3, 10), 1000)])
     assert together.dtype == torch.int64 and torch.equal(together, apart)
     assert len(set(together.tolist())) > 1 and together.max() < 1000
 
@@ -151,12 +154,12 @@ def test_samples_do_not_depend_on_how_indices_are_batched(use_ddim, eta):
         y = torch.tensor(list(indices), device=device) % 2
         return sample_util.run_sampler(diffusion, model, args, indices, (3, 4, 4), {"y": y})
 
-    whole = sample(range(0, 5))
-    pieces = torch.cat([sample(range(0, 2)), sample(range(2, 3)), sample(range(3, 5))])
+    whole = sample(range(5))
+    pieces = torch.cat([sample(range(2)), sample(range(2, 3)), sample(range(3, 5))])
     assert whole.shape == (5, 3, 4, 4)
     torch.testing.assert_close(whole, pieces, rtol=0, atol=1e-6)
     other_seed = sample_util.run_sampler(
-        diffusion, model, argparse.Namespace(**{**vars(args), "seed": 4}), range(0, 5), (3, 4, 4), {"y": torch.arange(5, device=device) % 2}
+        diffusion, model, argparse.Namespace(**{**vars(args), "seed": 4}), range(5), (3, 4, 4), {"y": torch.arange(5, device=device) % 2}
     )
     assert not torch.allclose(whole, other_seed)
 
