@@ -45,10 +45,14 @@ def single_thread():
 
 
 @pytest.fixture
-def one_thread():
-    """Run the test under single_thread()."""
-    with single_thread():
+def train_env():
+    """
+    Run an in-process training test with one thread, then put back torch's
+    global random state and close the logger it configured.
+    """
+    with single_thread(), torch.random.fork_rng():
         yield
+    logger.reset()
 
 
 def tiny_flags(**overrides):

@@ -8,13 +8,13 @@ from _train_helpers import (  # noqa: F401 (fixture)
     any_param_changed,
     assert_same,
     make_loop,
-    one_thread,
     snapshot,
+    train_env,
 )
 
 from improved_diffusion.train_util import INITIAL_LG_LOSS_SCALE, TrainingError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 def read_rows(log_dir):

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 import torch
-from _train_helpers import assert_same, make_loop, one_thread, set_names, single_thread  # noqa: F401 (fixture)
+from _train_helpers import assert_same, make_loop, set_names, single_thread, train_env  # noqa: F401 (fixture)
 
-from improved_diffusion import checkpointing, io_util
+from improved_diffusion import checkpointing, io_util, logger
 from improved_diffusion.io_util import CheckpointError, load_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("train_env")
 
 RATE = "0.99"
 
@@ -19,8 +19,9 @@ RATE = "0.99"
 def finished_run(tmp_path_factory):
     """A run of 4 steps with complete sets at steps 2 and 4."""
     log_dir = tmp_path_factory.mktemp("finished")
-    with single_thread():
+    with single_thread(), torch.random.fork_rng():
         make_loop(log_dir, max_steps=4, save_interval=2).run_loop()
+    logger.reset()
     return log_dir
 
 

@@ -7,10 +7,10 @@ from _train_helpers import (
     assert_same_files,
     kill_group,
     make_loop,
-    one_thread,  # noqa: F401 (fixture)
     set_names,
     start_script,
     tiny_flags,
+    train_env,  # noqa: F401 (fixture)
     wait_for,
     write_images,
 )
@@ -20,7 +20,7 @@ from improved_diffusion.resample import create_named_schedule_sampler
 
 RATES = ("0.9999", "0.99")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 def loop_args(max_steps, resume=""):

@@ -3,11 +3,11 @@
 import csv
 
 import pytest
-from _train_helpers import SyntheticData, make_loop, one_thread  # noqa: F401 (fixture)
+from _train_helpers import SyntheticData, make_loop, train_env  # noqa: F401 (fixture)
 
 from improved_diffusion.io_util import load_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 def lr_of_last_step(log_dir, step):
