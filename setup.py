@@ -7,7 +7,7 @@ setup(
     packages=["improved_diffusion"],
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.6",
         "numpy",
         "blobfile>=1.0.5",
         "tqdm",

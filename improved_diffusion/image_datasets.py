@@ -291,8 +291,11 @@ class ImageDataIterator:
     def __next__(self):
         """The next batch: float32 images [N x 3 x S x S] in [-1, 1] and the cond dict."""
         if self._batches is None:
+            # The loader's own generator: seeding its workers must not draw from
+            # torch's global generator, which dropout uses (exact resume).
             loader = DataLoader(self._decoder, batch_size=None, sampler=self._schedule.batches(*self._position),
-                                num_workers=self._num_workers, collate_fn=_as_is)
+                                num_workers=self._num_workers, collate_fn=_as_is,
+                                generator=torch.Generator().manual_seed(self._schedule.seed))
             self._batches = iter(loader)
         images, labels, epoch, index = next(self._batches)
         self._position = (epoch, index)

@@ -1,4 +1,3 @@
-import os
 import pathlib
 
 import pytest
@@ -7,7 +6,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT.parent / "shared" / "golden"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: subprocess tests (two ranks, workers) run beside the in-process ones.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
