@@ -46,6 +46,7 @@ def load_data(
     shard=None,
     num_shards=None,
     num_workers=1,
+    allow_mixed_channels=False,
 ):
     """
     An endless iterator of `(images, cond)` batches over the images in `data_dir`.
@@ -63,6 +64,8 @@ def load_data(
         the sorted list; default: the torch.distributed rank and world size
         when a process group exists (then every rank must call this), else 0, 1.
     :param num_workers: decoding processes (0: decode in this process).
+    :param allow_mixed_channels: accept images with different channel counts
+        (grayscale, RGB, RGBA, CMYK, as in raw ImageNet); all become RGB.
     :raises ValueError: naming the folder or file, for a missing folder, a
         folder without images, a shard with fewer images than one batch, a
         file that is not a readable image, images with different channel
@@ -74,7 +77,7 @@ def load_data(
     shard, num_shards, collective = _resolve_shard(shard, num_shards)
     local_files = files[shard::num_shards]
     report = _survey_shard(local_files, len(files), shard, num_shards, batch_size, data_dir)
-    _raise_data_errors(dist_util.all_gather_object(report) if collective else [report])
+    _raise_data_errors(dist_util.all_gather_object(report) if collective else [report], allow_mixed_channels)
     return ImageDataIterator(
         local_files,
         labels[shard::num_shards] if class_cond else None,
@@ -209,7 +212,7 @@ def _channel_count(mode):
     return {"P": 3, "PA": 4}.get(mode, Image.getmodebands(mode))
 
 
-def _raise_data_errors(reports):
+def _raise_data_errors(reports, allow_mixed_channels=False):
     """Raise the first shard's error, or one about mixed channel counts, identically on every rank."""
     for report in reports:
         if report.error is not None:
@@ -218,11 +221,12 @@ def _raise_data_errors(reports):
     for report in reports:
         for count, path in report.channels.items():
             examples.setdefault(count, path)
-    if len(examples) > 1:
+    if len(examples) > 1 and not allow_mixed_channels:
         kinds = "; ".join(f"{path} has {count}" for count, path in sorted(examples.items()))
         raise ValueError(
             f"images with different numbers of channels in one dataset ({kinds}); "
-            f"convert them all to one mode (such as RGB) first"
+            f"convert them all to one mode (such as RGB) first, or pass --allow_mixed_channels True "
+            f"to convert each to RGB while loading"
         )
 
 

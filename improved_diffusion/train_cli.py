@@ -44,6 +44,8 @@ def training_defaults():
         "max_bad_steps": 20,
         "allow_partial_resume": False,
         "check_replicas": False,
+        "num_workers": 1,
+        "allow_mixed_channels": False,
     }
 
 

@@ -24,6 +24,8 @@ def make_data(args):
         class_cond=args.class_cond,
         random_flip=args.random_flip,
         seed=args.seed,
+        num_workers=args.num_workers,
+        allow_mixed_channels=args.allow_mixed_channels,
     )
 
 

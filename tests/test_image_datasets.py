@@ -229,8 +229,10 @@ def test_file_failing_full_decode_is_named_when_read(tmp_path, num_workers):
 def test_mixed_channel_counts_name_one_file_of_each(tmp_path):
     folder = make_folder(tmp_path, ["color.png"])
     random_image(np.random.default_rng(0), 8, 8, "L").save(tmp_path / "gray.png")
-    with pytest.raises(ValueError, match=r"gray.png has 1; .*color.png has 3"):
+    with pytest.raises(ValueError, match=r"gray.png has 1; .*color.png has 3.*--allow_mixed_channels"):
         load_data(data_dir=folder, batch_size=1, image_size=8)
+    images, _ = next(load_data(data_dir=folder, batch_size=2, image_size=8, allow_mixed_channels=True))
+    assert images.shape == (2, 3, 8, 8)
 
 
 def test_class_cond_needs_an_underscore_prefix(tmp_path):
