@@ -338,9 +338,8 @@ class GaussianDiffusion:
 
     def _p_mean_variance_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
         """p_mean_variance given the model's [N x C(or 2C) x ...] output."""
-        self._check_model_output(model_output, x)
-        if self.model_var_type in _LEARNED_VARIANCES:
-            model_output, var_values = torch.split(model_output, x.shape[1], dim=1)
+        mean_output, var_values = self._split_output(model_output, x)
+        if var_values is not None:
             log_variance = self._learned_log_variance(var_values, t, x.shape)
             variance = torch.exp(log_variance)
         elif self.model_var_type == ModelVarType.FIXED_LARGE:
@@ -349,23 +348,39 @@ class GaussianDiffusion:
         else:
             variance = self._extract("posterior_variance", t, x.shape).expand(x.shape)
             log_variance = self._extract("posterior_log_variance_clipped", t, x.shape).expand(x.shape)
-
+        pred_xstart = self._pred_xstart(mean_output, x, t, clip_denoised, denoised_fn)
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = self._predict_xstart_from_xprev(x, t, model_output)
-        elif self.model_mean_type == ModelMeanType.START_X:
-            pred_xstart = model_output
+            mean = mean_output
         else:
-            pred_xstart = self._predict_xstart_from_eps(x, t, model_output)
+            mean, _, _ = self._q_posterior(pred_xstart, x, t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
+
+    def _split_output(self, model_output, x):
+        """(mean part [N x C x ...], variance part or None) of a checked model output."""
+        self._check_model_output(model_output, x)
+        if self.model_var_type in _LEARNED_VARIANCES:
+            return torch.split(model_output, x.shape[1], dim=1)
+        return model_output, None
+
+    def _pred_xstart(self, mean_output, x, t, clip_denoised, denoised_fn):
+        """x_0 predicted from the mean part of the model output, then denoised_fn and clipping."""
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = self._predict_xstart_from_xprev(x, t, mean_output)
+        elif self.model_mean_type == ModelMeanType.START_X:
+            pred_xstart = mean_output
+        else:
+            pred_xstart = self._predict_xstart_from_eps(x, t, mean_output)
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
+        return pred_xstart
 
-        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            mean = model_output
-        else:
-            mean, _, _ = self._q_posterior(pred_xstart, x, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
+    def _model_pred_xstart(self, model, x, t, clip_denoised, denoised_fn, model_kwargs):
+        """Call the model and predict x_0 only (DDIM needs neither the mean nor the variance)."""
+        self._check_timesteps(t, x.shape[0])
+        mean_output, _ = self._split_output(self._call_model(model, x, t, model_kwargs), x)
+        return self._pred_xstart(mean_output, x, t, clip_denoised, denoised_fn)
 
     def _learned_log_variance(self, var_values, t, shape):
         if self.model_var_type == ModelVarType.LEARNED:
@@ -424,8 +439,8 @@ class GaussianDiffusion:
 
         :return: dict with "sample" and "pred_xstart".
         """
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        pred_xstart = self._model_pred_xstart(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        eps = self._predict_eps_from_xstart(x, t, pred_xstart)
         alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         # DDIM eq. 16: sigma_t(eta).
@@ -434,11 +449,11 @@ class GaussianDiffusion:
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        sample = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        sample = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         if not (isinstance(eta, (int, float)) and eta == 0):
             noise = noise_like(x.shape, x.device, generator, x.dtype)
             sample = sample + self._nonzero_mask(t, x) * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        return {"sample": sample, "pred_xstart": pred_xstart}
 
     def ddim_reverse_sample(
         self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0
@@ -451,11 +466,11 @@ class GaussianDiffusion:
         """
         if eta != 0.0:
             raise ValueError(f"the reverse DDIM path is deterministic and needs eta=0.0, got eta={eta}")
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        pred_xstart = self._model_pred_xstart(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        eps = self._predict_eps_from_xstart(x, t, pred_xstart)
         alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
-        sample = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        sample = pred_xstart * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
+        return {"sample": sample, "pred_xstart": pred_xstart}
 
     def _loop(self, step, x, descending, progress):
         """
@@ -592,8 +607,6 @@ class GaussianDiffusion:
             noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
         x_t = self.q_sample(x_start, t, noise=noise)
         model_output = self._call_model(model, x_t, t, model_kwargs)
-        self._check_model_output(model_output, x_t)
-
         if self.loss_type.is_vb():
             loss = self._vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=False)["output"]
             if self.loss_type == LossType.RESCALED_KL:
@@ -603,8 +616,8 @@ class GaussianDiffusion:
 
     def _mse_losses(self, model_output, x_start, x_t, t, noise):
         terms = {}
-        if self.model_var_type in _LEARNED_VARIANCES:
-            model_output, var_values = torch.split(model_output, x_t.shape[1], dim=1)
+        model_output, var_values = self._split_output(model_output, x_t)
+        if var_values is not None:
             # The bound trains only the variance: the mean output is detached (IDDPM section 3.1).
             frozen_out = torch.cat([model_output.detach(), var_values], dim=1)
             terms["vb"] = self._vb_terms_bpd(frozen_out, x_start, x_t, t, clip_denoised=False)["output"]
