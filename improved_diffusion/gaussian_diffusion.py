@@ -577,7 +577,12 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ losses
 
-    def _vb_terms_bpd(self, model_output, x_start, x_t, t, clip_denoised=True):
+    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
+        """The reference's form of _vb_terms_from_output: calls the model itself."""
+        model_output = self._call_model(model, x_t, t, model_kwargs)
+        return self._vb_terms_from_output(model_output, x_start, x_t, t, clip_denoised)
+
+    def _vb_terms_from_output(self, model_output, x_start, x_t, t, clip_denoised=True):
         """
         One term of the variational bound, in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
         for t > 0 and the discretized decoder NLL at t = 0 (DDPM eq. 5).
@@ -608,7 +613,7 @@ class GaussianDiffusion:
         x_t = self.q_sample(x_start, t, noise=noise)
         model_output = self._call_model(model, x_t, t, model_kwargs)
         if self.loss_type.is_vb():
-            loss = self._vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised=False)["output"]
+            loss = self._vb_terms_from_output(model_output, x_start, x_t, t, clip_denoised=False)["output"]
             if self.loss_type == LossType.RESCALED_KL:
                 loss = loss * self.num_timesteps
             return {"loss": loss}
@@ -620,7 +625,7 @@ class GaussianDiffusion:
         if var_values is not None:
             # The bound trains only the variance: the mean output is detached (IDDPM section 3.1).
             frozen_out = torch.cat([model_output.detach(), var_values], dim=1)
-            terms["vb"] = self._vb_terms_bpd(frozen_out, x_start, x_t, t, clip_denoised=False)["output"]
+            terms["vb"] = self._vb_terms_from_output(frozen_out, x_start, x_t, t, clip_denoised=False)["output"]
             if self.loss_type == LossType.RESCALED_MSE:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
         target = {
@@ -653,8 +658,7 @@ class GaussianDiffusion:
             noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
             x_t = self.q_sample(x_start, t, noise=noise)
             with torch.no_grad():
-                model_output = self._call_model(model, x_t, t, model_kwargs)
-                out = self._vb_terms_bpd(model_output, x_start, x_t, t, clip_denoised)
+                out = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised, model_kwargs)
             terms["vb"].append(out["output"])
             terms["xstart_mse"].append(mean_flat((out["pred_xstart"] - x_start) ** 2))
             eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
