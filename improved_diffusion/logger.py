@@ -22,6 +22,7 @@ ranks agree on the temporary folder; values may be 0-d tensors, which are
 read back from the device only when dumped.
 """
 
+import atexit
 import contextlib
 import csv
 import datetime
@@ -385,6 +386,8 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     formats = [make_output_format(f.strip(), dir, log_suffix) for f in format_strs if f.strip()]
     reset()
     Logger.CURRENT = Logger(dir=dir, output_formats=formats, comm=comm)
+    atexit.unregister(reset)
+    atexit.register(reset)  # close the log files at exit, once
     if formats:
         log(f"Logging to {dir}")
 
