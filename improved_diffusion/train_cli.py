@@ -13,6 +13,7 @@ import signal
 import sys
 
 from . import dist_util, logger
+from .image_datasets import load_data
 from .resample import create_named_schedule_sampler
 from .run_flags import write_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict
@@ -47,6 +48,20 @@ def training_defaults():
         "num_workers": 1,
         "allow_mixed_channels": False,
     }
+
+
+def load_training_data(args, image_size):
+    """load_data over --data_dir with the training flags, images of `image_size`."""
+    return load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        allow_mixed_channels=args.allow_mixed_channels,
+    )
 
 
 def create_argparser(model_defaults, description):

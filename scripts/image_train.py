@@ -9,7 +9,6 @@ improved_diffusion/train_cli.py for the exit status.
 """
 
 from improved_diffusion import train_cli
-from improved_diffusion.image_datasets import load_data
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -17,16 +16,7 @@ from improved_diffusion.script_util import (
 
 
 def make_data(args):
-    return load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        allow_mixed_channels=args.allow_mixed_channels,
-    )
+    return train_cli.load_training_data(args, args.image_size)
 
 
 def main():

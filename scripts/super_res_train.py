@@ -10,7 +10,6 @@ Launch, logging and exit status as image_train.py.
 import torch.nn.functional as F
 
 from improved_diffusion import train_cli
-from improved_diffusion.image_datasets import load_data
 from improved_diffusion.script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
@@ -43,17 +42,7 @@ class LowResData:
 
 
 def make_data(args):
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.large_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        allow_mixed_channels=args.allow_mixed_channels,
-    )
-    return LowResData(data, args.small_size)
+    return LowResData(train_cli.load_training_data(args, args.large_size), args.small_size)
 
 
 def main():
