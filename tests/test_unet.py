@@ -385,3 +385,16 @@ def write_regression_file():
 
 if __name__ == "__main__":
     write_regression_file()
+
+
+@pytest.mark.parametrize("dims, shape, factor", [(1, (2, 3, 5), 2), (2, (2, 3, 4, 5), 2), (3, (2, 3, 2, 4, 5), (1, 2, 2))])
+def test_upsample_matches_interpolate_nearest_with_its_gradient(dims, shape, factor):
+    from improved_diffusion.unet import _upsample_nearest
+
+    x = torch.randn(shape, requires_grad=True)
+    ours = _upsample_nearest(x, dims)
+    reference = torch.nn.functional.interpolate(x, scale_factor=factor, mode="nearest")
+    assert torch.equal(ours, reference)
+    grad = torch.randn_like(ours)
+    # The backward sums each 2x2 (or 2) block, in another order than interpolate's kernel.
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(reference, x, grad)[0])
