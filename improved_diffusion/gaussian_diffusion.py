@@ -96,7 +96,6 @@ _LEARNED_VARIANCES = (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
 
 # The float64 tables copied to each device that reads them.
 _TABLE_NAMES = (
-    "betas",
     "log_betas",
     "alphas_cumprod",
     "alphas_cumprod_prev",
