@@ -134,6 +134,16 @@ def noise_like(shape, device, generator=None, dtype=torch.float32):
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _extract_into_tensor(arr, timesteps, broadcast_shape):
+    """
+    The reference's helper, kept for notebooks that import it: a 1-D NumPy
+    array read at [N] timesteps, as float32 broadcast to broadcast_shape. The
+    diffusion itself reads its cached device tables instead.
+    """
+    values = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    return values.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
+
+
 def _check_betas(betas):
     if betas.ndim != 1 or len(betas) == 0:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")

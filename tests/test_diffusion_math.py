@@ -249,3 +249,13 @@ def test_linear_schedule_endpoints_scale_with_steps():
         np.cumprod(1 - cosine)[0], math.cos(1 / 1000 / 1.008 * math.pi / 2 + 0.008 / 1.008 * math.pi / 2) ** 2
         / math.cos(0.008 / 1.008 * math.pi / 2) ** 2, rel_tol=1e-12,
     )
+
+
+def test_reference_extract_helper_matches_the_cached_tables():
+    from improved_diffusion.gaussian_diffusion import _extract_into_tensor
+
+    diffusion = make("cosine", 40)
+    t = torch.tensor([0, 7, 39])
+    got = _extract_into_tensor(diffusion.posterior_variance, t, (3, 2, 4))
+    assert got.shape == (3, 2, 4)
+    torch.testing.assert_close(got, diffusion._extract("posterior_variance", t, (3, 2, 4)).expand(3, 2, 4))
