@@ -58,7 +58,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     shape = (args.batch_size, 3, 32, 32)
-    print(f"| variance | tables | ms per step | ratio |\n|---|---|---|---|")
+    print("| variance | tables | ms per step | ratio |\n|---|---|---|---|")
     for learn_sigma in (False, True):
         diffusion = create_gaussian_diffusion(
             steps=4000, learn_sigma=learn_sigma, noise_schedule="cosine",

@@ -34,17 +34,9 @@ from improved_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-PRESET = {
-    "image_size": 32,
-    "num_channels": 64,
-    "num_res_blocks": 2,
-    "learn_sigma": True,
-    "noise_schedule": "cosine",
-    "diffusion_steps": 4000,
-    "timestep_respacing": "ddim50",
-    "attention_resolutions": "16,8",
-    "num_heads": 4,
-}
+from presets import SMALL_PRESET  # benchmarks/ is on sys.path when run as a script
+
+PRESET = {**SMALL_PRESET, "timestep_respacing": "ddim50"}
 
 
 def build(device, precision, compile_model):

@@ -21,16 +21,9 @@ import torch
 from improved_diffusion import logger, script_util
 from improved_diffusion.train_util import TrainLoop
 
-PRESET = {
-    "image_size": 32,
-    "num_channels": 64,
-    "num_res_blocks": 2,
-    "learn_sigma": True,
-    "noise_schedule": "cosine",
-    "diffusion_steps": 4000,
-    "attention_resolutions": "16,8",
-    "num_heads": 4,
-}
+from presets import SMALL_PRESET  # benchmarks/ is on sys.path when run as a script
+
+PRESET = SMALL_PRESET
 BATCH = 8
 MODES = {"fp32": {}, "bf16": {"use_bf16": True}, "fp16": {"use_fp16": True}}
 
