@@ -175,7 +175,7 @@ class ResBlock(TimestepBlock):
         if self.use_scale_shift_norm:
             norm, rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = emb_out.chunk(2, dim=1)
-            h = rest(torch.addcmul(shift, norm(h), 1 + scale))
+            h = rest((norm(h) * (1 + scale)).add_(shift))
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
