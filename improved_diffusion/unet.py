@@ -77,14 +77,14 @@ class Upsample(nn.Module):
 def _upsample_nearest(x, dims):
     """
     Nearest-neighbour upsampling by 2 of the last axis (dims=1) or the last two
-    (dims=2, 3): F.interpolate's numbers, without the layout copies its CPU
-    kernel makes (about 3x faster there), and a backward that is a plain sum.
+    (dims=2, 3): F.interpolate's numbers. Each axis is doubled by stacking x
+    with itself, which is vectorized on CPU forward and backward (the backward
+    adds two slices), unlike interpolate or a strided expand.
     """
+    x = torch.stack([x, x], dim=-1).flatten(-2)
     if dims == 1:
-        *lead, width = x.shape
-        return x[..., None].expand(*lead, width, 2).reshape(*lead, 2 * width)
-    *lead, height, width = x.shape
-    return x[..., :, None, :, None].expand(*lead, height, 2, width, 2).reshape(*lead, 2 * height, 2 * width)
+        return x
+    return torch.stack([x, x], dim=-2).flatten(-3, -2)
 
 
 class Downsample(nn.Module):
