@@ -31,7 +31,7 @@ from .run_flags import FLAGS_FILENAME, read_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
 
 # Flags every sampling script adds to its own.
-COMMON_FLAGS = {"seed": -1, "use_bf16": False, "use_fp16": False}
+COMMON_FLAGS = {"seed": -1, "use_bf16": False, "use_fp16": False, "compile": False}
 
 # Model and diffusion flags a sampling run may choose freely, whatever the
 # training run used: they change neither the weights nor their meaning.
@@ -182,7 +182,7 @@ def load_model(args, create_fn, model_keys):
     :param create_fn: create_model_and_diffusion or sr_create_model_and_diffusion.
     :return: (model, diffusion); the model in eval mode on dist_util.dev(),
         converted to float16 with --use_fp16, wrapped in bfloat16 autocast
-        with --use_bf16.
+        with --use_bf16, and torch.compile'd with --compile.
     """
     flags = args_to_dict(args, model_keys)
     model, diffusion = create_fn(**flags)
@@ -197,6 +197,8 @@ def load_model(args, create_fn, model_keys):
     model.eval()
     if args.use_bf16:
         model = AutocastModel(model)
+    if args.compile:
+        model = torch.compile(model)
     return model, diffusion
 
 
