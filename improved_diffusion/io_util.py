@@ -7,6 +7,7 @@ Paths may be local or anything blobfile understands (blob stores commit an
 object only when it is closed, which is atomic already).
 """
 
+import contextlib
 import io
 import json
 import os
@@ -24,19 +25,24 @@ def _is_local(path):
     return "://" not in str(path)
 
 
-def atomic_write_bytes(path, data):
-    """Write `data` (bytes) to `path` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_open(path):
+    """
+    A binary file to write `path` through: a temporary file in the same
+    folder, flushed, synced and renamed to `path` when the block ends without
+    an error, removed when it raises.
+    """
     path = str(path)
     if not _is_local(path):
         with bf.BlobFile(path, "wb") as f:
-            f.write(data)
+            yield f
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +51,12 @@ def atomic_write_bytes(path, data):
             os.remove(tmp)
         raise
     _fsync_dir(folder)
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` (bytes) to `path` through a temporary file and a rename."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def _fsync_dir(folder):

@@ -13,10 +13,13 @@ on how many ranks share the work.
 """
 
 import argparse
+import contextlib
 import io
 import math
+import os
 import secrets
 import sys
+import tempfile
 
 import blobfile as bf
 import numpy as np
@@ -26,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .io_util import CheckpointError, atomic_write_bytes
+from .io_util import CheckpointError, atomic_open, atomic_write_bytes
 from .run_flags import FLAGS_FILENAME, read_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
 
@@ -274,25 +277,71 @@ def chunks(indices, size):
     return [indices[start : start + size] for start in range(0, len(indices), size)]
 
 
-def sample_in_shards(num_samples, batch_size, draw_batch, desc="sampling"):
+def sample_in_shards(num_samples, batch_size, draw_batch, spool_dir, desc="sampling"):
     """
-    Draw `num_samples` samples split over the ranks and gather them on rank 0.
+    Draw `num_samples` samples split over the ranks and collect them on rank 0
+    as they come, one round of batches at a time, in arrays on disk: rank 0
+    never holds more than one batch per rank in memory.
 
     :param draw_batch: function(indices) -> dict of NumPy arrays whose first
         axis has len(indices) rows, for those global sample indices.
-    :return: on rank 0, dict of arrays with num_samples rows in index order;
-        None on the other ranks.
+    :param spool_dir: a local folder on rank 0 for the arrays (ignored elsewhere).
+    :return: on rank 0, dict of memory-mapped arrays with num_samples rows in
+        index order (valid while spool_dir exists); None on the other ranks.
     """
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    indices = rank_indices(num_samples, rank, world_size)
+    rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
+    batches = [chunks(rank_indices(num_samples, r, world_size), batch_size) for r in range(world_size)]
+    spool = SampleSpool(num_samples, spool_dir) if rank == 0 else None
     if world_size > 1:
         desc = f"{desc} (rank 0 of {world_size})"
-    parts = []
-    with tqdm(total=len(indices), desc=desc, unit="sample", disable=rank != 0, file=sys.stderr) as bar:
-        for batch in chunks(indices, batch_size):
-            parts.append(draw_batch(batch))
-            bar.update(len(batch))
-    return gather_parts(parts)
+    total = sum(map(len, batches[rank]))
+    with tqdm(total=total, desc=desc, unit="sample", disable=rank != 0, file=sys.stderr) as bar:
+        for round_index in range(max(map(len, batches))):
+            mine = batches[rank][round_index] if round_index < len(batches[rank]) else None
+            part = None if mine is None else (mine, draw_batch(mine))
+            for indices, arrays in _gather_round(part):
+                spool.put(indices, arrays)
+            bar.update(0 if mine is None else len(mine))
+    return None if spool is None else spool.arrays
+
+
+def _gather_round(part):
+    """Every rank's (indices, arrays) of this round (None: no batch), as a list on rank 0; [] elsewhere."""
+    if dist_util.get_world_size() == 1:
+        return [part] if part is not None else []
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(part, gathered, dst=0)
+    return [p for p in gathered or [] if p is not None]
+
+
+class SampleSpool:
+    """Arrays of `num_samples` rows in .npy files under `folder`, filled batch by batch in any order."""
+
+    def __init__(self, num_samples, folder):
+        self.num_samples = num_samples
+        self.folder = folder
+        self.arrays = {}
+
+    def put(self, indices, arrays):
+        """Store the rows of a contiguous range of sample indices, one array per key."""
+        for key, values in arrays.items():
+            if key not in self.arrays:
+                path = os.path.join(self.folder, f"{key}.npy")
+                shape = (self.num_samples, *values.shape[1:])
+                self.arrays[key] = np.lib.format.open_memmap(path, mode="w+", dtype=values.dtype, shape=shape)
+            self.arrays[key][indices.start : indices.stop] = values
+
+
+@contextlib.contextmanager
+def spool_folder():
+    """On rank 0, a temporary folder beside the outputs (the system's, for remote outputs); None elsewhere."""
+    if dist_util.get_rank() != 0:
+        yield None
+        return
+    log_dir = logger.get_dir()
+    parent = log_dir if log_dir and "://" not in log_dir else None
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".samples_spool_") as folder:
+        yield folder
 
 
 def sample_and_save(args, draw_batch, desc="sampling"):
@@ -301,9 +350,10 @@ def sample_and_save(args, draw_batch, desc="sampling"):
     save_samples on rank 0 (draw_batch returns "images" and, optionally,
     "labels"); every rank waits for the files.
     """
-    result = sample_in_shards(args.num_samples, args.batch_size, draw_batch, desc)
-    if result is not None:
-        save_samples(result["images"], result.get("labels"), args.save_pngs)
+    with spool_folder() as folder:
+        result = sample_in_shards(args.num_samples, args.batch_size, draw_batch, folder, desc)
+        if result is not None:
+            save_samples(result["images"], result.get("labels"), args.save_pngs)
     dist_util.barrier()
 
 
@@ -339,10 +389,9 @@ def from_uint8_images(images, device):
 
 
 def write_npz(path, **arrays):
-    """Save NumPy arrays as an npz at `path` through a temporary name and a rename."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    """Save NumPy arrays (memory-mapped ones are streamed) as an npz at `path`, atomically."""
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def write_png(path, image):

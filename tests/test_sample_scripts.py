@@ -7,13 +7,14 @@ are in test_e2e.py).
 import argparse
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion import dist_util, sample_util
+from improved_diffusion import dist_util, logger, sample_util
 from improved_diffusion.sample_util import UsageError
 from improved_diffusion.script_util import (
     create_gaussian_diffusion,
@@ -220,3 +221,34 @@ def test_save_samples_without_labels_has_no_arr_1(tmp_path):
     npz_path, _ = sample_util.save_samples(images, log_dir=str(tmp_path))
     with np.load(npz_path) as data:
         assert data.files == ["arr_0"]
+
+
+def _index_batch(indices):
+    """A draw_batch stand-in: images whose pixels hold their sample index, and labels index % 3."""
+    images = np.stack([np.full((2, 2, 3), i, dtype=np.uint8) for i in indices])
+    return {"images": images, "labels": np.array([i % 3 for i in indices])}
+
+
+def test_samples_are_collected_on_disk_in_index_order(tmp_path):
+    seen = []
+
+    def draw(indices):
+        seen.append(list(indices))
+        return _index_batch(indices)
+
+    result = sample_util.sample_in_shards(7, 3, draw, str(tmp_path))
+    assert seen == [[0, 1, 2], [3, 4, 5], [6]]
+    assert isinstance(result["images"], np.memmap), "samples are spooled to disk, not held in memory"
+    assert pathlib.Path(result["images"].filename).parent == tmp_path
+    np.testing.assert_array_equal(result["images"][:, 0, 0, 0], np.arange(7))
+    np.testing.assert_array_equal(result["labels"], np.arange(7) % 3)
+
+
+def test_sample_and_save_streams_the_spool_into_the_npz_and_removes_it(tmp_path, capsys):
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    args = argparse.Namespace(num_samples=5, batch_size=2, save_pngs=False)
+    sample_util.sample_and_save(args, _index_batch)
+    with np.load(tmp_path / "samples_5x2x2x3.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], np.stack([_index_batch([i])["images"][0] for i in range(5)]))
+        np.testing.assert_array_equal(data["arr_1"], np.arange(5) % 3)
+    assert sorted(os.listdir(tmp_path)) == ["samples_5x2x2x3.npz", "samples_5x2x2x3_grid.png"]
