@@ -9,6 +9,7 @@ error that names the flags to fix (`load_model_state_dict`).
 """
 
 import argparse
+import inspect
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -144,33 +145,8 @@ def create_model_and_diffusion(
     num_classes=NUM_CLASSES,
 ):
     """(UNetModel, SpacedDiffusion) from the flags of model_and_diffusion_defaults()."""
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_classes=num_classes,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        sigma_small=sigma_small,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    flags = locals()
+    return create_model(**_arguments_of(create_model, flags)), _diffusion_from_flags(flags)
 
 
 def create_model(
@@ -216,33 +192,19 @@ def sr_create_model_and_diffusion(
     num_classes=NUM_CLASSES,
 ):
     """(SuperResModel, SpacedDiffusion) from the flags of sr_model_and_diffusion_defaults()."""
-    model = sr_create_model(
-        large_size,
-        small_size,
-        num_channels,
-        num_res_blocks,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        channel_mult=channel_mult,
-        num_classes=num_classes,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+    flags = locals()
+    return sr_create_model(**_arguments_of(sr_create_model, flags)), _diffusion_from_flags(flags)
+
+
+def _arguments_of(factory, flags):
+    """The entries of `flags` that name parameters of `factory`."""
+    names = inspect.signature(factory).parameters
+    return {k: v for k, v in flags.items() if k in names}
+
+
+def _diffusion_from_flags(flags):
+    """create_gaussian_diffusion from a model-and-diffusion factory's flags (diffusion_steps is its steps)."""
+    return create_gaussian_diffusion(steps=flags["diffusion_steps"], **_arguments_of(create_gaussian_diffusion, flags))
 
 
 def sr_create_model(
