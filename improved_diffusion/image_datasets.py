@@ -16,6 +16,7 @@ RGB and scaled to [-1, 1].
 
 import concurrent.futures
 import itertools
+import signal
 import warnings
 from typing import NamedTuple
 
@@ -267,6 +268,16 @@ class _Schedule(NamedTuple):
             epoch, index = epoch + 1, 0
 
 
+def _ignore_stop_signals(_worker_id):
+    """
+    Decoding workers leave SIGTERM and SIGINT to the training process: a
+    scheduler that signals every process of a job must not kill them before
+    the training process has saved (it stops them itself when it exits).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ImageDataIterator:
     """
     Endless iterator of `(images, cond)` batches over one shard of files, with
@@ -299,7 +310,8 @@ class ImageDataIterator:
             # torch's global generator, which dropout uses (exact resume).
             loader = DataLoader(self._decoder, batch_size=None, sampler=self._schedule.batches(*self._position),
                                 num_workers=self._num_workers, collate_fn=_as_is,
-                                generator=torch.Generator().manual_seed(self._schedule.seed))
+                                generator=torch.Generator().manual_seed(self._schedule.seed),
+                                worker_init_fn=_ignore_stop_signals)
             self._batches = iter(loader)
         images, labels, epoch, index = next(self._batches)
         self._position = (epoch, index)

@@ -1,5 +1,8 @@
 """Two ranks under mpiexec and torchrun: identical replicas, the same run either way, exact resume after kill -9."""
 
+import os
+import signal
+
 import pytest
 from _train_helpers import (
     TINY_MODEL,
@@ -65,3 +68,27 @@ def test_data_error_is_reported_cleanly_by_every_rank(tmp_path):
     assert status != 0
     assert (out + err).count("error: cannot read image") == 2, out + err
     assert "img_9.png" in err and "Traceback" not in out + err, out + err
+
+
+@pytest.mark.parametrize("kind", ["mpiexec", "torchrun"])
+@pytest.mark.parametrize("everyone", [True, False], ids=["every-process", "launcher-only"])
+def test_sigterm_saves_one_complete_set_on_two_ranks(images, tmp_path, kind, everyone):
+    """
+    SIGTERM to every process (a preempting scheduler) or to the launcher alone
+    (which forwards it): the ranks agree on one step boundary and save it.
+    """
+    flags = dict(FLAGS, data_dir=images, save_interval=100000, log_interval=1, check_replicas=False)
+    proc = start_script("image_train.py", flags, tmp_path, kind, 2)
+    wait_for(tmp_path / "progress.csv", proc, min_lines=1)
+    if everyone:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    states = sorted(tmp_path.glob("state*.pt"))
+    assert len(states) == 1, f"status {proc.returncode}\n{out}\n{err}"
+    step = int(states[0].stem[len("state") :])
+    assert {p.name for p in tmp_path.glob(f"*{step:06d}.pt")} == {*set_names(step), f"state{step:06d}.pt"}
+    assert f"stopped by SIGTERM after saving step {step}" in (tmp_path / "log.txt").read_text()
+    if kind == "mpiexec":  # torchrun's agent reports a signal it received as a failure (status 1) itself
+        assert proc.returncode == 0, err
