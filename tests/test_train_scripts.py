@@ -92,12 +92,17 @@ def test_truncated_checkpoint_is_a_clean_error_naming_it(finished_run, images, t
     assert_one_line_error(status, err, model)
 
 
-@pytest.mark.parametrize("signum, expected_status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
-def test_signal_saves_at_a_step_boundary_and_exits(images, tmp_path, signum, expected_status):
+@pytest.mark.parametrize(
+    "signum, to_group, expected_status",
+    [(signal.SIGTERM, False, 0), (signal.SIGTERM, True, 0), (signal.SIGINT, True, 130)],
+    ids=["kill-pid", "sigterm-to-job", "ctrl-c"],
+)
+def test_signal_saves_at_a_step_boundary_and_exits(images, tmp_path, signum, to_group, expected_status):
+    """To the process, or to its whole group with the data workers (a scheduler's SIGTERM, a terminal's Ctrl-C)."""
     flags = dict(TRAIN, data_dir=images, log_interval=1, save_interval=100000)
     proc = start_script("image_train.py", flags, tmp_path)
     wait_for(tmp_path / "progress.csv", proc, min_lines=1)  # a header and a row: training has begun
-    os.kill(proc.pid, signum)
+    (os.killpg if to_group else os.kill)(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == expected_status, err
     states = sorted(tmp_path.glob("state*.pt"))
