@@ -26,6 +26,7 @@ _STEP_DIGITS = r"(\d{6,})"
 _MODEL_RE = re.compile(rf"^model{_STEP_DIGITS}\.pt$")
 _STATE_RE = re.compile(rf"^state{_STEP_DIGITS}\.pt$")
 _ANY_RE = re.compile(rf"^(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}\.pt$")
+_TEMP_RE = re.compile(rf"^\.(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}\.pt\.[^.]+\.tmp$")  # io_util's temporaries
 
 
 class CheckpointSet:
@@ -175,3 +176,17 @@ def _step_of_file(name):
     """N for a checkpoint file name of any kind, else None."""
     match = _ANY_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def remove_stale_temporaries(folder):
+    """
+    Delete the hidden temporary files of checkpoint names that a save cut
+    short (a killed run) left in `folder`; call only while nothing else saves
+    there. Returns the removed names.
+    """
+    if not bf.isdir(folder):
+        return []
+    stale = sorted(name for name in bf.listdir(folder) if _TEMP_RE.match(name))
+    for name in stale:
+        bf.remove(bf.join(folder, name))
+    return stale

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
-from .checkpointing import CheckpointSet, plan_resume, prune
+from .checkpointing import CheckpointSet, plan_resume, prune, remove_stale_temporaries
 from .io_util import CheckpointError
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -507,6 +507,8 @@ class TrainLoop:
                 ema_states = {r: self._ema_state_dict(ema) for r, ema in zip(self.ema_rate, self.ema_params)}
                 ckpt.save(self.model.state_dict(), ema_states, self.opt.state_dict(), run_state)
                 prune(self.checkpoint_dir, self.keep_checkpoints)
+                for name in remove_stale_temporaries(self.checkpoint_dir):
+                    logger.log(f"removed {name}, left by a save that was cut short")
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 dist_util.broadcast_object(error)

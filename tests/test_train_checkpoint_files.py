@@ -164,3 +164,14 @@ def test_keep_checkpoints_keeps_the_newest_complete_sets(tmp_path):
     assert checkpoint_files(tmp_path) == sorted(
         set_names(4, (RATE,)) + set_names(5, (RATE,)) + ["state000004.pt", "state000005.pt"]
     )
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    stale = [".model000002.pt.k3x9q_a1.tmp", f".ema_{RATE}_000002.pt.zz81mw0p.tmp", ".state000002.pt.abc.tmp"]
+    for name in stale:
+        (tmp_path / name).write_bytes(b"cut short by kill -9")
+    (tmp_path / ".notes.tmp").write_text("not ours")
+    make_loop(tmp_path, max_steps=1, save_interval=1).run_loop()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [".notes.tmp"]
+    log = (tmp_path / "log.txt").read_text()
+    assert all(f"removed {name}, left by a save that was cut short" in log for name in stale)
