@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 
 import blobfile as bf
@@ -51,6 +52,34 @@ def atomic_open(path):
             os.remove(tmp)
         raise
     _fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """
+    A folder to fill in place of `path`. A local one is filled under a hidden
+    name beside it, synced once (not file by file) and renamed to `path`,
+    replacing an earlier folder of that name; it is removed if the block
+    raises. A remote one is filled in place (each object is written whole).
+    """
+    path = str(path)
+    if not _is_local(path):
+        yield path
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        yield tmp
+        os.sync()
+        if os.path.isdir(path):
+            os.replace(path, tmp + ".old")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp + ".old", ignore_errors=True)
+    _fsync_dir(parent)
 
 
 def atomic_write_bytes(path, data):

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .io_util import CheckpointError, atomic_open, atomic_write_bytes
+from .io_util import CheckpointError, atomic_folder, atomic_open, atomic_write_bytes
 from .run_flags import FLAGS_FILENAME, read_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
 
@@ -396,9 +396,14 @@ def write_npz(path, **arrays):
 
 def write_png(path, image):
     """Save a uint8 [H x W x C] image (C = 1 or 3) as a PNG, atomically."""
+    atomic_write_bytes(path, png_bytes(image))
+
+
+def png_bytes(image):
+    """A uint8 [H x W x C] image (C = 1 or 3) encoded as PNG."""
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def image_grid(images, pad=2):
@@ -435,7 +440,9 @@ def save_samples(images, labels=None, save_pngs=False, log_dir=None):
     write_png(stem + "_grid.png", image_grid(images[:GRID_MAX_IMAGES]))
     print(f"samples: {stem}.npz\ngrid: {stem}_grid.png", flush=True)
     if save_pngs:
-        for index, image in enumerate(images):
-            write_png(bf.join(stem + "_pngs", f"{index:06d}.png"), image)
+        with atomic_folder(stem + "_pngs") as folder:
+            for index, image in enumerate(images):
+                with bf.BlobFile(bf.join(folder, f"{index:06d}.png"), "wb") as f:
+                    f.write(png_bytes(image))
         print(f"pngs: {stem}_pngs/", flush=True)
     return stem + ".npz", stem + "_grid.png"

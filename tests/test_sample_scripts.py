@@ -252,3 +252,30 @@ def test_sample_and_save_streams_the_spool_into_the_npz_and_removes_it(tmp_path,
         np.testing.assert_array_equal(data["arr_0"], np.stack([_index_batch([i])["images"][0] for i in range(5)]))
         np.testing.assert_array_equal(data["arr_1"], np.arange(5) % 3)
     assert sorted(os.listdir(tmp_path)) == ["samples_5x2x2x3.npz", "samples_5x2x2x3_grid.png"]
+
+
+def test_png_folder_replaces_an_earlier_one_whole(tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8)
+    earlier = tmp_path / "samples_3x4x4x3_pngs"
+    earlier.mkdir()
+    (earlier / "000007.png").write_bytes(b"from an earlier run")
+    sample_util.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
+    assert sorted(os.listdir(earlier)) == ["000000.png", "000001.png", "000002.png"]
+    np.testing.assert_array_equal(np.array(Image.open(earlier / "000002.png")), images[2])
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")], "no temporary folder is left"
+
+
+def test_png_folder_is_not_left_half_written(tmp_path, monkeypatch):
+    images = np.zeros((4, 4, 4, 3), dtype=np.uint8)
+    calls = []
+
+    def failing_png(image):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return b"png"
+
+    monkeypatch.setattr(sample_util, "png_bytes", failing_png)
+    with pytest.raises(OSError, match="disk full"):
+        sample_util.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["samples_4x4x4x3.npz", "samples_4x4x4x3_grid.png"]
