@@ -14,10 +14,12 @@ filtering so the short side is the target size, center-cropped, converted to
 RGB and scaled to [-1, 1].
 """
 
+import atexit
 import concurrent.futures
 import itertools
 import signal
 import warnings
+import weakref
 from typing import NamedTuple
 
 import blobfile as bf
@@ -272,10 +274,21 @@ def _ignore_stop_signals(_worker_id):
     """
     Decoding workers leave SIGTERM and SIGINT to the training process: a
     scheduler that signals every process of a job must not kill them before
-    the training process has saved (it stops them itself when it exits).
+    the training process has saved. They are stopped by their iterator's
+    close(), which runs at exit for any iterator still open (below), since
+    multiprocessing's own exit handler would stop them with SIGTERM.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_OPEN_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register  # registered after torch's and multiprocessing's exit handlers, so it runs before them
+def _close_open_iterators():
+    for iterator in list(_OPEN_ITERATORS):
+        iterator.close()
 
 
 class ImageDataIterator:
@@ -313,6 +326,7 @@ class ImageDataIterator:
                                 generator=torch.Generator().manual_seed(self._schedule.seed),
                                 worker_init_fn=_ignore_stop_signals)
             self._batches = iter(loader)
+            _OPEN_ITERATORS.add(self)
         images, labels, epoch, index = next(self._batches)
         self._position = (epoch, index)
         return images, ({} if labels is None else {"y": labels})
@@ -341,6 +355,7 @@ class ImageDataIterator:
     def close(self):
         """Stop the decoding workers now; the next batch starts new ones."""
         self._batches = None
+        _OPEN_ITERATORS.discard(self)
 
 
 def _as_is(batch):

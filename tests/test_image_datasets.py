@@ -267,3 +267,17 @@ def test_ranks_of_a_process_group_shard_and_agree_on_errors(tmp_path):
         assert result["files"] == [os.path.join(good, f"{i}.png") for i in range(rank, 4, 2)]
         assert result["error"] == results[0]["error"]
     assert "cannot read image" in results[0]["error"] and "3.png" in results[0]["error"]
+
+
+def test_a_process_exits_with_an_iterator_still_open(tmp_path):
+    """The workers ignore SIGTERM (for schedulers), so the exit must stop them another way than multiprocessing's."""
+    folder = make_folder(tmp_path, [f"{i}.png" for i in range(4)])
+    script = (
+        "import sys\n"
+        "from improved_diffusion.image_datasets import load_data\n"
+        "data = load_data(data_dir=sys.argv[1], batch_size=2, image_size=8, num_workers=2)\n"
+        "next(data)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], env=launch_env(), capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
