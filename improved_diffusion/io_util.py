@@ -22,6 +22,15 @@ class CheckpointError(ValueError):
     """A file that should hold a checkpoint is missing, truncated or not one."""
 
 
+def _read_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: setting it to read it is not thread-safe
+
+
 def _is_local(path):
     return "://" not in str(path)
 
@@ -42,6 +51,7 @@ def atomic_open(path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -70,6 +80,7 @@ def atomic_folder(path):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # what mkdir would give, not mkdtemp's owner-only 0700
         yield tmp
         os.sync()
         if os.path.isdir(path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion import dist_util, logger, sample_util
+from improved_diffusion import dist_util, io_util, logger, sample_util
 from improved_diffusion.sample_util import UsageError
 from improved_diffusion.script_util import (
     create_gaussian_diffusion,
@@ -279,3 +279,13 @@ def test_png_folder_is_not_left_half_written(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         sample_util.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["samples_4x4x4x3.npz", "samples_4x4x4x3_grid.png"]
+
+
+def test_outputs_get_the_usual_permissions_not_owner_only(tmp_path):
+    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    npz_path, grid_path = sample_util.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
+    io_util.atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "model000001.pt")
+    umask = io_util._UMASK  # this process's, as open() and mkdir() apply it
+    for path in (npz_path, grid_path, tmp_path / "model000001.pt", tmp_path / "samples_2x4x4x3_pngs" / "000000.png"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
+    assert os.stat(tmp_path / "samples_2x4x4x3_pngs").st_mode & 0o777 == 0o777 & ~umask
