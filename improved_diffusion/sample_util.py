@@ -46,6 +46,7 @@ SIZE_FLAGS = ("image_size", "large_size", "small_size")
 NOISE_STREAM = 0
 LABEL_STREAM = 1
 GRID_MAX_IMAGES = 64
+GRID_MIN_SIDE = 32  # smaller samples are shown enlarged in the grid (the npz keeps them as they are)
 
 
 class UsageError(ValueError):
@@ -406,6 +407,15 @@ def png_bytes(image):
     return buffer.getvalue()
 
 
+def enlarge(images, min_side):
+    """
+    Repeat each pixel k times along each axis, with the least k that makes
+    both sides at least min_side: uint8 [N x H x W x C] -> [N x kH x kW x C].
+    """
+    factor = max(1, math.ceil(min_side / min(images.shape[1:3])))
+    return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def image_grid(images, pad=2):
     """
     Tile images in a near-square grid separated by `pad` black pixels.
@@ -426,7 +436,8 @@ def image_grid(images, pad=2):
 def save_samples(images, labels=None, save_pngs=False, log_dir=None):
     """
     Write samples_{N}x{H}x{W}x{C}.npz (arr_0 images, arr_1 labels when given),
-    a PNG grid of the first GRID_MAX_IMAGES beside it and, with `save_pngs`, a
+    a PNG grid of the first GRID_MAX_IMAGES beside it (enlarged to GRID_MIN_SIDE
+    pixels when smaller) and, with `save_pngs`, a
     folder with one PNG per sample; print the paths.
 
     :param images: uint8 [N x H x W x C].
@@ -437,7 +448,7 @@ def save_samples(images, labels=None, save_pngs=False, log_dir=None):
     stem = bf.join(log_dir, "samples_" + "x".join(str(d) for d in images.shape))
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
     write_npz(stem + ".npz", **arrays)
-    write_png(stem + "_grid.png", image_grid(images[:GRID_MAX_IMAGES]))
+    write_png(stem + "_grid.png", image_grid(enlarge(images[:GRID_MAX_IMAGES], GRID_MIN_SIDE)))
     print(f"samples: {stem}.npz\ngrid: {stem}_grid.png", flush=True)
     if save_pngs:
         with atomic_folder(stem + "_pngs") as folder:

@@ -199,6 +199,14 @@ def test_image_grid_places_each_image():
     assert grid[4, 9, 0] == 0, "the empty sixth cell stays black"
 
 
+def test_enlarge_repeats_pixels_up_to_the_minimum_side():
+    images = np.arange(2 * 3 * 5 * 1, dtype=np.uint8).reshape(2, 3, 5, 1)
+    big = sample_util.enlarge(images, 32)
+    assert big.shape == (2, 33, 55, 1)
+    np.testing.assert_array_equal(big[:, ::11, ::11], images)
+    assert sample_util.enlarge(images, 3).shape == images.shape, "large enough already"
+
+
 def test_save_samples_writes_npz_grid_and_pngs(tmp_path, capsys):
     images = np.random.default_rng(1).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(5)
@@ -207,7 +215,7 @@ def test_save_samples_writes_npz_grid_and_pngs(tmp_path, capsys):
     with np.load(npz_path) as data:
         np.testing.assert_array_equal(data["arr_0"], images)
         np.testing.assert_array_equal(data["arr_1"], labels)
-    assert Image.open(grid_path).size == (3 * 10 + 2, 2 * 10 + 2)
+    assert Image.open(grid_path).size == (3 * 34 + 2, 2 * 34 + 2), "8 px samples are shown 4x enlarged"
     pngs = sorted(os.listdir(tmp_path / "samples_5x8x8x3_pngs"))
     assert pngs == [f"{i:06d}.png" for i in range(5)]
     np.testing.assert_array_equal(np.array(Image.open(tmp_path / "samples_5x8x8x3_pngs" / pngs[3])), images[3])
