@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from . import dist_util
+from .io_util import is_local
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 _PROBE_THREADS = 8  # overlaps reads from network storage
@@ -207,7 +208,7 @@ def _probe(path):
 
 def _open(path):
     """A binary file object for a local path (plain open, faster) or a blobfile URL."""
-    return bf.BlobFile(path, "rb") if "://" in path else open(path, "rb")
+    return open(path, "rb") if is_local(path) else bf.BlobFile(path, "rb")
 
 
 def _channel_count(mode):

@@ -31,7 +31,8 @@ def _read_umask():
 _UMASK = _read_umask()  # read once, at import: setting it to read it is not thread-safe
 
 
-def _is_local(path):
+def is_local(path):
+    """Whether `path` is on the local filesystem (not a blobfile URL such as gs://...)."""
     return "://" not in str(path)
 
 
@@ -43,7 +44,7 @@ def atomic_open(path):
     an error, removed when it raises.
     """
     path = str(path)
-    if not _is_local(path):
+    if not is_local(path):
         with bf.BlobFile(path, "wb") as f:
             yield f
         return
@@ -73,7 +74,7 @@ def atomic_folder(path):
     raises. A remote one is filled in place (each object is written whole).
     """
     path = str(path)
-    if not _is_local(path):
+    if not is_local(path):
         yield path
         return
     parent = os.path.dirname(os.path.abspath(path))

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .io_util import CheckpointError, atomic_folder, atomic_open, atomic_write_bytes
+from .io_util import CheckpointError, atomic_folder, atomic_open, atomic_write_bytes, is_local
 from .run_flags import FLAGS_FILENAME, read_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
 
@@ -308,9 +308,10 @@ def sample_in_shards(num_samples, batch_size, draw_batch, spool_dir, desc="sampl
 
 def _gather_round(part):
     """Every rank's (indices, arrays) of this round (None: no batch), as a list on rank 0; [] elsewhere."""
-    if dist_util.get_world_size() == 1:
+    world_size = dist_util.get_world_size()
+    if world_size == 1:
         return [part] if part is not None else []
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    gathered = [None] * world_size if dist_util.get_rank() == 0 else None
     dist.gather_object(part, gathered, dst=0)
     return [p for p in gathered or [] if p is not None]
 
@@ -340,7 +341,7 @@ def spool_folder():
         yield None
         return
     log_dir = logger.get_dir()
-    parent = log_dir if log_dir and "://" not in log_dir else None
+    parent = log_dir if log_dir and is_local(log_dir) else None
     with tempfile.TemporaryDirectory(dir=parent, prefix=".samples_spool_") as folder:
         yield folder
 
