@@ -355,8 +355,12 @@ class ImageDataIterator:
 
     def close(self):
         """Stop the decoding workers now; the next batch starts new ones."""
-        self._batches = None
+        batches, self._batches = self._batches, None
         _OPEN_ITERATORS.discard(self)
+        # Explicitly: a traceback (of a decoding error, say) may still hold the loader's iterator.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _as_is(batch):

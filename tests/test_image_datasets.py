@@ -269,14 +269,26 @@ def test_ranks_of_a_process_group_shard_and_agree_on_errors(tmp_path):
     assert "cannot read image" in results[0]["error"] and "3.png" in results[0]["error"]
 
 
-def test_a_process_exits_with_an_iterator_still_open(tmp_path):
-    """The workers ignore SIGTERM (for schedulers), so the exit must stop them another way than multiprocessing's."""
+@pytest.mark.parametrize("keep_traceback", [False, True], ids=["open", "open-after-a-decode-error"])
+def test_a_process_exits_with_an_iterator_still_open(tmp_path, keep_traceback):
+    """
+    The workers ignore SIGTERM (for schedulers), so the exit must stop them
+    another way than multiprocessing's; also when a kept traceback still
+    holds the loader's iterator (as pytest keeps a failed test's).
+    """
     folder = make_folder(tmp_path, [f"{i}.png" for i in range(4)])
+    if keep_traceback:
+        whole = tmp_path / "whole.jpg"
+        random_image(np.random.default_rng(0), 64, 64).save(whole)
+        (Path(folder) / "cut.jpg").write_bytes(whole.read_bytes()[:-300])  # passes the check, fails in a worker
     script = (
         "import sys\n"
         "from improved_diffusion.image_datasets import load_data\n"
-        "data = load_data(data_dir=sys.argv[1], batch_size=2, image_size=8, num_workers=2)\n"
-        "next(data)\n"
+        "data = load_data(data_dir=sys.argv[1], batch_size=4, image_size=8, num_workers=2)\n"
+        "try:\n"
+        "    next(data)\n"
+        "except ValueError as exc:\n"
+        "    kept = exc\n"
     )
     result = subprocess.run([sys.executable, "-c", script, str(folder)], env=launch_env(), capture_output=True,
                             text=True, timeout=60, check=False)
