@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
+from . import samplers
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
+from .samplers import noise_like
 
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -115,23 +115,6 @@ _TABLE_NAMES = (
     "fixed_large_variance",
     "fixed_large_log_variance",
 )
-
-
-def noise_like(shape, device, generator=None, dtype=torch.float32):
-    """
-    Standard normal noise of `shape` ([N x ...]).
-
-    :param generator: None (the global RNG), a torch.Generator on `device`, or
-        a list of N generators, one per batch element, so that each sample's
-        noise does not depend on which batch it is drawn in.
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack(
-            [torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator]
-        )
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
@@ -422,17 +405,51 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- samplers
 
     def p_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, generator=None
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, generator=None, cond_fn=None
     ):
         """
-        Draw x_{t-1} from the model (DDPM algorithm 2, one step).
+        Draw x_{t-1} from the model (DDPM algorithm 2, one step), shifting the
+        mean by cond_fn's gradient when given (condition_mean).
 
         :return: dict with "sample" ([N x C x ...]) and "pred_xstart".
         """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
         noise = noise_like(x.shape, x.device, generator, x.dtype)
         sample = out["mean"] + self._nonzero_mask(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """
+        Classifier guidance on the mean (Dhariwal & Nichol 2021, Algorithm 1):
+        mean + variance * grad log p(y | x_t), with cond_fn(x, t, **model_kwargs)
+        given the timesteps the model sees.
+
+        :return: the [N x C x ...] shifted mean.
+        """
+        gradient = self._call_model(cond_fn, x, t, model_kwargs)
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """
+        Classifier guidance on the score (Dhariwal & Nichol 2021, Algorithm 2):
+        eps' = eps - sqrt(1 - abar_t) grad log p(y | x_t), with pred_xstart and
+        mean recomputed from eps'.
+
+        :return: a copy of p_mean_var with the new "pred_xstart" and "mean".
+        """
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._condition_xstart(cond_fn, p_mean_var["pred_xstart"], x, t, model_kwargs)
+        out["mean"], _, _ = self._q_posterior(out["pred_xstart"], x, t)
+        return out
+
+    def _condition_xstart(self, cond_fn, pred_xstart, x, t, model_kwargs):
+        eps = self._predict_eps_from_xstart(x, t, pred_xstart)
+        eps = eps - self._extract("sqrt_one_minus_alphas_cumprod", t, x.shape) * self._call_model(
+            cond_fn, x, t, model_kwargs
+        )
+        return self._predict_xstart_from_eps(x, t, eps)
 
     @staticmethod
     def _nonzero_mask(t, x):
@@ -440,15 +457,18 @@ class GaussianDiffusion:
         return (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
 
     def ddim_sample(
-        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, generator=None
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, generator=None,
+        cond_fn=None,
     ):
         """
         Draw x_{t-1} with DDIM (DDIM eq. 12); eta = 0 is deterministic, eta = 1
-        has DDPM's posterior variance.
+        has DDPM's posterior variance. cond_fn guides the score (condition_score).
 
         :return: dict with "sample" and "pred_xstart".
         """
         pred_xstart = self._model_pred_xstart(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if cond_fn is not None:
+            pred_xstart = self._condition_xstart(cond_fn, pred_xstart, x, t, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, pred_xstart)
         alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
@@ -481,26 +501,6 @@ class GaussianDiffusion:
         sample = pred_xstart * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": sample, "pred_xstart": pred_xstart}
 
-    def _loop(self, step, x, descending, progress):
-        """
-        Run `step(x, t)` over every timestep, feeding each step's "sample" back.
-
-        The timestep tensors are made on x's device once, so a step copies nothing
-        from the host. Yields each step's output dict.
-        """
-        order = torch.arange(self.num_timesteps, device=x.device)
-        if descending:
-            order = order.flip(0)
-        indices = range(self.num_timesteps)
-        if progress:
-            indices = tqdm(indices)
-        for k in indices:
-            t = order[k].expand(x.shape[0])
-            with torch.no_grad():
-                out = step(x, t)
-            yield out
-            x = out["sample"]
-
     def _initial_noise(self, model, shape, noise, device, generator):
         if device is None:
             device = _model_device(model)
@@ -510,8 +510,34 @@ class GaussianDiffusion:
             return noise.to(device)
         return noise_like(tuple(shape), device, generator)
 
+    def sample_loop(self, model, shape, sampler="ddim", noise=None, clip_denoised=True, denoised_fn=None,
+                    model_kwargs=None, device=None, progress=False, eta=None, generator=None, cond_fn=None):
+        """
+        Generate samples with a sampler of samplers.SAMPLERS ("ddpm", "ddim",
+        "plms", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+        over this process's timesteps; arguments as samplers.sample_loop_progressive.
+
+        :return: the final [N x C x ...] samples.
+        """
+        final = None
+        for final in self.sample_loop_progressive(
+            model, shape, sampler, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
+            generator, cond_fn,
+        ):
+            pass
+        return final["sample"]
+
+    def sample_loop_progressive(self, model, shape, sampler="ddim", noise=None, clip_denoised=True,
+                                denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
+                                generator=None, cond_fn=None):
+        """Like sample_loop, but yield each step's {"sample", "pred_xstart"}, noisiest first."""
+        yield from samplers.sample_loop_progressive(
+            self, model, shape, sampler, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
+            generator, cond_fn,
+        )
+
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                      model_kwargs=None, device=None, progress=False, generator=None):
+                      model_kwargs=None, device=None, progress=False, generator=None, cond_fn=None):
         """
         Generate samples with ancestral sampling from x_T ~ N(0, I).
 
@@ -520,42 +546,27 @@ class GaussianDiffusion:
         :param generator: a torch.Generator (or one per sample) for all noise drawn.
         :return: the final [N x C x ...] samples.
         """
-        final = None
-        for final in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generator
-        ):
-            pass
-        return final["sample"]
+        return self.sample_loop(model, shape, "ddpm", noise, clip_denoised, denoised_fn, model_kwargs, device,
+                                progress, None, generator, cond_fn)
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  model_kwargs=None, device=None, progress=False, generator=None):
+                                  model_kwargs=None, device=None, progress=False, generator=None, cond_fn=None):
         """Like p_sample_loop, but yield each step's p_sample dict, from t = T-1 down to 0."""
-        x = self._initial_noise(model, shape, noise, device, generator)
-
-        def step(x, t):
-            return self.p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, generator)
-
-        yield from self._loop(step, x, descending=True, progress=progress)
+        yield from self.sample_loop_progressive(model, shape, "ddpm", noise, clip_denoised, denoised_fn,
+                                                model_kwargs, device, progress, None, generator, cond_fn)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0, generator=None):
+                         model_kwargs=None, device=None, progress=False, eta=0.0, generator=None, cond_fn=None):
         """Generate samples with DDIM; arguments as p_sample_loop, plus eta."""
-        final = None
-        for final in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta, generator
-        ):
-            pass
-        return final["sample"]
+        return self.sample_loop(model, shape, "ddim", noise, clip_denoised, denoised_fn, model_kwargs, device,
+                                progress, eta, generator, cond_fn)
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     model_kwargs=None, device=None, progress=False, eta=0.0, generator=None):
+                                     model_kwargs=None, device=None, progress=False, eta=0.0, generator=None,
+                                     cond_fn=None):
         """Like ddim_sample_loop, but yield each step's ddim_sample dict, from t = T-1 down to 0."""
-        x = self._initial_noise(model, shape, noise, device, generator)
-
-        def step(x, t):
-            return self.ddim_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, eta, generator)
-
-        yield from self._loop(step, x, descending=True, progress=progress)
+        yield from self.sample_loop_progressive(model, shape, "ddim", noise, clip_denoised, denoised_fn,
+                                                model_kwargs, device, progress, eta, generator, cond_fn)
 
     def ddim_reverse_sample_loop(self, model, x, clip_denoised=True, denoised_fn=None,
                                  model_kwargs=None, progress=False, eta=0.0):
@@ -578,11 +589,13 @@ class GaussianDiffusion:
         """Like ddim_reverse_sample_loop, but yield each step's dict, from t = 0 up to T-1."""
         if eta != 0.0:
             raise ValueError(f"the reverse DDIM path is deterministic and needs eta=0.0, got eta={eta}")
+        order = torch.arange(self.num_timesteps, device=x.device)
 
-        def step(x, t):
+        def step(x, k):
+            t = order[k].expand(x.shape[0])
             return self.ddim_reverse_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs)
 
-        yield from self._loop(step, x, descending=False, progress=progress)
+        yield from samplers.walk(step, x, self.num_timesteps, progress)
 
     # ------------------------------------------------------------------ losses
 

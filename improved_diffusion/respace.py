@@ -3,26 +3,46 @@ Timestep respacing: a diffusion process over a subset of a base process's
 steps (IDDPM section 4), so a model trained with T steps samples in fewer.
 """
 
+import json
+import math
+
+import blobfile as bf
 import numpy as np
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 
+# Spellings "<name>N" that place N steps by a rule over the whole process.
+SPACINGS = ("ddim", "trailing", "quad", "logsnr", "karras")
+KARRAS_RHO = 7.0
 
-def space_timesteps(num_timesteps, section_counts):
+
+def space_timesteps(num_timesteps, section_counts, betas=None):
     """
     The timesteps of a T-step process to keep.
 
     :param num_timesteps: T, the number of steps in the base process.
-    :param section_counts: "ddimN" for DDIM's evenly strided N steps; or a list
-        of ints (or a comma-separated string) splitting T into equal sections,
-        each keeping that many evenly spaced steps. "10,15,20" keeps 10 steps
-        from the first third, 15 from the second and 20 from the last.
+    :param section_counts: one of
+        - "ddimN": DDIM's evenly strided N steps;
+        - "trailingN", "quadN", "logsnrN", "karrasN": N steps placed by the
+          rules of _spaced_steps (every one includes T - 1);
+        - a path ending in ".json": a JSON list of increasing timesteps;
+        - a list of ints (or a comma-separated string) splitting T into equal
+          sections, each keeping that many evenly spaced steps. "10,15,20"
+          keeps 10 steps from the first third, 15 from the second and 20 from
+          the last.
+    :param betas: the base process's betas; "logsnrN" and "karrasN" need them.
     :return: a set of the kept step indices.
     """
     if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            return _ddim_timesteps(num_timesteps, _parse_count(section_counts[len("ddim"):], section_counts))
+        if section_counts.endswith(".json"):
+            return _json_timesteps(num_timesteps, section_counts)
+        for name in SPACINGS:
+            if section_counts.startswith(name):
+                count = _parse_count(section_counts[len(name):], section_counts)
+                if name == "ddim":
+                    return _ddim_timesteps(num_timesteps, count)
+                return _spaced_steps(name, num_timesteps, count, betas)
         section_counts = [_parse_count(x, section_counts) for x in section_counts.split(",")]
     if not section_counts:
         raise ValueError("section_counts is empty: give at least one count, e.g. [50] or 'ddim50'")
@@ -37,12 +57,100 @@ def space_timesteps(num_timesteps, section_counts):
     return set(kept)
 
 
+def _spaced_steps(name, num_timesteps, count, betas):
+    """
+    `count` distinct timesteps of a T-step process by a named rule, k = 0 ... N-1:
+    trailing: round(T - k T / N) - 1 (Lin et al. 2023, Table 2);
+    quad: round((T - 1)(1 - k / (N - 1))^2), quadratic in time over the whole process;
+    logsnr: uniform in lambda = log(sqrt(abar) / sqrt(1 - abar)) from step T - 1 to step 0;
+    karras: sigma = sqrt((1 - abar) / abar) from sigma_max to sigma_min with
+    rho = 7 (Karras et al. 2022, eq. 5).
+    Each target goes to the nearest unused base timestep.
+    """
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(
+            f"cannot take {count} distinct steps ({name}{count}) from a process of T = {num_timesteps} "
+            f"diffusion steps; ask for between 1 and {num_timesteps}"
+        )
+    k = np.arange(count, dtype=np.float64)
+    grid = np.arange(num_timesteps, dtype=np.float64)
+    if name == "trailing":
+        targets = np.array([round(num_timesteps - i * num_timesteps / count) - 1 for i in range(count)], float)
+    elif name == "quad":
+        frac = k / (count - 1) if count > 1 else k
+        targets = (num_timesteps - 1) * (1 - frac) ** 2
+    else:
+        grid = _log_snr(num_timesteps, betas, f"{name}{count}")
+        first, last = grid[-1], grid[0]
+        if name == "logsnr":
+            targets = first + (last - first) * (k / max(count - 1, 1))
+        else:
+            # Karras et al. eq. 5 in sigma = exp(-lambda), matched in log sigma.
+            inv_rho = 1.0 / KARRAS_RHO
+            sigma_max, sigma_min = math.exp(-first), math.exp(-last)
+            frac = k / max(count - 1, 1)
+            sigmas = (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** KARRAS_RHO
+            targets = -np.log(sigmas)
+    return _nearest_unused(grid, targets)
+
+
+def _log_snr(num_timesteps, betas, spelling):
+    """lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)) of the base process, [T] float64."""
+    if betas is None:
+        raise ValueError(
+            f"timestep respacing {spelling!r} places steps by the noise schedule: pass the base process's "
+            f"betas, space_timesteps(T, {spelling!r}, betas=betas)"
+        )
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.shape != (num_timesteps,):
+        raise ValueError(f"betas has shape {list(betas.shape)}, expected [{num_timesteps}] for T = {num_timesteps}")
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    with np.errstate(divide="ignore"):
+        return 0.5 * (np.log(alphas_cumprod) - np.log1p(-alphas_cumprod))
+
+
+def _nearest_unused(grid, targets):
+    """For each target in turn, the index of the nearest grid value not taken yet (a set of ints)."""
+    taken = set()
+    for target in targets:
+        order = np.argsort(np.abs(grid - target), kind="stable")
+        taken.add(int(next(i for i in order if int(i) not in taken)))
+    return taken
+
+
+def _json_timesteps(num_timesteps, path):
+    """The timesteps listed in a JSON file: a non-empty list of increasing ints in [0, T - 1]."""
+    if not bf.exists(path):
+        raise ValueError(f"timestep respacing file {path} does not exist")
+    with bf.BlobFile(path, "r") as f:
+        try:
+            steps = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"timestep respacing file {path} is not valid JSON: {exc}") from None
+    valid = (
+        isinstance(steps, list)
+        and steps
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+        and all(a < b for a, b in zip(steps, steps[1:]))
+        and 0 <= steps[0]
+        and steps[-1] < num_timesteps
+    )
+    if not valid:
+        raise ValueError(
+            f"timestep respacing file {path} must hold a non-empty JSON list of strictly increasing "
+            f"integer timesteps in [0, {num_timesteps - 1}] (as search_timesteps.py writes), got "
+            f"{json.dumps(steps)[:200]}"
+        )
+    return set(steps)
+
+
 def _parse_count(text, section_counts):
     try:
         return int(text)
     except ValueError:
         raise ValueError(
-            f"cannot parse timestep respacing {section_counts!r}: use 'ddimN' or comma-separated counts like '10,15,20'"
+            f"cannot parse timestep respacing {section_counts!r}: use 'ddimN', 'trailingN', 'quadN', "
+            f"'logsnrN', 'karrasN', a .json list of timesteps, or comma-separated counts like '10,15,20'"
         ) from None
 
 

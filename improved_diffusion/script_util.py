@@ -300,9 +300,10 @@ def create_gaussian_diffusion(
         var_type = gd.ModelVarType.LEARNED_RANGE
     else:
         var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
     return SpacedDiffusion(
-        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
-        betas=gd.get_named_beta_schedule(noise_schedule, steps),
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps], betas=betas),
+        betas=betas,
         model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
         model_var_type=var_type,
         loss_type=loss_type,

@@ -1,0 +1,404 @@
+"""
+Samplers for a GaussianDiffusion (or a SpacedDiffusion): DDPM, DDIM and the
+fast ODE/SDE solvers that reach the same quality in far fewer model evaluations.
+
+The math, once. The process keeps N timesteps; a sampler walks them from the
+noisiest to the cleanest, node k = 0 ... N-1, and ends at node N, a clean
+sample. At node k, abar_k is the cumulative product of the process's alphas,
+
+    alpha_k = sqrt(abar_k),  sigma_k = sqrt(1 - abar_k),
+    lambda_k = log(alpha_k / sigma_k)        (half the log-SNR),
+    sigmatilde_k = sigma_k / alpha_k          (Karras et al.'s sigma),
+
+and node N has abar = 1 (alpha = 1, sigma = 0, lambda = +inf). With
+x_t = alpha x_0 + sigma eps, the model's output gives eps-hat and x0-hat,
+related by x_t = alpha x0-hat + sigma eps-hat. The probability-flow ODE has
+the exact solution, from lambda_s to lambda_t (Lu et al. 2022b, eq. 9):
+
+    x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0-hat(lambda) dlambda,
+
+and, in xtilde = x / alpha against sigmatilde, it reads
+d xtilde / d sigmatilde = eps-hat (Karras et al. 2022, eq. 4 with s = 1).
+The multistep solvers approximate x0-hat over each step [lambda_k, lambda_{k+1}]
+(h = lambda_{k+1} - lambda_k) by a polynomial through earlier x0-hats. The
+step to node N has h = inf and is first order for every solver: x = x0-hat.
+
+Each sampler is one function `sampler(ctx, x, k)` that takes x at node k and
+returns {"sample": x at node k+1, "pred_xstart": x0-hat at node k}; they share
+one loop (`walk`) and one adapter from the model's output to (eps-hat,
+x0-hat) (`SamplingContext.denoise`). Coefficients are Python floats computed
+from the float64 schedule before the loop, so a step copies nothing between
+host and device.
+"""
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# Below this many steps the multistep solvers lower their order near the end
+# (DPM-Solver++'s "lower_order_final").
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def noise_like(shape, device, generator=None, dtype=torch.float32):
+    """
+    Standard normal noise of `shape` ([N x ...]).
+
+    :param generator: None (the global RNG), a torch.Generator on `device`, or
+        a list of N generators, one per batch element, so that each sample's
+        noise does not depend on which batch it is drawn in.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack(
+            [torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator]
+        )
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def walk(step, x, num_steps, progress=False):
+    """
+    The one sampling loop: x = step(x, k)["sample"] for k = 0 ... num_steps-1,
+    without autograd, yielding each step's dict.
+    """
+    indices = tqdm(range(num_steps)) if progress else range(num_steps)
+    for k in indices:
+        with torch.no_grad():
+            out = step(x, k)
+        yield out
+        x = out["sample"]
+
+
+class SamplingContext:
+    """
+    What a sampler step needs: the schedule of the walk as Python floats, the
+    model adapter, the noise source and a memory for multistep solvers.
+
+    :param diffusion: the GaussianDiffusion whose timesteps are walked.
+    :param batch_size: N, the batch size of x.
+    :param eta: the sampler's noise scale (DDIM's eta, the SDE solver's eta).
+    :param generator: a torch.Generator, a list of one per sample, or None.
+    """
+
+    def __init__(self, diffusion, model, batch_size, device, clip_denoised=True, denoised_fn=None,
+                 model_kwargs=None, cond_fn=None, eta=0.0, generator=None):
+        self.diffusion = diffusion
+        self.model = model
+        self.clip_denoised = clip_denoised
+        self.denoised_fn = denoised_fn
+        self.model_kwargs = model_kwargs
+        self.cond_fn = cond_fn
+        self.eta = eta
+        self.generator = generator
+        self.num_steps = diffusion.num_timesteps
+        abar = np.append(diffusion.alphas_cumprod[::-1], 1.0)
+        self.alpha = np.sqrt(abar).tolist()
+        self.sigma = np.sqrt(1.0 - abar).tolist()
+        with np.errstate(divide="ignore"):
+            self.lam = (0.5 * (np.log(abar) - np.log1p(-abar))).tolist()
+        self.timesteps = torch.arange(self.num_steps, device=device).flip(0)
+        self.batch_size = batch_size
+        self.memory = {}
+
+    def t(self, k):
+        """The process's timestep indices at node k, int64 [N] on the device."""
+        return self.timesteps[k].expand(self.batch_size)
+
+    def is_last(self, k):
+        return k == self.num_steps - 1
+
+    def h(self, k):
+        """lambda_{k+1} - lambda_k (inf for the step to the clean sample)."""
+        return self.lam[k + 1] - self.lam[k]
+
+    def noise(self, x):
+        return noise_like(x.shape, x.device, self.generator, x.dtype)
+
+    def denoise(self, x, k):
+        """
+        The model at node k as (eps-hat, x0-hat), each [N x C x ...]: any
+        ModelMeanType, learned-variance channels dropped, denoised_fn and
+        clipping applied to x0-hat (eps-hat recomputed from it), then
+        classifier guidance in score form (Dhariwal & Nichol 2021, Algorithm 2):
+        eps-hat -= sigma_k * grad log p(y | x_t).
+        """
+        d, t = self.diffusion, self.t(k)
+        mean_output, _ = d._split_output(d._call_model(self.model, x, t, self.model_kwargs), x)
+        exact_eps = d.model_mean_type.name == "EPSILON" and not self.clip_denoised and self.denoised_fn is None
+        pred_xstart = d._pred_xstart(mean_output, x, t, self.clip_denoised, self.denoised_fn)
+        eps = mean_output if exact_eps else d._predict_eps_from_xstart(x, t, pred_xstart)
+        if self.cond_fn is not None:
+            eps = eps - self.sigma[k] * d._call_model(self.cond_fn, x, t, self.model_kwargs)
+            pred_xstart = (x - self.sigma[k] * eps) / self.alpha[k]
+        return eps, pred_xstart
+
+    def ddim_transfer(self, x, eps, k):
+        """x at node k+1 from x at node k along the DDIM path with this eps (DDIM eq. 12, eta = 0)."""
+        pred_xstart = (x - self.sigma[k] * eps) / self.alpha[k]
+        return self.alpha[k + 1] * pred_xstart + self.sigma[k + 1] * eps, pred_xstart
+
+    def order(self, k, max_order):
+        """
+        The multistep order at node k: at most max_order, at most k + 1 (the
+        history there is), at most the steps left when there are fewer than
+        LOWER_ORDER_FINAL_BELOW, and 1 for the step to the clean sample.
+        """
+        order = min(max_order, k + 1)
+        if self.num_steps < LOWER_ORDER_FINAL_BELOW:
+            order = min(order, self.num_steps - k)
+        return 1 if self.is_last(k) else order
+
+
+# ---------------------------------------------------------------- samplers
+
+
+def ddpm(ctx, x, k):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2): GaussianDiffusion.p_sample."""
+    d = ctx.diffusion
+    return d.p_sample(ctx.model, x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
+                      ctx.generator, cond_fn=ctx.cond_fn)
+
+
+def ddim(ctx, x, k):
+    """DDIM (Song et al. 2020, eq. 12) with ctx.eta: GaussianDiffusion.ddim_sample."""
+    d = ctx.diffusion
+    return d.ddim_sample(ctx.model, x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
+                         ctx.eta, ctx.generator, cond_fn=ctx.cond_fn)
+
+
+def euler(ctx, x, k):
+    """
+    Euler's method on d xtilde / d sigmatilde = eps-hat (Karras et al. 2022,
+    Algorithm 1 without its Heun correction); the same path as DDIM with eta = 0.
+    """
+    eps, pred_xstart = ctx.denoise(x, k)
+    return {"sample": _euler_step(ctx, x, eps, k), "pred_xstart": pred_xstart}
+
+
+def _euler_step(ctx, x, eps, k):
+    """alpha_{k+1} (x / alpha_k + (sigmatilde_{k+1} - sigmatilde_k) eps), [N x C x ...]."""
+    a, a_next = ctx.alpha[k], ctx.alpha[k + 1]
+    dsigma = ctx.sigma[k + 1] / a_next - ctx.sigma[k] / a
+    return a_next * (x / a + dsigma * eps)
+
+
+def heun(ctx, x, k):
+    """
+    Heun's second-order method on the same ODE (Karras et al. 2022, Algorithm 1,
+    deterministic): an Euler step, then the trapezoid of the slopes at both
+    ends. Two model evaluations per step, one for the step to the clean sample.
+    """
+    eps, pred_xstart = ctx.denoise(x, k)
+    x_next = _euler_step(ctx, x, eps, k)
+    if not ctx.is_last(k):
+        eps_next, _ = ctx.denoise(x_next, k + 1)
+        x_next = _euler_step(ctx, x, 0.5 * (eps + eps_next), k)
+    return {"sample": x_next, "pred_xstart": pred_xstart}
+
+
+def plms(ctx, x, k):
+    """
+    Pseudo linear multistep (Liu et al. 2022, PNDM, section 3): the DDIM
+    transfer with an Adams-Bashforth combination of the last four eps-hats.
+    The warm-up is the paper's pseudo improved Euler step (S-PNDM): the first
+    step evaluates the model twice, the next two use orders 2 and 3, so N
+    steps cost N + 1 evaluations (N >= 2).
+    """
+    eps, _ = ctx.denoise(x, k)
+    history = ctx.memory.setdefault("eps", [])
+    if not history and not ctx.is_last(k):
+        x_euler, _ = ctx.ddim_transfer(x, eps, k)
+        eps_next, _ = ctx.denoise(x_euler, k + 1)
+        combined = 0.5 * (eps + eps_next)
+    elif len(history) == 0:
+        combined = eps
+    elif len(history) == 1:
+        combined = (3 * eps - history[-1]) / 2
+    elif len(history) == 2:
+        combined = (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+    else:
+        combined = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+    history.append(eps)
+    del history[:-3]
+    x_next, pred_xstart = ctx.ddim_transfer(x, combined, k)
+    return {"sample": x_next, "pred_xstart": pred_xstart}
+
+
+def dpmpp_2m(ctx, x, k):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): _dpmpp_step of order 2."""
+    return _dpmpp_step(ctx, x, k, max_order=2)
+
+
+def dpmpp_3m(ctx, x, k):
+    """DPM-Solver++(3M), the third-order multistep form (Lu et al. 2022b, section 3.3)."""
+    return _dpmpp_step(ctx, x, k, max_order=3)
+
+
+def _dpmpp_step(ctx, x, k, max_order):
+    """
+    x_{k+1} = (sigma_{k+1}/sigma_k) x_k - alpha_{k+1} [phi_1 D0 - phi_2 D1 + phi_3 D2], with
+    phi_1 = expm1(-h), phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2 and D0, D1,
+    D2 the x0-hat, its first and second divided differences in lambda scaled by h
+    (the Taylor expansion of x0-hat in lambda). The second-order form takes
+    -phi_1 / 2 for phi_2 and no D2, as Algorithm 2 does.
+    """
+    _, pred_xstart = ctx.denoise(x, k)
+    history = ctx.memory.setdefault("x0", [])
+    history.append(pred_xstart)
+    del history[:-3]
+    order = ctx.order(k, max_order)
+    h = ctx.h(k)
+    phi_1 = math.expm1(-h)
+    sample = (ctx.sigma[k + 1] / ctx.sigma[k]) * x - ctx.alpha[k + 1] * phi_1 * pred_xstart
+    if order >= 2:
+        phi_2 = phi_1 / h + 1
+        r0 = ctx.h(k - 1) / h
+        d1_0 = (history[-1] - history[-2]) / r0
+        if order == 2:
+            sample = sample - 0.5 * ctx.alpha[k + 1] * phi_1 * d1_0
+        else:
+            phi_3 = phi_2 / h - 0.5
+            r1 = ctx.h(k - 2) / h
+            d1_1 = (history[-2] - history[-3]) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            sample = sample + ctx.alpha[k + 1] * (phi_2 * d1 - phi_3 * d2)
+    return {"sample": sample, "pred_xstart": pred_xstart}
+
+
+def dpmpp_2m_sde(ctx, x, k):
+    """
+    DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022b, section 5 and
+    appendix), with noise scale eta (1: the SDE; 0: dpmpp_2m):
+    x_{k+1} = (sigma_{k+1}/sigma_k) e^{-eta h} x_k + alpha_{k+1} (1 - e^{-(1+eta) h}) D
+              + sigma_{k+1} sqrt(1 - e^{-2 eta h}) z,  D = x0 + (x0 - x0_prev) / (2 r).
+    """
+    _, pred_xstart = ctx.denoise(x, k)
+    h, eta = ctx.h(k), ctx.eta
+    previous = ctx.memory.get("x0")
+    ctx.memory["x0"] = pred_xstart
+    gain = -math.expm1(-(1 + eta) * h)
+    decay = 0.0 if ctx.is_last(k) else (ctx.sigma[k + 1] / ctx.sigma[k]) * math.exp(-eta * h)
+    sample = decay * x + ctx.alpha[k + 1] * gain * pred_xstart
+    if ctx.order(k, 2) == 2:
+        r = ctx.h(k - 1) / h
+        sample = sample + (0.5 * ctx.alpha[k + 1] * gain / r) * (pred_xstart - previous)
+    if not ctx.is_last(k) and eta != 0:
+        sample = sample + ctx.sigma[k + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * ctx.noise(x)
+    return {"sample": sample, "pred_xstart": pred_xstart}
+
+
+def unipc(ctx, x, k):
+    """
+    UniPC (Zhao et al. 2023, section 3) with B(h) = e^h - 1, data prediction:
+    first the UniC corrector of node k's x, reusing the evaluation at the
+    predicted x, then the UniP-2 predictor to node k+1. The step to the clean
+    sample (x = x0-hat) needs no corrector before it, and none follows it.
+    """
+    _, pred_xstart = ctx.denoise(x, k)
+    memory = ctx.memory
+    if "x" in memory and not ctx.is_last(k):
+        x = _unipc_update(ctx, memory["x"], memory["x0"], memory["order"], k - 1, pred_xstart)
+    history = memory.setdefault("x0", [])
+    history.append(pred_xstart)
+    del history[:-2]
+    order = ctx.order(k, 2)
+    memory.update(x=x, order=order)
+    return {"sample": _unipc_update(ctx, x, history, order, k, None), "pred_xstart": pred_xstart}
+
+
+def _unipc_update(ctx, x, history, order, k, pred_xstart_next):
+    """
+    From x at node k with x0-hats history[-order:] (the last at node k), x at node k+1:
+    (sigma_{k+1}/sigma_k) x - alpha_{k+1} [phi_1 x0_k + B(h) sum_m a_m D_m], with
+    D_m = (x0_m - x0_k) / r_m the divided differences at r_m = (lambda_m - lambda_k) / h.
+    As a predictor (pred_xstart_next None) it uses the order - 1 earlier points with
+    a = 1/2 for the one term of order 2; as the corrector it adds the point
+    r = 1 at node k+1 and solves sum_m a_m r_m^(i-1) = i! phi_{i+1}(-h) (-h) / B(h), i = 1 ... order.
+    """
+    h = ctx.h(k)
+    phi_1 = math.expm1(-h)
+    sample = (ctx.sigma[k + 1] / ctx.sigma[k]) * x - ctx.alpha[k + 1] * phi_1 * history[-1]
+    ratios = [(ctx.lam[k - m] - ctx.lam[k]) / h for m in range(1, order)]
+    diffs = [(history[-1 - m] - history[-1]) / r for m, r in zip(range(1, order), ratios)]
+    if pred_xstart_next is not None:
+        ratios.append(1.0)
+        diffs.append(pred_xstart_next - history[-1])
+        coefficients = [0.5] if len(ratios) == 1 else _unic_coefficients(ratios, -h)
+    else:
+        coefficients = [0.5] * len(diffs)
+    for a, diff in zip(coefficients, diffs):
+        sample = sample - ctx.alpha[k + 1] * phi_1 * a * diff
+    return sample
+
+
+def _unic_coefficients(ratios, z):
+    """Solve the 2 x 2 system [1, 1; r_1, r_2] a = [1! phi_2(z) z, 2! phi_3(z) z] / B, B = e^z - 1."""
+    b_h = math.expm1(z)
+    phi_2 = (math.expm1(z) / z - 1) / z
+    phi_3 = (phi_2 - 0.5) / z
+    rhs = [phi_2 * z / b_h, 2 * phi_3 * z / b_h]
+    (r_1, r_2) = ratios
+    a_1 = (rhs[0] * r_2 - rhs[1]) / (r_2 - r_1)
+    return [a_1, rhs[0] - a_1]
+
+
+SAMPLERS = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "plms": plms,
+    "euler": euler,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "unipc": unipc,
+}
+
+# Samplers that read ctx.eta, with their default noise scale.
+ETA_DEFAULTS = {"ddim": 0.0, "dpmpp_2m_sde": 1.0}
+# Samplers that draw noise at every step (and so read `generator` after x_T).
+STOCHASTIC = ("ddpm", "ddim", "dpmpp_2m_sde")
+
+
+def get_sampler(name):
+    """The sampler function called `name`; a clear error listing the known ones otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def model_evaluations(name, num_steps):
+    """How many model evaluations per sample `name` makes over num_steps steps."""
+    get_sampler(name)
+    if name == "heun":
+        return 2 * num_steps - 1
+    if name == "plms" and num_steps >= 2:
+        return num_steps + 1
+    return num_steps
+
+
+def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None, clip_denoised=True,
+                            denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
+                            generator=None, cond_fn=None):
+    """
+    Walk the process's timesteps from the noisiest down with the named sampler,
+    yielding each step's {"sample", "pred_xstart"}; the last "sample" is clean.
+
+    :param shape: the [N x C x ...] shape of the samples; noise, optional x_T of it.
+    :param eta: the noise scale of "ddim" and "dpmpp_2m_sde" (None: 0 and 1);
+        another sampler given a nonzero eta is an error.
+    :param cond_fn: classifier guidance, cond_fn(x, t, **model_kwargs) -> grad log p(y | x).
+    """
+    step = get_sampler(sampler)
+    if eta is None:
+        eta = ETA_DEFAULTS.get(sampler, 0.0)
+    elif eta != 0 and sampler not in ETA_DEFAULTS:
+        raise ValueError(f"eta={eta} applies only to the samplers {', '.join(ETA_DEFAULTS)}; {sampler!r} ignores it")
+    x = diffusion._initial_noise(model, shape, noise, device, generator)
+    ctx = SamplingContext(diffusion, model, x.shape[0], x.device, clip_denoised, denoised_fn, model_kwargs,
+                          cond_fn, eta, generator)
+    yield from walk(lambda x, k: step(ctx, x, k), x, ctx.num_steps, progress)
