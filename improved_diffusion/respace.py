@@ -111,10 +111,23 @@ def _log_snr(num_timesteps, betas, spelling):
 
 def _nearest_unused(grid, targets):
     """For each target in turn, the index of the nearest grid value not taken yet (a set of ints)."""
+    order = np.argsort(grid, kind="stable")
+    values = grid[order]
     taken = set()
     for target in targets:
-        order = np.argsort(np.abs(grid - target), kind="stable")
-        taken.add(int(next(i for i in order if int(i) not in taken)))
+        right = int(np.searchsorted(values, target))
+        left = right - 1
+        while True:
+            left_gap = target - values[left] if left >= 0 else np.inf
+            right_gap = values[right] - target if right < len(values) else np.inf
+            pick = left if left_gap <= right_gap else right
+            if int(order[pick]) not in taken:
+                break
+            if pick == left:
+                left -= 1
+            else:
+                right += 1
+        taken.add(int(order[pick]))
     return taken
 
 

@@ -28,13 +28,17 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import dist_util, logger
+from . import dist_util, logger, samplers
 from .io_util import CheckpointError, atomic_folder, atomic_open, atomic_write_bytes, is_local
 from .run_flags import FLAGS_FILENAME, read_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
 
 # Flags every sampling script adds to its own.
 COMMON_FLAGS = {"seed": -1, "use_bf16": False, "use_fp16": False, "compile": False}
+
+# Flags of the scripts that draw samples with a sampler (image_sample.py, super_res_sample.py):
+# --sampler "" picks ddim with --use_ddim True, else ddpm; --sample_name names the outputs.
+SAMPLER_FLAGS = {"sampler": "", "sample_name": ""}
 
 # Model and diffusion flags a sampling run may choose freely, whatever the
 # training run used: they change neither the weights nor their meaning.
@@ -144,11 +148,41 @@ def parse_sampling_flags(defaults, model_keys, argv=None, description=None):
         raise UsageError("--use_fp16 and --use_bf16 exclude each other; give one")
     if args.use_fp16 and not torch.cuda.is_available():
         raise UsageError("--use_fp16 needs a CUDA device; on CPU use --use_bf16 True")
-    if getattr(args, "eta", 0.0) != 0.0 and not getattr(args, "use_ddim", True):
-        raise UsageError("--eta applies only to DDIM sampling: add --use_ddim True or drop --eta")
+    check_sampler_flags(args, explicit)
     if args.num_samples < 1 or args.batch_size < 1:
         raise UsageError("--num_samples and --batch_size must be at least 1")
     return args
+
+
+def sampler_name(args):
+    """--sampler, or what --use_ddim picks when it is empty: "ddim" or "ddpm"."""
+    return getattr(args, "sampler", "") or ("ddim" if getattr(args, "use_ddim", False) else "ddpm")
+
+
+def check_sampler_flags(args, explicit):
+    """
+    Fail on a sampler that does not exist and on flags the chosen sampler would
+    ignore; an --eta not given becomes the sampler's own default (None).
+    """
+    name = sampler_name(args)
+    if name not in samplers.SAMPLERS:
+        raise UsageError(f"unknown --sampler {name!r}; known samplers: {', '.join(samplers.SAMPLERS)}")
+    if getattr(args, "use_ddim", False) and name != "ddim":
+        raise UsageError(f"--use_ddim True picks the ddim sampler, which contradicts --sampler {name}: drop one")
+    if getattr(args, "eta", 0.0) != 0.0 and name not in samplers.ETA_DEFAULTS:
+        hint = "add --use_ddim True or drop --eta" if name == "ddpm" else f"{name} ignores it: drop --eta"
+        raise UsageError(
+            f"--eta applies only to the samplers {', '.join(samplers.ETA_DEFAULTS)} (DDIM sampling with "
+            f"--use_ddim True): {hint}"
+        )
+    if "eta" in vars(args) and "eta" not in explicit:
+        args.eta = None
+    name_flag = getattr(args, "sample_name", "")
+    if name_flag and (not all(c.isalnum() or c in "._-" for c in name_flag) or name_flag.startswith(".")):
+        raise UsageError(
+            f"--sample_name {name_flag!r} must be a plain file name stem (letters, digits, '.', '_', '-'; "
+            "not starting with '.'): the outputs are written in $OPENAI_LOGDIR"
+        )
 
 
 # ---------------------------------------------------------------- setup and model
@@ -169,7 +203,17 @@ def prepare(args, create_fn, model_keys):
     if args.saved_flags is not None:
         logger.log(f"model flags from the training run's {FLAGS_FILENAME} beside {args.model_path}")
     logger.log(f"seed {args.seed}, {dist.get_world_size()} rank(s), device {dist_util.dev()}")
+    if "sampler" in vars(args):
+        logger.log(describe_sampler(sampler_name(args), diffusion))
     return model, diffusion
+
+
+def describe_sampler(name, diffusion):
+    """One log line: the sampler, the base timesteps it walks (noisiest first) and its evaluations per sample."""
+    steps = sorted(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)), reverse=True)
+    shown = ", ".join(map(str, steps)) if len(steps) <= 20 else f"{', '.join(map(str, steps[:10]))}, ..., {steps[-1]}"
+    evaluations = samplers.model_evaluations(name, len(steps))
+    return f"sampler {name} over {len(steps)} timesteps ({shown}): {evaluations} model evaluations per sample"
 
 
 def shared_seed(seed):
@@ -189,7 +233,10 @@ def load_model(args, create_fn, model_keys):
         with --use_bf16, and torch.compile'd with --compile.
     """
     flags = args_to_dict(args, model_keys)
-    model, diffusion = create_fn(**flags)
+    try:
+        model, diffusion = create_fn(**flags)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     state_dict = dist_util.load_state_dict(args.model_path, map_location="cpu")
     try:
         load_model_state_dict(model, state_dict, flags, args.model_path)
@@ -245,7 +292,8 @@ def draw_labels(seed, indices, num_classes):
 
 def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
     """
-    Sample one batch: DDIM (with --eta) when --use_ddim, else ancestral DDPM.
+    Sample one batch with --sampler (see sampler_name) and --eta (None: the
+    sampler's default).
 
     :param indices: the global sample indices of the batch (they seed it).
     :param shape: the shape of one sample, (C, H, W).
@@ -260,9 +308,7 @@ def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
         "generator": sample_generators(args.seed, indices, device),
     }
     with torch.inference_mode():
-        if args.use_ddim:
-            return diffusion.ddim_sample_loop(model, batch_shape, eta=args.eta, **common)
-        return diffusion.p_sample_loop(model, batch_shape, **common)
+        return diffusion.sample_loop(model, batch_shape, sampler=sampler_name(args), eta=args.eta, **common)
 
 
 # ---------------------------------------------------------------- sharding and gathering
@@ -355,7 +401,8 @@ def sample_and_save(args, draw_batch, desc="sampling"):
     with spool_folder() as folder:
         result = sample_in_shards(args.num_samples, args.batch_size, draw_batch, folder, desc)
         if result is not None:
-            save_samples(result["images"], result.get("labels"), args.save_pngs)
+            save_samples(result["images"], result.get("labels"), args.save_pngs,
+                         name=getattr(args, "sample_name", "") or "samples")
     dist_util.barrier()
 
 
@@ -434,9 +481,9 @@ def image_grid(images, pad=2):
     return grid
 
 
-def save_samples(images, labels=None, save_pngs=False, log_dir=None):
+def save_samples(images, labels=None, save_pngs=False, log_dir=None, name="samples"):
     """
-    Write samples_{N}x{H}x{W}x{C}.npz (arr_0 images, arr_1 labels when given),
+    Write {name}_{N}x{H}x{W}x{C}.npz (arr_0 images, arr_1 labels when given),
     a PNG grid of the first GRID_MAX_IMAGES beside it (enlarged to GRID_MIN_SIDE
     pixels when smaller) and, with `save_pngs`, a
     folder with one PNG per sample; print the paths.
@@ -446,7 +493,7 @@ def save_samples(images, labels=None, save_pngs=False, log_dir=None):
     :return: (npz_path, grid_path).
     """
     log_dir = log_dir or logger.get_dir()
-    stem = bf.join(log_dir, "samples_" + "x".join(str(d) for d in images.shape))
+    stem = bf.join(log_dir, f"{name}_" + "x".join(str(d) for d in images.shape))
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
     write_npz(stem + ".npz", **arrays)
     write_png(stem + "_grid.png", image_grid(enlarge(images[:GRID_MAX_IMAGES], GRID_MIN_SIDE)))

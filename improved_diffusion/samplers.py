@@ -136,8 +136,16 @@ class SamplingContext:
         return eps, pred_xstart
 
     def ddim_transfer(self, x, eps, k):
-        """x at node k+1 from x at node k along the DDIM path with this eps (DDIM eq. 12, eta = 0)."""
+        """
+        x at node k+1 from x at node k along the DDIM path with this eps (DDIM
+        eq. 12, eta = 0), the implied x0-hat clipped (and eps with it) when clip_denoised.
+
+        :return: (x at node k+1, x0-hat).
+        """
         pred_xstart = (x - self.sigma[k] * eps) / self.alpha[k]
+        if self.clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+            eps = (x - self.alpha[k] * pred_xstart) / self.sigma[k]
         return self.alpha[k + 1] * pred_xstart + self.sigma[k + 1] * eps, pred_xstart
 
     def order(self, k, max_order):

@@ -27,6 +27,7 @@ def flag_defaults():
         eta=0.0,
         class_label=-1,
         save_pngs=False,
+        **sample_util.SAMPLER_FLAGS,
         **sample_util.COMMON_FLAGS,
     )
     defaults.update(model_and_diffusion_defaults())

@@ -32,6 +32,7 @@ def flag_defaults():
         model_path="",
         eta=0.0,
         save_pngs=False,
+        **sample_util.SAMPLER_FLAGS,
         **sample_util.COMMON_FLAGS,
     )
     defaults.update(sr_model_and_diffusion_defaults())

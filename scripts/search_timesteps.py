@@ -1,0 +1,85 @@
+"""
+Search the --steps timesteps at which --sampler does best on a model (a
+GITS-style dynamic-programming search on a small batch drawn from the model
+itself; see improved_diffusion/timestep_search.py) and write them as JSON, for
+`image_sample.py --timestep_respacing FILE.json`. Prints the error of the
+found timesteps beside the trailing, logsnr and karras spacings of the same
+length.
+"""
+
+import json
+
+import torch
+
+from improved_diffusion import dist_util, logger, sample_util, samplers
+from improved_diffusion.io_util import atomic_write_bytes
+from improved_diffusion.sample_util import UsageError
+from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.timestep_search import search_timesteps
+
+
+def flag_defaults():
+    """Every flag of the script with its default (model flags last)."""
+    defaults = dict(
+        model_path="",
+        sampler="dpmpp_2m",
+        steps=10,
+        output="steps.json",
+        grid_size=100,
+        refine_rounds=2,
+        clip_denoised=True,
+        num_samples=8,
+        batch_size=8,
+        class_label=-1,
+        **sample_util.COMMON_FLAGS,
+    )
+    defaults.update(model_and_diffusion_defaults())
+    return defaults
+
+
+def check_flags(args):
+    if args.sampler not in samplers.SAMPLERS:
+        raise UsageError(f"unknown --sampler {args.sampler!r}; known samplers: {', '.join(samplers.SAMPLERS)}")
+    if args.sampler in samplers.STOCHASTIC and args.sampler != "ddim":
+        raise UsageError(f"--sampler {args.sampler} draws noise at every step: search for a deterministic sampler")
+    if args.timestep_respacing:
+        raise UsageError("--timestep_respacing does not apply: the search picks the timesteps itself")
+    if not 1 <= args.steps <= args.diffusion_steps:
+        raise UsageError(f"--steps must lie in [1, {args.diffusion_steps}] (the model's --diffusion_steps)")
+    if not args.output.endswith(".json"):
+        raise UsageError(f"--output {args.output} must end in .json (--timestep_respacing reads it by that suffix)")
+
+
+def main(argv=None):
+    defaults = flag_defaults()
+    model_keys = list(model_and_diffusion_defaults())
+    args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
+    check_flags(args)
+    model, base = sample_util.prepare(args, create_model_and_diffusion, model_keys)
+    device = dist_util.dev()
+    indices = range(args.num_samples)
+    generators = sample_util.sample_generators(args.seed, indices, device)
+    x_T = samplers.noise_like((args.num_samples, 3, args.image_size, args.image_size), device, generators)
+    model_kwargs = {}
+    if args.class_cond:
+        labels = sample_util.draw_labels(args.seed, indices, args.num_classes)
+        if args.class_label >= 0:
+            labels.fill_(args.class_label)
+        model_kwargs["y"] = labels.to(device)
+    logger.log(f"searching {args.steps} timesteps for {args.sampler} on {args.num_samples} samples")
+    with torch.inference_mode():
+        timesteps, errors = search_timesteps(
+            base, model, x_T, args.steps, args.sampler, args.grid_size, args.refine_rounds,
+            model_kwargs=model_kwargs, clip_denoised=args.clip_denoised, progress=dist_util.get_rank() == 0,
+        )
+    if dist_util.get_rank() == 0:
+        atomic_write_bytes(args.output, (json.dumps(timesteps) + "\n").encode())
+        print(f"{'spacing':<10} {'RMS error':>10}")
+        for name, error in errors.items():
+            print(f"{name:<10} {error:>10.5f}")
+        print(f"timesteps: {timesteps}\nwritten to {args.output}", flush=True)
+    dist_util.barrier()
+
+
+if __name__ == "__main__":
+    sample_util.run_script(main)
