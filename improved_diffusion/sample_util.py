@@ -203,7 +203,7 @@ def prepare(args, create_fn, model_keys):
     if args.saved_flags is not None:
         logger.log(f"model flags from the training run's {FLAGS_FILENAME} beside {args.model_path}")
     logger.log(f"seed {args.seed}, {dist.get_world_size()} rank(s), device {dist_util.dev()}")
-    if "sampler" in vars(args):
+    if "sample_name" in vars(args):  # a script with SAMPLER_FLAGS
         logger.log(describe_sampler(sampler_name(args), diffusion))
     return model, diffusion
 

@@ -8,6 +8,7 @@ Every run uses one CPU thread per process, so that a sample's arithmetic, and
 hence its bits, are the same in every launch that is compared.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -241,3 +242,76 @@ def test_without_saved_flags_the_given_flags_must_match_the_weights(workspace, u
     assert_clean_failure(result, "num_channels")
     run_script("image_sample.py", [*args, *TINY_MODEL], workspace / "lone_right")
     assert load_only(workspace / "lone_right", "samples_*.npz")["arr_0"].shape == (2, 8, 8, 3)
+
+
+# ---------------------------------------------------------------- samplers (SPEC 11)
+
+SAMPLER_NAMES = ["ddpm", "ddim", "plms", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_writes_a_valid_npz_and_logs_its_cost(workspace, uncond_model, sampler):
+    from improved_diffusion.samplers import model_evaluations
+
+    log_dir = workspace / f"sampler_{sampler}"
+    args = ["--model_path", uncond_model, "--sampler", sampler, "--timestep_respacing", "trailing4",
+            "--num_samples", 3, "--batch_size", 2, "--seed", 0]
+    result = run_script("image_sample.py", args, log_dir)
+    images = load_only(log_dir, "samples_*.npz")["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 3)
+    assert len({images[k].tobytes() for k in range(3)}) == 3
+    evaluations = model_evaluations(sampler, 4)
+    assert f"sampler {sampler} over 4 timesteps (19, 14, 9, 4): {evaluations} model evaluations" in result.stdout
+
+
+def test_sample_name_names_the_npz_and_the_grid(workspace, uncond_model):
+    log_dir = workspace / "named"
+    args = ["--model_path", uncond_model, *DDIM, "--num_samples", 2, "--batch_size", 2, "--sample_name=ddim5_run"]
+    run_script("image_sample.py", args, log_dir)
+    assert (log_dir / "ddim5_run_2x8x8x3.npz").exists() and (log_dir / "ddim5_run_2x8x8x3_grid.png").exists()
+    assert not list(log_dir.glob("samples_*"))
+
+
+def test_timestep_search_writes_json_that_sampling_accepts(workspace, uncond_model):
+    out_dir = workspace / "search"
+    steps_file = out_dir / "steps.json"
+    args = ["--model_path", uncond_model, "--sampler", "dpmpp_2m", "--steps", 4, "--num_samples", 4,
+            "--output", steps_file, "--seed", 0]
+    result = run_script("search_timesteps.py", args, out_dir)
+    timesteps = json.loads(steps_file.read_text())
+    assert len(timesteps) == 4 and timesteps == sorted(set(timesteps)) and timesteps[-1] == 19
+    errors = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
+              if line.split() and line.split()[0] in ("search", "trailing", "logsnr", "karras", "refined")}
+    assert set(errors) == {"search", "trailing", "logsnr", "karras", "refined"}, result.stdout
+    assert errors["refined"] <= min(errors["trailing"], errors["logsnr"], errors["karras"])
+    sample_args = ["--model_path", uncond_model, "--sampler", "dpmpp_2m", "--timestep_respacing", steps_file,
+                   "--num_samples", 2, "--batch_size", 2]
+    sampled = run_script("image_sample.py", sample_args, workspace / "searched_sampling")
+    assert f"over 4 timesteps ({', '.join(map(str, timesteps[::-1]))})" in sampled.stdout
+    assert load_only(workspace / "searched_sampling", "samples_*.npz")["arr_0"].shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--sampler", "dpm_fast"], ["unknown --sampler 'dpm_fast'", "dpmpp_2m", "unipc"]),
+        (["--use_ddim", "True", "--sampler", "heun"], ["--use_ddim True", "--sampler heun"]),
+        (["--sampler", "heun", "--eta", "0.5"], ["--eta", "heun ignores it"]),
+        (["--sampler", "unipc", "--timestep_respacing", "trailing30"], ["trailing30", "T = 20"]),
+        (["--sample_name", "../up"], ["--sample_name"]),
+    ],
+)
+def test_sampler_flags_that_cannot_work_fail_cleanly(workspace, uncond_model, extra, needles):
+    log_dir = workspace / "bad_sampler_flags"
+    result = run_script("image_sample.py", ["--model_path", uncond_model, "--num_samples", 1, *extra], log_dir,
+                        expect_ok=False)
+    assert_clean_failure(result, *needles)
+    assert not list(log_dir.glob("samples_*"))
+
+
+def test_a_bad_timestep_file_fails_cleanly(workspace, uncond_model):
+    bad = workspace / "bad_steps.json"
+    bad.write_text("[5, 3, 1]")
+    args = ["--model_path", uncond_model, "--timestep_respacing", bad, "--num_samples", 1]
+    result = run_script("image_sample.py", args, workspace / "bad_steps", expect_ok=False)
+    assert_clean_failure(result, "bad_steps.json", "strictly increasing")

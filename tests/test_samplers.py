@@ -22,6 +22,8 @@ from improved_diffusion.gaussian_diffusion import (
 from improved_diffusion.mixture import GaussianMixture
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps
 
+from diffusion_probe import ProbeModel
+
 DETERMINISTIC = ("ddim", "euler", "heun", "plms", "dpmpp_2m", "dpmpp_3m", "unipc")
 # A smooth mixture for convergence orders, a sharper one (narrow, close components) for distributions.
 SMOOTH = GaussianMixture([0.3, 0.7], [[-0.4, 0.2], [0.4, -0.1]], [0.3, 0.25])
@@ -329,11 +331,24 @@ def test_eta_on_a_sampler_that_ignores_it_is_an_error():
         spaced("ddim5", steps=100).sample_loop(SMOOTH.model(base_alphas_cumprod(100)), (2, 2), "heun", eta=0.5)
 
 
-def test_samplers_make_no_host_to_device_copy_per_step():
-    """A step reads Python floats and tensors made before the loop: no new CPU tensor is moved per step."""
-    diffusion = spaced("logsnr6", steps=100)
-    model = SMOOTH.model(base_alphas_cumprod(100))
-    ctx = samplers.SamplingContext(diffusion, model, 4, torch.device("cpu"))
+@pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))
+def test_sampling_steps_build_no_tensor_from_host_data(monkeypatch, sampler):
+    """Every coefficient is a Python float or a device table made before the loop."""
+    diffusion = spaced("logsnr6", steps=100, schedule="cosine", var_type=ModelVarType.LEARNED_RANGE)
+    model = ProbeModel(6)
+    diffusion.sample_loop(model, (2, 3, 4, 4), sampler)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a sampling step built a tensor from host data")
+
+    for name in ("from_numpy", "tensor", "as_tensor"):
+        monkeypatch.setattr(torch, name, forbidden)
+    diffusion.sample_loop(model, (2, 3, 4, 4), sampler, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_walk_ends_on_a_clean_sample():
+    ctx = samplers.SamplingContext(spaced("logsnr6", steps=100), SMOOTH.model(base_alphas_cumprod(100)), 4,
+                                   torch.device("cpu"))
     assert all(isinstance(v, float) for v in ctx.alpha + ctx.sigma + ctx.lam)
     assert math.isinf(ctx.lam[-1]) and ctx.sigma[-1] == 0.0 and ctx.alpha[-1] == 1.0
     assert ctx.t(0).tolist() == [5] * 4 and ctx.t(5).tolist() == [0] * 4
