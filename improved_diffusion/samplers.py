@@ -126,27 +126,30 @@ class SamplingContext:
         eps-hat -= sigma_k * grad log p(y | x_t).
         """
         d, t = self.diffusion, self.t(k)
+        a, s = self.alpha[k], self.sigma[k]
         mean_output, _ = d._split_output(d._call_model(self.model, x, t, self.model_kwargs), x)
-        exact_eps = d.model_mean_type.name == "EPSILON" and not self.clip_denoised and self.denoised_fn is None
-        pred_xstart = d._pred_xstart(mean_output, x, t, self.clip_denoised, self.denoised_fn)
-        eps = mean_output if exact_eps else d._predict_eps_from_xstart(x, t, pred_xstart)
+        if d.model_mean_type.name == "EPSILON" and self.denoised_fn is None and not self.clip_denoised:
+            eps = mean_output
+            pred_xstart = combine((1 / a, x), (-s / a, eps))
+        else:
+            pred_xstart = d._pred_xstart(mean_output, x, t, self.clip_denoised, self.denoised_fn)
+            eps = combine((1 / s, x), (-a / s, pred_xstart))
         if self.cond_fn is not None:
-            eps = eps - self.sigma[k] * d._call_model(self.cond_fn, x, t, self.model_kwargs)
-            pred_xstart = (x - self.sigma[k] * eps) / self.alpha[k]
+            eps = eps - s * d._call_model(self.cond_fn, x, t, self.model_kwargs)
+            pred_xstart = combine((1 / a, x), (-s / a, eps))
         return eps, pred_xstart
 
     def ddim_transfer(self, x, eps, k):
         """
         x at node k+1 from x at node k along the DDIM path with this eps (DDIM
-        eq. 12, eta = 0), the implied x0-hat clipped (and eps with it) when clip_denoised.
-
-        :return: (x at node k+1, x0-hat).
+        eq. 12, eta = 0): alpha_{k+1} x0 + sigma_{k+1} eps with x0 = (x - sigma_k eps) / alpha_k,
+        that x0 clipped (and eps with it) when clip_denoised.
         """
-        pred_xstart = (x - self.sigma[k] * eps) / self.alpha[k]
-        if self.clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
-            eps = (x - self.alpha[k] * pred_xstart) / self.sigma[k]
-        return self.alpha[k + 1] * pred_xstart + self.sigma[k + 1] * eps, pred_xstart
+        a, s, a_next, s_next = self.alpha[k], self.sigma[k], self.alpha[k + 1], self.sigma[k + 1]
+        if not self.clip_denoised:
+            return combine((a_next / a, x), (s_next - a_next * s / a, eps))
+        pred_xstart = combine((1 / a, x), (-s / a, eps)).clamp_(-1, 1)
+        return combine((s_next / s, x), (a_next - s_next * a / s, pred_xstart))
 
     def order(self, k, max_order):
         """
@@ -158,6 +161,23 @@ class SamplingContext:
         if self.num_steps < LOWER_ORDER_FINAL_BELOW:
             order = min(order, self.num_steps - k)
         return 1 if self.is_last(k) else order
+
+
+def combine(*terms):
+    """sum_i c_i * tensor_i for (float c_i, tensor_i) pairs, one kernel per term; zero weights skipped."""
+    terms = [(c, tensor) for c, tensor in terms if c != 0]
+    out = terms[0][1] * terms[0][0]
+    for c, tensor in terms[1:]:
+        out.add_(tensor, alpha=c)
+    return out
+
+
+def _remember(ctx, key, value, keep):
+    """Append value to ctx.memory[key], keeping the last `keep`; return the list (oldest first)."""
+    history = ctx.memory.setdefault(key, [])
+    history.append(value)
+    del history[:-keep]
+    return history
 
 
 # ---------------------------------------------------------------- samplers
@@ -190,7 +210,7 @@ def _euler_step(ctx, x, eps, k):
     """alpha_{k+1} (x / alpha_k + (sigmatilde_{k+1} - sigmatilde_k) eps), [N x C x ...]."""
     a, a_next = ctx.alpha[k], ctx.alpha[k + 1]
     dsigma = ctx.sigma[k + 1] / a_next - ctx.sigma[k] / a
-    return a_next * (x / a + dsigma * eps)
+    return combine((a_next / a, x), (a_next * dsigma, eps))
 
 
 def heun(ctx, x, k):
@@ -203,8 +223,12 @@ def heun(ctx, x, k):
     x_next = _euler_step(ctx, x, eps, k)
     if not ctx.is_last(k):
         eps_next, _ = ctx.denoise(x_next, k + 1)
-        x_next = _euler_step(ctx, x, 0.5 * (eps + eps_next), k)
+        x_next = _euler_step(ctx, x, combine((0.5, eps), (0.5, eps_next)), k)
     return {"sample": x_next, "pred_xstart": pred_xstart}
+
+
+# Adams-Bashforth weights of the newest eps first, by how many past eps-hats exist.
+_ADAMS_BASHFORTH = {1: (1.5, -0.5), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def plms(ctx, x, k):
@@ -215,24 +239,18 @@ def plms(ctx, x, k):
     step evaluates the model twice, the next two use orders 2 and 3, so N
     steps cost N + 1 evaluations (N >= 2).
     """
-    eps, _ = ctx.denoise(x, k)
-    history = ctx.memory.setdefault("eps", [])
-    if not history and not ctx.is_last(k):
-        x_euler, _ = ctx.ddim_transfer(x, eps, k)
-        eps_next, _ = ctx.denoise(x_euler, k + 1)
-        combined = 0.5 * (eps + eps_next)
-    elif len(history) == 0:
+    eps, pred_xstart = ctx.denoise(x, k)
+    past = ctx.memory.get("eps", [])
+    if not past and not ctx.is_last(k):
+        eps_next, _ = ctx.denoise(ctx.ddim_transfer(x, eps, k), k + 1)
+        combined = combine((0.5, eps), (0.5, eps_next))
+    elif not past:
         combined = eps
-    elif len(history) == 1:
-        combined = (3 * eps - history[-1]) / 2
-    elif len(history) == 2:
-        combined = (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
     else:
-        combined = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
-    history.append(eps)
-    del history[:-3]
-    x_next, pred_xstart = ctx.ddim_transfer(x, combined, k)
-    return {"sample": x_next, "pred_xstart": pred_xstart}
+        weights = _ADAMS_BASHFORTH[len(past)]
+        combined = combine(*zip(weights, [eps, *reversed(past)]))
+    _remember(ctx, "eps", eps, keep=3)
+    return {"sample": ctx.ddim_transfer(x, combined, k), "pred_xstart": pred_xstart}
 
 
 def dpmpp_2m(ctx, x, k):
@@ -251,30 +269,30 @@ def _dpmpp_step(ctx, x, k, max_order):
     phi_1 = expm1(-h), phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2 and D0, D1,
     D2 the x0-hat, its first and second divided differences in lambda scaled by h
     (the Taylor expansion of x0-hat in lambda). The second-order form takes
-    -phi_1 / 2 for phi_2 and no D2, as Algorithm 2 does.
+    -phi_1 / 2 for phi_2 and no D2, as Algorithm 2 does. The differences are
+    linear in the last x0-hats m0, m1, m2, so the step is one linear combination.
     """
     _, pred_xstart = ctx.denoise(x, k)
-    history = ctx.memory.setdefault("x0", [])
-    history.append(pred_xstart)
-    del history[:-3]
-    order = ctx.order(k, max_order)
-    h = ctx.h(k)
+    m = _remember(ctx, "x0", pred_xstart, keep=3)[::-1]
+    order, h = ctx.order(k, max_order), ctx.h(k)
     phi_1 = math.expm1(-h)
-    sample = (ctx.sigma[k + 1] / ctx.sigma[k]) * x - ctx.alpha[k + 1] * phi_1 * pred_xstart
-    if order >= 2:
-        phi_2 = phi_1 / h + 1
+    base = -ctx.alpha[k + 1] * phi_1
+    weights = [base, 0.0, 0.0]
+    if order == 2:
         r0 = ctx.h(k - 1) / h
-        d1_0 = (history[-1] - history[-2]) / r0
-        if order == 2:
-            sample = sample - 0.5 * ctx.alpha[k + 1] * phi_1 * d1_0
-        else:
-            phi_3 = phi_2 / h - 0.5
-            r1 = ctx.h(k - 2) / h
-            d1_1 = (history[-2] - history[-3]) / r1
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            sample = sample + ctx.alpha[k + 1] * (phi_2 * d1 - phi_3 * d2)
-    return {"sample": sample, "pred_xstart": pred_xstart}
+        weights = [base * (1 + 0.5 / r0), -base * 0.5 / r0, 0.0]
+    elif order == 3:
+        phi_2 = phi_1 / h + 1
+        phi_3 = phi_2 / h - 0.5
+        r0, r1 = ctx.h(k - 1) / h, ctx.h(k - 2) / h
+        # D1 = (1 + q) D1_0 - q D1_1 and D2 = (D1_0 - D1_1) / (r0 + r1), q = r0 / (r0 + r1),
+        # with D1_0 = (m0 - m1) / r0 and D1_1 = (m1 - m2) / r1.
+        q = r0 / (r0 + r1)
+        u = ctx.alpha[k + 1] * (phi_2 * (1 + q) - phi_3 / (r0 + r1))
+        w = ctx.alpha[k + 1] * (phi_2 * q - phi_3 / (r0 + r1))
+        weights = [base + u / r0, -u / r0 - w / r1, w / r1]
+    terms = [(ctx.sigma[k + 1] / ctx.sigma[k], x)] + list(zip(weights[:order], m))
+    return {"sample": combine(*terms), "pred_xstart": pred_xstart}
 
 
 def dpmpp_2m_sde(ctx, x, k):
@@ -286,17 +304,16 @@ def dpmpp_2m_sde(ctx, x, k):
     """
     _, pred_xstart = ctx.denoise(x, k)
     h, eta = ctx.h(k), ctx.eta
-    previous = ctx.memory.get("x0")
-    ctx.memory["x0"] = pred_xstart
-    gain = -math.expm1(-(1 + eta) * h)
+    m = _remember(ctx, "x0", pred_xstart, keep=2)[::-1]
+    gain = -ctx.alpha[k + 1] * math.expm1(-(1 + eta) * h)
     decay = 0.0 if ctx.is_last(k) else (ctx.sigma[k + 1] / ctx.sigma[k]) * math.exp(-eta * h)
-    sample = decay * x + ctx.alpha[k + 1] * gain * pred_xstart
+    terms = [(decay, x), (gain, pred_xstart)]
     if ctx.order(k, 2) == 2:
         r = ctx.h(k - 1) / h
-        sample = sample + (0.5 * ctx.alpha[k + 1] * gain / r) * (pred_xstart - previous)
+        terms = [(decay, x), (gain * (1 + 0.5 / r), m[0]), (-gain * 0.5 / r, m[1])]
     if not ctx.is_last(k) and eta != 0:
-        sample = sample + ctx.sigma[k + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * ctx.noise(x)
-    return {"sample": sample, "pred_xstart": pred_xstart}
+        terms.append((ctx.sigma[k + 1] * math.sqrt(-math.expm1(-2 * eta * h)), ctx.noise(x)))
+    return {"sample": combine(*terms), "pred_xstart": pred_xstart}
 
 
 def unipc(ctx, x, k):
@@ -310,9 +327,7 @@ def unipc(ctx, x, k):
     memory = ctx.memory
     if "x" in memory and not ctx.is_last(k):
         x = _unipc_update(ctx, memory["x"], memory["x0"], memory["order"], k - 1, pred_xstart)
-    history = memory.setdefault("x0", [])
-    history.append(pred_xstart)
-    del history[:-2]
+    history = _remember(ctx, "x0", pred_xstart, keep=2)
     order = ctx.order(k, 2)
     memory.update(x=x, order=order)
     return {"sample": _unipc_update(ctx, x, history, order, k, None), "pred_xstart": pred_xstart}
@@ -320,27 +335,28 @@ def unipc(ctx, x, k):
 
 def _unipc_update(ctx, x, history, order, k, pred_xstart_next):
     """
-    From x at node k with x0-hats history[-order:] (the last at node k), x at node k+1:
-    (sigma_{k+1}/sigma_k) x - alpha_{k+1} [phi_1 x0_k + B(h) sum_m a_m D_m], with
-    D_m = (x0_m - x0_k) / r_m the divided differences at r_m = (lambda_m - lambda_k) / h.
-    As a predictor (pred_xstart_next None) it uses the order - 1 earlier points with
-    a = 1/2 for the one term of order 2; as the corrector it adds the point
-    r = 1 at node k+1 and solves sum_m a_m r_m^(i-1) = i! phi_{i+1}(-h) (-h) / B(h), i = 1 ... order.
+    From x at node k with x0-hats history[-order:] (the last, m_k, at node k), x at node k+1:
+    (sigma_{k+1}/sigma_k) x - alpha_{k+1} [phi_1 m_k + B(h) sum_j a_j D_j], with
+    D_j = (x0_j - m_k) / r_j the divided differences at r_j = (lambda_j - lambda_k) / h
+    and here B(h) = phi_1 = expm1(-h). As a predictor (pred_xstart_next None)
+    it uses the order - 1 earlier points with a = 1/2 for the one term of order
+    2; as the corrector it adds the point r = 1 at node k+1 and solves
+    sum_j a_j r_j^(i-1) = i! phi_{i+1}(-h) (-h) / B(h), i = 1 ... order.
     """
     h = ctx.h(k)
-    phi_1 = math.expm1(-h)
-    sample = (ctx.sigma[k + 1] / ctx.sigma[k]) * x - ctx.alpha[k + 1] * phi_1 * history[-1]
-    ratios = [(ctx.lam[k - m] - ctx.lam[k]) / h for m in range(1, order)]
-    diffs = [(history[-1 - m] - history[-1]) / r for m, r in zip(range(1, order), ratios)]
-    if pred_xstart_next is not None:
-        ratios.append(1.0)
-        diffs.append(pred_xstart_next - history[-1])
-        coefficients = [0.5] if len(ratios) == 1 else _unic_coefficients(ratios, -h)
+    base = -ctx.alpha[k + 1] * math.expm1(-h)
+    points = [history[-1 - j] for j in range(1, order)]
+    ratios = [(ctx.lam[k - j] - ctx.lam[k]) / h for j in range(1, order)]
+    if pred_xstart_next is None:
+        coefficients = [0.5] * len(points)
     else:
-        coefficients = [0.5] * len(diffs)
-    for a, diff in zip(coefficients, diffs):
-        sample = sample - ctx.alpha[k + 1] * phi_1 * a * diff
-    return sample
+        points.append(pred_xstart_next)
+        ratios.append(1.0)
+        coefficients = [0.5] if len(points) == 1 else _unic_coefficients(ratios, -h)
+    own = base * (1 - sum(a / r for a, r in zip(coefficients, ratios)))
+    terms = [(ctx.sigma[k + 1] / ctx.sigma[k], x), (own, history[-1])]
+    terms += [(base * a / r, point) for a, r, point in zip(coefficients, ratios, points)]
+    return combine(*terms)
 
 
 def _unic_coefficients(ratios, z):

@@ -17,6 +17,8 @@ SMOKE_RUNS = {
     "bench_unet.py": ["--iters", "1", "--warmup", "0", "--batch", "1", "--skip_memory", "--threads", "1"],
     "bench_train.py": ["--steps", "1", "--warmup", "0", "--threads", "1"],
     "bench_sample.py": ["--batch_size", "1", "--repeats", "1", "--threads", "1", "--precisions", "float32"],
+    "bench_samplers.py": ["--budgets", "5,8", "--num_points", "200", "--mixtures", "smooth", "--repeats", "1",
+                          "--overhead_batch", "2", "--overhead_steps", "4", "--threads", "1"],
     "bench_data.py": ["--num_images", "12", "--source_size", "16", "--image_size", "8", "--batch_size", "4",
                       "--batches", "2", "--workers", "0"],
 }

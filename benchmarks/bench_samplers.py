@@ -1,0 +1,215 @@
+"""
+The samplers of SPEC 11 measured three ways.
+
+1. Quality per model evaluation on an exact model (improved_diffusion.mixture:
+   a 2-D Gaussian mixture whose optimal denoiser is known, linear schedule of
+   1000 steps): for each sampler and budget of model evaluations, the Fréchet
+   distance of its samples to the mixture's exact moments and the RMS distance
+   to the exact probability-flow solution from the same x_T. Tables, and a
+   PNG plot of the error against evaluations (--plot).
+2. Each sampler's own cost per model evaluation, with a near-free model
+   (x -> 0.1 x) on a [64 x 3 x 32 x 32] batch, as a ratio to DDIM's in the same run.
+3. --cifar: the wall time of dpmpp_2m with 10 steps against ddim50 with the
+   benchmarks' small preset (a 32x32 UNet, random weights), one batch.
+
+    python benchmarks/bench_samplers.py                      # 1 and 2
+    python benchmarks/bench_samplers.py --cifar --plot samplers.png
+"""
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from improved_diffusion import samplers
+from improved_diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from improved_diffusion.mixture import GaussianMixture
+from improved_diffusion.respace import SpacedDiffusion, space_timesteps
+from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+from presets import SMALL_PRESET  # benchmarks/ is on sys.path when run as a script
+
+MIXTURES = {
+    "sharp": GaussianMixture([0.2, 0.3, 0.25, 0.25], [[-0.5, -0.5], [0.5, 0.5], [-0.5, 0.5], [0.6, -0.4]],
+                             [0.1, 0.15, 0.08, 0.12]),
+    "smooth": GaussianMixture([0.3, 0.7], [[-0.4, 0.2], [0.4, -0.1]], [0.3, 0.25]),
+}
+DETERMINISTIC = ("ddim", "euler", "heun", "plms", "dpmpp_2m", "dpmpp_3m", "unipc")
+
+
+def spaced(spec, steps=1000):
+    betas = get_named_beta_schedule("linear", steps)
+    return SpacedDiffusion(use_timesteps=space_timesteps(steps, spec, betas=betas), betas=betas,
+                           model_mean_type=ModelMeanType.EPSILON, model_var_type=ModelVarType.FIXED_SMALL,
+                           loss_type=LossType.MSE)
+
+
+def steps_for(sampler, evaluations):
+    """The most steps whose cost is within `evaluations` model evaluations (None if none)."""
+    fitting = [s for s in range(1, evaluations + 1) if samplers.model_evaluations(sampler, s) <= evaluations]
+    return max(fitting) if fitting else None
+
+
+def frechet_to_exact(samples, mixture):
+    mean, cov = mixture.moments()
+    sample_cov = torch.cov(samples.T)
+    values, vectors = torch.linalg.eigh(cov)
+    root = (vectors * values.sqrt()) @ vectors.T
+    inner_values = torch.linalg.eigvalsh(root @ sample_cov @ root).clamp(min=0)
+    return (((samples.mean(0) - mean) ** 2).sum() + torch.trace(sample_cov + cov) - 2 * inner_values.sqrt().sum()).item()
+
+
+def quality_table(mixture, budgets, spacing, n):
+    """{sampler: [(evaluations, FD, RMS error) per budget]} and the DDIM-100 and floor rows."""
+    alphas_cumprod = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
+    model = mixture.model(alphas_cumprod)
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = {}
+    results = {}
+    for name in samplers.SAMPLERS:
+        rows = []
+        for budget in budgets:
+            count = steps_for(name, budget)
+            diffusion = spaced(f"{spacing}{count}")
+            t_min = min(diffusion.timestep_map)
+            if t_min not in exact:
+                x = mixture.ode_solution(x_T, alphas_cumprod[-1], alphas_cumprod[t_min], steps=1000)
+                exact[t_min] = mixture.pred_xstart(x, alphas_cumprod[t_min])
+            out = diffusion.sample_loop(model, x_T.shape, name, noise=x_T, clip_denoised=False,
+                                        generator=torch.Generator().manual_seed(1))
+            error = ((out - exact[t_min]) ** 2).sum(1).mean().sqrt().item()
+            rows.append((samplers.model_evaluations(name, count), frechet_to_exact(out, mixture), error))
+        results[name] = rows
+    ddim_100 = spaced("ddim100").sample_loop(model, x_T.shape, "ddim", noise=x_T, clip_denoised=False)
+    floor = frechet_to_exact(exact[0], mixture) if 0 in exact else float("nan")
+    return results, frechet_to_exact(ddim_100, mixture), floor
+
+
+def print_quality(name, spacing, results, budgets, ddim_100, floor):
+    print(f"\n### {name} mixture, {spacing}N spacing: Fréchet distance to the exact moments (RMS error to the "
+          f"exact ODE solution)\n")
+    print("| sampler | " + " | ".join(f"{b} evals" for b in budgets) + " |")
+    print("| --- |" + " --- |" * len(budgets))
+    for sampler, rows in results.items():
+        cells = [f"{fd:.2e} ({err:.1e})" + ("" if evals == b else f" [{evals}]") for (evals, fd, err), b in
+                 zip(rows, budgets)]
+        print(f"| {sampler} | " + " | ".join(cells) + " |")
+    print(f"\nDDIM with 100 steps (ddim100): {ddim_100:.2e}; the exact solution's own distance "
+          f"(the estimate's floor): {floor:.2e}. [k]: k evaluations where the budget does not fit the sampler.")
+
+
+def plot(path, curves, budgets):
+    """A log-log PNG of RMS error against evaluations, one coloured line per sampler, with a legend."""
+    width, height, margin = 720, 480, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    errors = [e for rows in curves.values() for (_, _, e) in rows if e > 0]
+    low, high = math.log10(min(errors)), math.log10(max(errors))
+    left, right = math.log10(min(budgets)), math.log10(max(budgets))
+
+    def point(evals, error):
+        x = margin + (math.log10(evals) - left) / (right - left) * (width - 2 * margin)
+        y = height - margin - (math.log10(error) - low) / (high - low) * (height - 2 * margin)
+        return x, y
+
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    for b in budgets:
+        x, _ = point(b, 10**low)
+        draw.text((x - 6, height - margin + 8), str(b), fill="black")
+    for exponent in range(math.ceil(low), math.floor(high) + 1):
+        _, y = point(budgets[0], 10**exponent)
+        draw.text((8, y - 6), f"1e{exponent}", fill="black")
+    draw.text((width // 2 - 120, height - 24), "model evaluations (log)  vs  RMS error to the exact ODE (log)",
+              fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+    for k, (name, rows) in enumerate(curves.items()):
+        points = [point(evals, err) for evals, _, err in rows if err > 0]
+        draw.line(points, fill=colours[k % len(colours)], width=2)
+        draw.text((width - margin - 90, margin + 8 + 14 * k), name, fill=colours[k % len(colours)])
+    image.save(path)
+
+
+class NearFreeModel(torch.nn.Module):
+    def forward(self, x, timesteps):
+        return 0.1 * x
+
+
+def overhead_table(batch_size, steps, repeats):
+    """Median ms per model evaluation spent outside the model, per sampler, and its ratio to DDIM's."""
+    diffusion = spaced(f"logsnr{steps}", steps=1000)
+    model = NearFreeModel()
+    shape = (batch_size, 3, 32, 32)
+    times = {name: [] for name in samplers.SAMPLERS}
+    for _ in range(repeats + 1):
+        for name in samplers.SAMPLERS:
+            start = time.perf_counter()
+            diffusion.sample_loop(model, shape, name, generator=torch.Generator().manual_seed(0))
+            times[name].append((time.perf_counter() - start) / samplers.model_evaluations(name, steps))
+    per_eval = {name: statistics.median(values[1:]) * 1e3 for name, values in times.items()}
+    print(f"\n### Own cost per model evaluation, near-free model, batch {batch_size} of 3x32x32, {steps} steps\n")
+    print("| sampler | ms per evaluation | ratio to ddim |")
+    print("| --- | --- | --- |")
+    for name, ms in per_eval.items():
+        print(f"| {name} | {ms:.3f} | {ms / per_eval['ddim']:.2f} |")
+
+
+def cifar_wall_time(batch_size, repeats):
+    """Wall seconds of dpmpp_2m over logsnr10 and of ddim over ddim50 with the small preset, taken in turns."""
+    flags = {**model_and_diffusion_defaults(), **SMALL_PRESET}
+    model, _ = create_model_and_diffusion(**flags)
+    model.eval()
+    runs = {
+        "dpmpp_2m, logsnr10": (create_model_and_diffusion(**{**flags, "timestep_respacing": "logsnr10"})[1], "dpmpp_2m"),
+        "ddim, ddim50": (create_model_and_diffusion(**{**flags, "timestep_respacing": "ddim50"})[1], "ddim"),
+    }
+    shape = (batch_size, 3, 32, 32)
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, (diffusion, sampler) in runs.items():
+                start = time.perf_counter()
+                diffusion.sample_loop(model, shape, sampler, generator=torch.Generator().manual_seed(0))
+                times[name].append(time.perf_counter() - start)
+    print(f"\n### Small preset (32x32 UNet, 64 channels), batch {batch_size}, CPU, {torch.get_num_threads()} threads\n")
+    print("| sampler | model evaluations | median wall s | ratio to ddim50 |")
+    print("| --- | --- | --- | --- |")
+    reference = statistics.median(times["ddim, ddim50"])
+    for name, values in times.items():
+        evals = 10 if name.startswith("dpmpp") else 50
+        print(f"| {name} | {evals} | {statistics.median(values):.2f} | {statistics.median(values) / reference:.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="5,8,10,15,20,50")
+    parser.add_argument("--spacing", default="logsnr")
+    parser.add_argument("--num_points", type=int, default=20000)
+    parser.add_argument("--mixtures", default="sharp,smooth")
+    parser.add_argument("--plot", default="", help="write a PNG of error vs evaluations (first mixture)")
+    parser.add_argument("--overhead_batch", type=int, default=64)
+    parser.add_argument("--overhead_steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cifar", action="store_true")
+    parser.add_argument("--cifar_batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    for k, name in enumerate(args.mixtures.split(",")):
+        results, ddim_100, floor = quality_table(MIXTURES[name], budgets, args.spacing, args.num_points)
+        print_quality(name, args.spacing, results, budgets, ddim_100, floor)
+        if args.plot and k == 0:
+            plot(args.plot, {s: results[s] for s in DETERMINISTIC}, budgets)
+            print(f"\nplot: {args.plot}")
+    overhead_table(args.overhead_batch, args.overhead_steps, args.repeats)
+    if args.cifar:
+        cifar_wall_time(args.cifar_batch, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
