@@ -81,16 +81,25 @@ def _spaced_steps(name, num_timesteps, count, betas):
         targets = (num_timesteps - 1) * (1 - frac) ** 2
     else:
         grid = _log_snr(num_timesteps, betas, f"{name}{count}")
-        first, last = grid[-1], grid[0]
-        if name == "logsnr":
-            targets = first + (last - first) * (k / max(count - 1, 1))
-        else:
-            # Karras et al. eq. 5 in sigma = exp(-lambda), matched in log sigma.
-            inv_rho = 1.0 / KARRAS_RHO
-            sigma_max, sigma_min = math.exp(-first), math.exp(-last)
-            frac = k / max(count - 1, 1)
-            sigmas = (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** KARRAS_RHO
-            targets = -np.log(sigmas)
+        if np.isinf(grid[-1]) and count > 1:
+            # abar_{T-1} = 0 (zero terminal SNR): step T - 1 and count - 1 steps over the finite range.
+            return {num_timesteps - 1} | _lambda_steps(name, grid[:-1], count - 1)
+        return _lambda_steps(name, grid, count)
+    return _nearest_unused(grid, targets)
+
+
+def _lambda_steps(name, grid, count):
+    """`count` steps of lambda grid [T] from grid[-1] to grid[0]: uniform in lambda, or Karras's rho in sigma."""
+    first, last = grid[-1], grid[0]
+    frac = np.arange(count, dtype=np.float64) / max(count - 1, 1)
+    if name == "logsnr":
+        targets = first + (last - first) * frac
+    else:
+        # Karras et al. eq. 5 in sigma = exp(-lambda), matched in log sigma.
+        inv_rho = 1.0 / KARRAS_RHO
+        sigma_max, sigma_min = math.exp(-first), math.exp(-last)
+        sigmas = (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** KARRAS_RHO
+        targets = -np.log(sigmas)
     return _nearest_unused(grid, targets)
 
 

@@ -127,6 +127,11 @@ class SamplingContext:
         """
         d, t = self.diffusion, self.t(k)
         a, s = self.alpha[k], self.sigma[k]
+        if a == 0 and (d.model_mean_type.name == "EPSILON" or self.cond_fn is not None):
+            raise ValueError(
+                f"abar = 0 at timestep {k} of the walk (zero terminal SNR): eps-hat alone cannot give x0-hat "
+                "there; use a model that predicts x_0 (or drop that timestep from the respacing)"
+            )
         mean_output, _ = d._split_output(d._call_model(self.model, x, t, self.model_kwargs), x)
         if d.model_mean_type.name == "EPSILON" and self.denoised_fn is None and not self.clip_denoised:
             eps = mean_output
@@ -154,12 +159,14 @@ class SamplingContext:
     def order(self, k, max_order):
         """
         The multistep order at node k: at most max_order, at most k + 1 (the
-        history there is), at most the steps left when there are fewer than
-        LOWER_ORDER_FINAL_BELOW, and 1 for the step to the clean sample.
+        history there is), and, when there are fewer than LOWER_ORDER_FINAL_BELOW
+        steps, at most the number of steps left before the last node (so the
+        last step between timesteps is first order and the one before it at
+        most second, as the authors' DPM-Solver++); 1 for the step to the clean sample.
         """
         order = min(max_order, k + 1)
         if self.num_steps < LOWER_ORDER_FINAL_BELOW:
-            order = min(order, self.num_steps - k)
+            order = min(order, self.num_steps - 1 - k)
         return 1 if self.is_last(k) else order
 
 

@@ -1,5 +1,6 @@
 """
-Generate a large batch of image samples from a model and save them as one
+Generate a large batch of image samples from a model (with --sampler, any sampler of
+improved_diffusion/samplers.py; DDPM, or DDIM with --use_ddim True, by default) and save them as one
 npz (arr_0: uint8 [N x H x W x 3], arr_1: class labels when the model is
 class-conditional), a PNG grid beside it and, with --save_pngs, one PNG per
 sample. Run on several ranks with mpiexec or torchrun; the output depends only

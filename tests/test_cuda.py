@@ -46,6 +46,23 @@ def test_sampling_loops_make_no_host_sync(use_ddim):
     assert sample.device.type == "cuda" and torch.isfinite(sample).all()
 
 
+@pytest.mark.parametrize(
+    "sampler", ["ddpm", "ddim", "plms", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"]
+)
+def test_every_sampler_makes_no_host_sync(sampler):
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="logsnr8")
+    kwargs = {"y": torch.arange(4, device="cuda")}
+    diffusion.sample_loop(model, (4, 3, 16, 16), sampler, model_kwargs=kwargs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample = diffusion.sample_loop(model, (4, 3, 16, 16), sampler, model_kwargs=kwargs,
+                                       generator=torch.Generator("cuda").manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sample.device.type == "cuda" and torch.isfinite(sample).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_forward_is_close_to_float32(dtype):
     torch.manual_seed(0)

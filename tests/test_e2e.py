@@ -315,3 +315,14 @@ def test_a_bad_timestep_file_fails_cleanly(workspace, uncond_model):
     args = ["--model_path", uncond_model, "--timestep_respacing", bad, "--num_samples", 1]
     result = run_script("image_sample.py", args, workspace / "bad_steps", expect_ok=False)
     assert_clean_failure(result, "bad_steps.json", "strictly increasing")
+
+
+def test_super_res_sampling_takes_a_sampler(workspace, sr_model, uncond_model):
+    base_dir = workspace / "sr_sampler_base"
+    run_script("image_sample.py", ["--model_path", uncond_model, *DDIM, "--num_samples", 2, "--batch_size", 2],
+               base_dir)
+    args = ["--model_path", sr_model, "--base_samples", base_dir / "samples_2x8x8x3.npz", "--sampler", "unipc",
+            "--timestep_respacing", "ddim5", "--num_samples", 2, "--batch_size", 2, "--sample_name", "up"]
+    result = run_script("super_res_sample.py", args, workspace / "sr_sampler")
+    assert "sampler unipc over 5 timesteps" in result.stdout
+    assert load_only(workspace / "sr_sampler", "up_*.npz")["arr_0"].shape == (2, 16, 16, 3)
