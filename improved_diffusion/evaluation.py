@@ -1,0 +1,525 @@
+"""
+Sample-quality metrics as openai/guided-diffusion's evaluations/evaluator.py
+defines them (SPEC §14), in PyTorch.
+
+The metrics are plain functions of features, usable with any network:
+`frechet_distance` (FID, sFID), `inception_score` and `precision_recall`.
+The features come from the FID Inception-v3 (`FIDInceptionV3`), written here
+in plain torch with the module names of pytorch-fid's network, so that its
+weights file (WEIGHTS_FILENAME) loads unchanged: pytorch-fid itself builds on
+torchvision, which cannot be installed beside the CPU build of torch that this
+project pins. One forward gives all three kinds of features:
+
+- "pool": the 2048 pool-3 features (FID, precision and recall);
+- "logits": the 1008 class logits, the pool features times the softmax
+  layer's weights without its bias, as the evaluator takes them (IS);
+- "spatial": the first 7 channels of the 17 x 17 `mixed_6/conv` map
+  (Mixed_6d's 1x1 branch), flattened to 2023 features (sFID).
+
+Images go in as uint8 [N x H x W x 3] and are resized to 299 x 299 the way
+TensorFlow 1's bilinear resize inside the evaluator's graph does (no half-pixel
+offset), then mapped to [-1, 1] as (x - 128) / 128.
+"""
+
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
+INCEPTION_SIZE = 299
+NUM_CLASSES = 1008
+POOL_FEATURES = 2048
+SPATIAL_CHANNELS = 7
+SPATIAL_FEATURES = SPATIAL_CHANNELS * 17 * 17
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class EvaluationError(ValueError):
+    """Inputs or weights that the evaluation cannot use; the message says how to fix them."""
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def feature_statistics(features):
+    """float [N x D] -> (mu [D], sigma [D x D]): the Gaussian fit of FID, in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise EvaluationError(f"feature statistics need at least 2 feature vectors [N x D], got shape {features.shape}")
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
+
+
+def _psd_sqrt(sigma):
+    """The symmetric square root of a positive semi-definite matrix (negative rounding-error eigenvalues -> 0)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
+    return (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """
+    The Fréchet distance of N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau
+    1982; FID: Heusel et al. 2017, eq. 6), in float64.
+
+    tr((sigma1 sigma2)^(1/2)) is computed as the sum of the square roots of the
+    eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2), a similar, symmetric
+    positive semi-definite matrix: no scipy, and no complex parts for the
+    singular covariances of few samples.
+
+    :param mu1, mu2: float [D]; sigma1, sigma2: float [D x D] covariances.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise EvaluationError(
+            f"Fréchet distance of mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape} (they must come from the same features)"
+        )
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    # d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def inception_score(logits, split_size=5000):
+    """
+    Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), with
+    p(y) the mean prediction of each split of `split_size` consecutive samples
+    (the last split may be shorter).
+
+    :param logits: float [N x K] class logits.
+    :return: (mean, std) of the score over the splits.
+    """
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if logits.ndim != 2 or len(logits) == 0:
+        raise EvaluationError(f"inception_score needs logits [N x K] with N >= 1, got shape {tuple(logits.shape)}")
+    scores = []
+    for start in range(0, len(logits), split_size):
+        log_p = F.log_softmax(logits[start : start + split_size], dim=1)
+        log_p_y = torch.logsumexp(log_p, dim=0) - np.log(len(log_p))
+        kl = (log_p.exp() * (log_p - log_p_y)).sum(dim=1)
+        scores.append(float(kl.mean().exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _as_float_tensor(features, device):
+    """NumPy array or tensor [N x D] -> float32 tensor on `device` (the tensor's own device when None)."""
+    features = torch.as_tensor(features)
+    if features.ndim != 2:
+        raise EvaluationError(f"features must be [N x D], got shape {tuple(features.shape)}")
+    return features.to(device=device or features.device, dtype=torch.float32)
+
+
+def _squared_distances(a, b, b_norms):
+    """|a_i - b_j|^2 for a [M x D], b [N x D] with b_norms = |b_j|^2 [N] -> [M x N], never negative."""
+    return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b_norms).clamp_(min=0)
+
+
+def manifold_radii(features, k=3, batch_size=1000):
+    """
+    The squared distance of each feature vector to its k-th nearest neighbour
+    among the others (Kynkäänniemi et al. 2019, eq. 2's NN_k), `batch_size`
+    rows at a time.
+
+    :param features: float tensor [N x D], N > k.
+    :return: float tensor [N].
+    """
+    norms = features.square().sum(1)
+    radii = torch.empty(len(features), dtype=features.dtype, device=features.device)
+    for start in range(0, len(features), batch_size):
+        block = _squared_distances(features[start : start + batch_size], features, norms)
+        radii[start : start + batch_size] = block.topk(k + 1, dim=1, largest=False).values[:, k]
+    return radii
+
+
+def precision_recall(real_features, fake_features, k=3, batch_size=1000, device=None):
+    """
+    Improved precision and recall (Kynkäänniemi et al. 2019, eqs. 1-3): the
+    fraction of fake samples inside the real manifold (the union of balls
+    around each real sample reaching its k-th nearest real neighbour), and of
+    real samples inside the fake manifold. Distances are computed `batch_size`
+    rows at a time, so at most batch_size x max(N, M) of them exist at once.
+
+    :param real_features: float [N x D]; fake_features: float [M x D]; N, M > k.
+    :return: (precision, recall) as floats.
+    """
+    real = _as_float_tensor(real_features, device)
+    fake = _as_float_tensor(fake_features, real.device)
+    if min(len(real), len(fake)) <= k or real.shape[1] != fake.shape[1]:
+        raise EvaluationError(
+            f"precision and recall with k = {k} need more than {k} feature vectors of one width on each side, "
+            f"got {tuple(real.shape)} real and {tuple(fake.shape)} fake"
+        )
+    real_radii, fake_radii = manifold_radii(real, k, batch_size), manifold_radii(fake, k, batch_size)
+    fake_norms = fake.square().sum(1)
+    fake_inside = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
+    real_inside = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    for start in range(0, len(real), batch_size):
+        block = _squared_distances(real[start : start + batch_size], fake, fake_norms)
+        real_inside[start : start + batch_size] = (block <= fake_radii).any(1)
+        fake_inside |= (block <= real_radii[start : start + batch_size, None]).any(0)
+    return float(fake_inside.double().mean()), float(real_inside.double().mean())
+
+
+# ---------------------------------------------------------------- the FID Inception-v3
+
+
+class BasicConv2d(nn.Module):
+    """Convolution without bias, batch norm (TensorFlow's eps 0.001), ReLU."""
+
+    def __init__(self, in_channels, out_channels, **conv_args):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv_args)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_3x3(x):
+    """3x3 average pooling that, like TensorFlow's, leaves the zero padding out of the average."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b-d (35 x 35): 1x1, 5x5, double 3x3 and pooled branches."""
+
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        branches = [
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_avg_pool_3x3(x)),
+        ]
+        return torch.cat(branches, 1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a: 35 x 35 -> 17 x 17."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        branches = [
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, kernel_size=3, stride=2),
+        ]
+        return torch.cat(branches, 1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b-e (17 x 17): factorized 7x7 branches."""
+
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        double = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            double = conv(double)
+        branches = [
+            self.branch1x1(x),
+            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+            double,
+            self.branch_pool(_avg_pool_3x3(x)),
+        ]
+        return torch.cat(branches, 1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a: 17 x 17 -> 8 x 8."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        seven = x
+        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            seven = conv(seven)
+        branches = [self.branch3x3_2(self.branch3x3_1(x)), seven, F.max_pool2d(x, kernel_size=3, stride=2)]
+        return torch.cat(branches, 1)
+
+
+class InceptionE(nn.Module):
+    """
+    Mixed_7b-c (8 x 8): split 1x3 / 3x1 branches. The graph's last block
+    (`max_pool=True`) pools its pooled branch by maximum, not by average.
+    """
+
+    def __init__(self, in_channels, max_pool=False):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        single = self.branch3x3_1(x)
+        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool_3x3(x)
+        branches = [
+            self.branch1x1(x),
+            self.branch3x3_2a(single),
+            self.branch3x3_2b(single),
+            self.branch3x3dbl_3a(double),
+            self.branch3x3dbl_3b(double),
+            self.branch_pool(pooled),
+        ]
+        return torch.cat(branches, 1)
+
+
+def resize_bilinear_tf1(x, size):
+    """
+    Bilinear resize as TensorFlow 1's ResizeBilinear (align_corners=False, no
+    half-pixel centers): output pixel i samples input position i * in / out.
+
+    :param x: float [N x C x H x W] -> [N x C x size x size].
+    """
+    for dim in (2, 3):
+        length = x.shape[dim]
+        position = torch.arange(size, dtype=torch.float64, device=x.device) * (length / size)
+        low = position.floor().long().clamp(max=length - 1)
+        high = (low + 1).clamp(max=length - 1)
+        shape = [1, 1, 1, 1]
+        shape[dim] = size
+        weight = (position - low).to(x.dtype).view(shape)
+        x_low, x_high = x.index_select(dim, low), x.index_select(dim, high)
+        x = x_low + (x_high - x_low) * weight
+    return x
+
+
+class FIDInceptionV3(nn.Module):
+    """
+    The Inception-v3 of TensorFlow's 2015-12-05 graph that FID is defined
+    with, under the parameter names of pytorch-fid's port (its weights file
+    loads with strict=True).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(POOL_FEATURES, NUM_CLASSES)
+
+    def forward(self, images):
+        """
+        :param images: uint8 or float (0..255) [N x 3 x H x W].
+        :return: dict of float tensors: "pool" [N x 2048], "logits" [N x 1008],
+            "spatial" [N x 2023].
+        """
+        x = resize_bilinear_tf1(images.float(), INCEPTION_SIZE)
+        x = (x - 128) / 128
+        for stem in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3):
+            x = stem(x)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, kernel_size=3, stride=2)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
+            x = block(x)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]
+        for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        pool = x.mean(dim=(2, 3))
+        return {
+            "pool": pool,
+            "logits": pool @ self.fc.weight.T,
+            "spatial": spatial.permute(0, 2, 3, 1).flatten(1),
+        }
+
+
+def default_weights_paths():
+    """Where the weights file is looked for: torch hub's checkpoint cache (where pytorch-fid downloads it)."""
+    return [os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)]
+
+
+def find_weights(path=""):
+    """`path`, or the first existing default path; raises EvaluationError saying where to put the file."""
+    if path:
+        if not os.path.isfile(path):
+            raise EvaluationError(f"--inception_weights {path} does not exist (expected the file {WEIGHTS_FILENAME})")
+        return path
+    for candidate in default_weights_paths():
+        if os.path.isfile(candidate):
+            return candidate
+    raise EvaluationError(
+        f"no Inception weights found: download {WEIGHTS_FILENAME} from {WEIGHTS_URL} (pytorch-fid's release) "
+        f"and put it at {default_weights_paths()[0]}, or pass its path with --inception_weights PATH "
+        "(nothing is downloaded at run time)"
+    )
+
+
+def load_inception(path="", device="cpu"):
+    """The FIDInceptionV3 with the weights of find_weights(path), in eval mode on `device`."""
+    path = find_weights(path)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EvaluationError(f"cannot read the Inception weights {path}: {exc}") from exc
+    model = FIDInceptionV3()
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise EvaluationError(f"{path} is not the FID Inception-v3 state dict {WEIGHTS_FILENAME}: {exc}") from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def extract_features(model, images, device=None):
+    """
+    :param images: uint8 NumPy [N x H x W x 3].
+    :return: dict of float32 NumPy arrays, as FIDInceptionV3.forward's keys.
+    """
+    device = device or next(model.parameters()).device
+    batch = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+    return {key: value.float().cpu().numpy() for key, value in model(batch).items()}
+
+
+# ---------------------------------------------------------------- image inputs
+
+
+class NpzImages:
+    """The `arr_0` of an npz (uint8 [N x H x W x 3]), read in batches without loading it whole."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(self._member(archive)) as f:
+                version = np.lib.format.read_magic(f)
+                shape, fortran_order, dtype = _NPY_HEADER_READERS[version](f)
+                self.offset = f.tell()
+        except (OSError, zipfile.BadZipFile, ValueError) as exc:
+            raise EvaluationError(f"cannot read {path} as an npz file: {exc}") from exc
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
+            raise EvaluationError(
+                f"{path}: arr_0 is {dtype} {list(shape)}{' (Fortran order)' if fortran_order else ''}; "
+                "it must be uint8 [N x H x W x 3] in C order, as image_sample.py and ADM's reference batches write it"
+            )
+        self.num_images, self.image_shape = shape[0], tuple(shape[1:])
+
+    def _member(self, archive):
+        if "arr_0.npy" not in archive.namelist():
+            names = ", ".join(n.removesuffix(".npy") for n in archive.namelist()) or "nothing"
+            raise EvaluationError(f"{self.path} has no arr_0 (it holds {names}): save the images as its first array")
+        return "arr_0.npy"
+
+    def batches(self, batch_size, wanted=lambda index: True):
+        """Yield (batch index, uint8 [B x H x W x 3]) for the batches whose index `wanted` accepts."""
+        row_bytes = int(np.prod(self.image_shape))
+        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
+            for index, start in enumerate(range(0, self.num_images, batch_size)):
+                if not wanted(index):
+                    continue
+                count = min(batch_size, self.num_images - start)
+                f.seek(self.offset + start * row_bytes)
+                data = np.frombuffer(f.read(count * row_bytes), dtype=np.uint8)
+                yield index, data.reshape(count, *self.image_shape)
+
+
+class FolderImages:
+    """The images of a folder and its subfolders (sorted, depth first), as RGB, all of one size."""
+
+    def __init__(self, path):
+        self.path = path
+        self.files = _walk_images(path)
+        if not self.files:
+            raise EvaluationError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path} or its subfolders")
+        sizes = {}
+        for file in self.files:
+            with Image.open(file) as image:
+                sizes.setdefault(image.size, file)
+        if len(sizes) > 1:
+            examples = ", ".join(f"{file} is {w}x{h}" for (w, h), file in list(sizes.items())[:2])
+            raise EvaluationError(f"images in {path} differ in size ({examples}): resize them to one size first")
+        (width, height), = sizes
+        self.num_images, self.image_shape = len(self.files), (height, width, 3)
+
+    def batches(self, batch_size, wanted=lambda index: True):
+        """Yield (batch index, uint8 [B x H x W x 3]) for the batches whose index `wanted` accepts."""
+        for index, start in enumerate(range(0, self.num_images, batch_size)):
+            if wanted(index):
+                yield index, np.stack([_read_rgb(file) for file in self.files[start : start + batch_size]])
+
+
+def _walk_images(folder):
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            found.extend(_walk_images(path))
+        elif name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+            found.append(path)
+    return found
+
+
+def _read_rgb(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def open_images(path):
+    """NpzImages for an .npz file, FolderImages for a folder; EvaluationError otherwise."""
+    if os.path.isdir(path):
+        return FolderImages(path)
+    if os.path.isfile(path):
+        return NpzImages(path)
+    raise EvaluationError(f"{path} does not exist: give an .npz with arr_0 uint8 [N x H x W x 3] or an image folder")
