@@ -68,6 +68,7 @@ class ModelMeanType(enum.Enum):
     PREVIOUS_X = enum.auto()  # the model predicts x_{t-1}
     START_X = enum.auto()  # the model predicts x_0
     EPSILON = enum.auto()  # the model predicts the noise
+    VELOCITY = enum.auto()  # the model predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022)
 
 
 class ModelVarType(enum.Enum):
@@ -127,6 +128,21 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     return values.view(-1, *([1] * (len(broadcast_shape) - 1))).expand(broadcast_shape)
 
 
+def rescale_zero_terminal_snr(betas):
+    """
+    Betas whose sqrt(abar) is shifted and scaled so that abar at the last step
+    is exactly 0 and at the first unchanged (Lin et al. 2023, Algorithm 1).
+
+    :param betas: a 1-D array of betas; returns a new float64 array, the last beta 1.
+    """
+    sqrt_abar = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
+    abar = sqrt_abar**2
+    alphas = np.append(abar[0], abar[1:] / abar[:-1])
+    return 1.0 - alphas
+
+
 def _check_betas(betas):
     if betas.ndim != 1 or len(betas) == 0:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
@@ -154,13 +170,22 @@ class GaussianDiffusion:
     :param loss_type: a LossType.
     :param rescale_timesteps: pass the model timesteps scaled to [0, 1000) as
         floats, as the original DDPM code did.
+    :param snr_gamma: > 0 weights the mse term by min-SNR-gamma (Hang et al.
+        2023; see _snr_weights); 0 leaves it unweighted.
     """
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False):
+    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False,
+                 snr_gamma=0.0):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
+        if snr_gamma < 0 or (snr_gamma > 0 and loss_type.is_vb()):
+            raise ValueError(
+                f"snr_gamma={snr_gamma}: min-SNR weighting takes a gamma > 0 and weights the mse term, "
+                "which a KL loss (--use_kl True) does not have; drop --snr_gamma or --use_kl"
+            )
+        self.snr_gamma = snr_gamma
 
         betas = np.array(betas, dtype=np.float64)
         _check_betas(betas)
@@ -178,8 +203,9 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        with np.errstate(divide="ignore"):  # infinite where abar = 0 (zero terminal SNR); never read there
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
 
         # DDPM eq. 7: q(x_{t-1} | x_t, x_0) has variance beta_t (1 - abar_{t-1}) / (1 - abar_t).
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -360,6 +386,12 @@ class GaussianDiffusion:
             pred_xstart = self._predict_xstart_from_xprev(x, t, mean_output)
         elif self.model_mean_type == ModelMeanType.START_X:
             pred_xstart = mean_output
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            # Salimans & Ho 2022, eq. (v): x_0 = sqrt(abar) x_t - sqrt(1 - abar) v.
+            pred_xstart = (
+                self._extract("sqrt_alphas_cumprod", t, x.shape) * x
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x.shape) * mean_output
+            )
         else:
             pred_xstart = self._predict_xstart_from_eps(x, t, mean_output)
         if denoised_fn is not None:
@@ -398,6 +430,12 @@ class GaussianDiffusion:
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        # DDPM eq. 4 solved for eps: the reference's form, or one that stays finite
+        # where abar = 0 (a zero-terminal-SNR schedule).
+        if self.alphas_cumprod[-1] == 0:
+            return (
+                x_t - self._extract("sqrt_alphas_cumprod", t, x_t.shape) * pred_xstart
+            ) / self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape)
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
         ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
@@ -654,10 +692,36 @@ class GaussianDiffusion:
             ModelMeanType.PREVIOUS_X: lambda: self._q_posterior(x_start, x_t, t)[0],
             ModelMeanType.START_X: lambda: x_start,
             ModelMeanType.EPSILON: lambda: noise,
+            ModelMeanType.VELOCITY: lambda: (
+                self._extract("sqrt_alphas_cumprod", t, x_t.shape) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * x_start
+            ),
         }[self.model_mean_type]()
         terms["mse"] = mean_flat((target - model_output) ** 2)
+        if self.snr_gamma > 0:
+            terms["mse"] = terms["mse"] * self._snr_weights(t)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
+
+    def _snr_weights(self, t):
+        """
+        Min-SNR-gamma loss weights, [N] (Hang et al. 2023, eq. 7 and its
+        parameterizations): with SNR_t = abar / (1 - abar), min(SNR, gamma) / SNR
+        for eps (written min(1, gamma / SNR), finite at SNR = 0), min(SNR, gamma)
+        for x_0 and min(SNR, gamma) / (SNR + 1) for v.
+        """
+        abar = self._tables(t.device)["alphas_cumprod"][t]
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.model_mean_type == ModelMeanType.EPSILON:
+            weights = (self.snr_gamma / snr).clamp(max=1.0)
+        elif self.model_mean_type == ModelMeanType.START_X:
+            weights = clipped
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            weights = clipped / (snr + 1)
+        else:
+            raise ValueError("min-SNR weighting is defined for eps, x_0 and v prediction, not PREVIOUS_X")
+        return weights.float()
 
     def _prior_bpd(self, x_start):
         """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, [N]."""

@@ -389,6 +389,8 @@ SAMPLERS = {
     "unipc": unipc,
 }
 
+# Samplers that step in x / sqrt(abar), which no abar = 0 timestep allows.
+NEED_NONZERO_ABAR = ("euler", "heun", "plms")
 # Samplers that read ctx.eta, with their default noise scale.
 ETA_DEFAULTS = {"ddim": 0.0, "dpmpp_2m_sde": 1.0}
 # Samplers that draw noise at every step (and so read `generator` after x_T).
@@ -432,4 +434,9 @@ def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None,
     x = diffusion._initial_noise(model, shape, noise, device, generator)
     ctx = SamplingContext(diffusion, model, x.shape[0], x.device, clip_denoised, denoised_fn, model_kwargs,
                           cond_fn, eta, generator)
+    if ctx.alpha[0] == 0 and sampler in NEED_NONZERO_ABAR:
+        raise ValueError(
+            f"the {sampler} sampler steps in x / sqrt(abar), undefined at the first timestep where abar = 0 "
+            "(zero terminal SNR); use ddpm, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc"
+        )
     yield from walk(lambda x, k: step(ctx, x, k), x, ctx.num_steps, progress)

@@ -229,17 +229,17 @@ def test_ten_evaluations_match_ddim_with_many_steps(mixture, ddim_steps):
 
 
 @pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))
-@pytest.mark.parametrize("mean_type", ["START_X", "PREVIOUS_X"])
+@pytest.mark.parametrize("mean_type", ["START_X", "PREVIOUS_X", "VELOCITY"])
 def test_every_mean_type_gives_the_eps_model_samples(sampler, mean_type):
-    """The same exact denoiser written as x0 or as x_{t-1} samples as the eps form does."""
+    """The same exact denoiser written as x0, as x_{t-1} or as v samples as the eps form does."""
     steps = 40
     diffusion_eps = spaced([steps], steps=steps, schedule="cosine", var_type=ModelVarType.LEARNED_RANGE)
     diffusion = spaced([steps], steps=steps, schedule="cosine", mean_type=ModelMeanType[mean_type],
                        var_type=ModelVarType.LEARNED_RANGE)
     alphas_cumprod = base_alphas_cumprod(steps, "cosine")
     eps_model = SMOOTH.model(alphas_cumprod, learned_sigma=True)
-    if mean_type == "START_X":
-        model = SMOOTH.model(alphas_cumprod, "START_X", learned_sigma=True)
+    if mean_type in ("START_X", "VELOCITY"):
+        model = SMOOTH.model(alphas_cumprod, mean_type, learned_sigma=True)
     else:
         def model(x, t):
             out = SMOOTH.model(alphas_cumprod, "START_X", learned_sigma=True)(x, t)
