@@ -49,6 +49,9 @@ def model_and_diffusion_defaults():
         "timestep_respacing": "",
         "use_kl": False,
         "predict_xstart": False,
+        "predict_v": False,
+        "snr_gamma": 0.0,
+        "rescale_zero_terminal_snr": False,
         "rescale_timesteps": True,
         "rescale_learned_sigmas": True,
         "use_checkpoint": False,
@@ -143,6 +146,9 @@ def create_model_and_diffusion(
     use_scale_shift_norm,
     channel_mult="",
     num_classes=NUM_CLASSES,
+    predict_v=False,
+    snr_gamma=0.0,
+    rescale_zero_terminal_snr=False,
 ):
     """(UNetModel, SpacedDiffusion) from the flags of model_and_diffusion_defaults()."""
     flags = locals()
@@ -190,6 +196,9 @@ def sr_create_model_and_diffusion(
     use_scale_shift_norm,
     channel_mult="",
     num_classes=NUM_CLASSES,
+    predict_v=False,
+    snr_gamma=0.0,
+    rescale_zero_terminal_snr=False,
 ):
     """(SuperResModel, SpacedDiffusion) from the flags of sr_model_and_diffusion_defaults()."""
     flags = locals()
@@ -282,14 +291,27 @@ def create_gaussian_diffusion(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
+    predict_v=False,
+    snr_gamma=0.0,
+    rescale_zero_terminal_snr=False,
 ):
     """
     A SpacedDiffusion over the retained steps of `timestep_respacing` ("" keeps all).
 
     Loss: RESCALED_KL with use_kl, else RESCALED_MSE with rescale_learned_sigmas,
-    else MSE. Mean: START_X with predict_xstart, else EPSILON. Variance:
-    LEARNED_RANGE with learn_sigma, else FIXED_SMALL with sigma_small, else FIXED_LARGE.
+    else MSE, weighted by min-SNR-gamma when snr_gamma > 0. Mean: START_X with
+    predict_xstart, VELOCITY with predict_v, else EPSILON. Variance:
+    LEARNED_RANGE with learn_sigma, else FIXED_SMALL with sigma_small, else
+    FIXED_LARGE. rescale_zero_terminal_snr rescales the betas to abar_T = 0
+    (it needs predict_v or predict_xstart).
     """
+    if predict_v and predict_xstart:
+        raise ValueError("--predict_v and --predict_xstart exclude each other: give one")
+    if rescale_zero_terminal_snr and not (predict_v or predict_xstart):
+        raise ValueError(
+            "--rescale_zero_terminal_snr True makes abar = 0 at the last step, where an eps-prediction model "
+            "cannot give x_0: add --predict_v True (or --predict_xstart True)"
+        )
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
@@ -301,13 +323,19 @@ def create_gaussian_diffusion(
     else:
         var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if rescale_zero_terminal_snr:
+        betas = gd.rescale_zero_terminal_snr(betas)
+    mean_type = gd.ModelMeanType.EPSILON
+    if predict_xstart or predict_v:
+        mean_type = gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.VELOCITY
     return SpacedDiffusion(
         use_timesteps=space_timesteps(steps, timestep_respacing or [steps], betas=betas),
         betas=betas,
-        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_mean_type=mean_type,
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
+        snr_gamma=snr_gamma,
     )
 
 

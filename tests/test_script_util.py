@@ -76,9 +76,14 @@ def test_infer_model_flags_of_released_configurations(golden_dir):
         assert inferred.get("num_classes") == (1000 if flags["class_cond"] else None)
 
 
+# SPEC 15's objectives, off by default.
+OBJECTIVE_DEFAULTS = dict(predict_v=False, snr_gamma=0.0, rescale_zero_terminal_snr=False)
+
+
 def test_defaults():
-    assert su.model_and_diffusion_defaults() == dict(REFERENCE_DEFAULTS, channel_mult="", num_classes=1000)
-    expected_sr = dict(REFERENCE_DEFAULTS, large_size=256, small_size=64, channel_mult="", num_classes=1000)
+    new = dict(channel_mult="", num_classes=1000, **OBJECTIVE_DEFAULTS)
+    assert su.model_and_diffusion_defaults() == dict(REFERENCE_DEFAULTS, **new)
+    expected_sr = dict(REFERENCE_DEFAULTS, large_size=256, small_size=64, **new)
     del expected_sr["image_size"], expected_sr["sigma_small"]
     assert su.sr_model_and_diffusion_defaults() == expected_sr
     assert su.NUM_CLASSES == 1000
@@ -300,3 +305,21 @@ def test_load_fitting_weights_with_partial_flags():
     model = build(tiny_flags(learn_sigma=True))
     assert su.load_model_state_dict(model, weights, {}) is model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights.values()))
+
+
+def test_objective_flags_build_the_diffusion_they_name():
+    base = dict(steps=100, noise_schedule="linear")
+    assert su.create_gaussian_diffusion(**base, predict_v=True).model_mean_type.name == "VELOCITY"
+    assert su.create_gaussian_diffusion(**base, snr_gamma=5.0).snr_gamma == 5.0
+    zero = su.create_gaussian_diffusion(**base, predict_v=True, rescale_zero_terminal_snr=True)
+    assert zero.alphas_cumprod[-1] == 0.0
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (dict(rescale_zero_terminal_snr=True), "--predict_v True"),
+    (dict(predict_v=True, predict_xstart=True), "exclude each other"),
+    (dict(use_kl=True, snr_gamma=5.0), "--use_kl"),
+])
+def test_objective_flags_that_cannot_work_are_errors(flags, needle):
+    with pytest.raises(ValueError, match=needle):
+        su.create_gaussian_diffusion(steps=100, **flags)
