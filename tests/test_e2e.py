@@ -326,3 +326,18 @@ def test_super_res_sampling_takes_a_sampler(workspace, sr_model, uncond_model):
     result = run_script("super_res_sample.py", args, workspace / "sr_sampler")
     assert "sampler unipc over 5 timesteps" in result.stdout
     assert load_only(workspace / "sr_sampler", "up_*.npz")["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_v_prediction_with_zero_terminal_snr_trains_and_samples(workspace, data_dir):
+    flags = [*TINY_MODEL, "--predict_v", "True", "--rescale_zero_terminal_snr", "True", "--snr_gamma", 5]
+    model = train(workspace, "train_v", "image_train.py", data_dir, flags)
+    saved = json.loads((model.parent / "flags.json").read_text())
+    assert (saved["predict_v"], saved["rescale_zero_terminal_snr"], saved["snr_gamma"]) == (True, True, 5.0)
+    args = ["--model_path", model, "--sampler", "dpmpp_2m", "--timestep_respacing", "trailing4",
+            "--num_samples", 2, "--batch_size", 2]
+    result = run_script("image_sample.py", args, workspace / "v_samples")
+    assert "over 4 timesteps (19, 14, 9, 4)" in result.stdout
+    images = load_only(workspace / "v_samples", "samples_*.npz")["arr_0"]
+    assert images.shape == (2, 8, 8, 3) and len({images[0].tobytes(), images[1].tobytes()}) == 2
+    as_eps = run_script("image_sample.py", [*args, "--predict_v", "False"], workspace / "v_as_eps", expect_ok=False)
+    assert_clean_failure(as_eps, "--predict_v False", "flags.json")
