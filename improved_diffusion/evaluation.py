@@ -21,14 +21,22 @@ TensorFlow 1's bilinear resize inside the evaluator's graph does (no half-pixel
 offset), then mapped to [-1, 1] as (x - 128) / 128.
 """
 
+import hashlib
+import json
 import os
+import sys
 import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
+
+from . import dist_util
+from .io_util import atomic_open
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
@@ -38,6 +46,9 @@ POOL_FEATURES = 2048
 SPATIAL_CHANNELS = 7
 SPATIAL_FEATURES = SPATIAL_CHANNELS * 17 * 17
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
+NEAREST_K = 3
+MIN_IMAGES = NEAREST_K + 1
+STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool")
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -58,8 +69,8 @@ def feature_statistics(features):
 
 def _psd_sqrt(sigma):
     """The symmetric square root of a positive semi-definite matrix (negative rounding-error eigenvalues -> 0)."""
-    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
-    return (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
+    eigenvalues, eigenvectors = torch.linalg.eigh(sigma)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -74,18 +85,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
     :param mu1, mu2: float [D]; sigma1, sigma2: float [D x D] covariances.
     """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise EvaluationError(
-            f"Fréchet distance of mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
-            f"sigma {sigma1.shape} vs {sigma2.shape} (they must come from the same features)"
+            f"Fréchet distance of mismatched statistics: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
+            f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)} (they must come from the same features)"
         )
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
-    trace_sqrt = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     # d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
 
 
 def inception_score(logits, split_size=5000):
@@ -471,7 +481,7 @@ class NpzImages:
                     continue
                 count = min(batch_size, self.num_images - start)
                 f.seek(self.offset + start * row_bytes)
-                data = np.frombuffer(f.read(count * row_bytes), dtype=np.uint8)
+                data = np.frombuffer(bytearray(f.read(count * row_bytes)), dtype=np.uint8)
                 yield index, data.reshape(count, *self.image_shape)
 
 
@@ -523,3 +533,114 @@ def open_images(path):
     if os.path.isfile(path):
         return NpzImages(path)
     raise EvaluationError(f"{path} does not exist: give an .npz with arr_0 uint8 [N x H x W x 3] or an image folder")
+
+
+def check_inputs(named_readers):
+    """
+    Fail unless every input has at least MIN_IMAGES images and all have one image size.
+
+    :param named_readers: dict of name -> NpzImages or FolderImages.
+    """
+    for name, reader in named_readers.items():
+        if reader.num_images < MIN_IMAGES:
+            raise EvaluationError(
+                f"{name} {reader.path} has {reader.num_images} image(s); the metrics need at least {MIN_IMAGES} "
+                f"(precision and recall measure each image's {NEAREST_K} nearest neighbours; FID wants thousands)"
+            )
+    shapes = {f"{name} {reader.path}": reader.image_shape for name, reader in named_readers.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{where} is {h}x{w}" for where, (h, w, _) in shapes.items())
+        raise EvaluationError(f"the inputs differ in image size ({listed}): compare images of one size")
+
+
+# ---------------------------------------------------------------- features over ranks and statistics
+
+
+def dataset_features(model, reader, batch_size, desc="features"):
+    """
+    Features of every image of `reader`, batch b on rank b % world_size: each
+    batch is the same whatever the number of ranks, and so are its features.
+
+    :return: on rank 0, dict of float32 [N x F] arrays in image order (the
+        keys of FIDInceptionV3.forward); None on the other ranks.
+    """
+    rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
+    mine = []
+    total = sum(len(range(start, min(start + batch_size, reader.num_images)))
+                for index, start in enumerate(range(0, reader.num_images, batch_size)) if index % world_size == rank)
+    with tqdm(total=total, desc=desc, unit="image", disable=rank != 0, file=sys.stderr) as bar:
+        for index, images in reader.batches(batch_size, wanted=lambda i: i % world_size == rank):
+            mine.append((index, extract_features(model, images, dist_util.dev())))
+            bar.update(len(images))
+    if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if rank != 0:
+            return None
+        mine = [part for parts in gathered for part in parts]
+    mine.sort(key=lambda part: part[0])
+    return {key: np.concatenate([features[key] for _, features in mine]) for key in mine[0][1]}
+
+
+def reference_statistics(features):
+    """The cached form of a reference's features: Gaussian fits of pool and spatial features, and the pool ones."""
+    mu, sigma = feature_statistics(features["pool"])
+    mu_s, sigma_s = feature_statistics(features["spatial"])
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s, "pool": features["pool"]}
+
+
+def input_fingerprint(reader, weights_path):
+    """A digest of the input's files (names, sizes, modification times) and of the weights file's bytes."""
+    files = [reader.path] if isinstance(reader, NpzImages) else reader.files
+    listing = [(os.path.relpath(f, reader.path), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    digest = hashlib.sha256(json.dumps([os.path.abspath(reader.path), listing]).encode())
+    with open(weights_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_cached_statistics(path, fingerprint):
+    """The statistics cached at `path` for `fingerprint`, or None (no file, another input or other weights)."""
+    try:
+        with np.load(path) as cached:
+            if str(cached["fingerprint"]) != fingerprint:
+                return None
+            return {key: cached[key] for key in STATS_KEYS}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def save_statistics(path, stats, fingerprint):
+    """Write the statistics to `path` atomically; False (and a warning) if the folder is not writable."""
+    try:
+        with atomic_open(path) as f:
+            np.savez(f, fingerprint=np.array(fingerprint), **stats)
+    except OSError as exc:
+        print(f"warning: cannot cache the reference statistics at {path} ({exc}); they will be computed again",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def score(ref_stats, sample_features, split_size=5000):
+    """
+    The evaluator's metrics of samples against a reference.
+
+    :param ref_stats: reference_statistics of the reference.
+    :param sample_features: dict of the samples' "pool", "logits" and "spatial" features.
+    :return: dict of floats: inception_score (and _std), fid, sfid, precision, recall.
+    """
+    mu, sigma = feature_statistics(sample_features["pool"])
+    mu_s, sigma_s = feature_statistics(sample_features["spatial"])
+    inception_mean, inception_std = inception_score(sample_features["logits"], split_size)
+    precision, recall = precision_recall(ref_stats["pool"], sample_features["pool"], NEAREST_K,
+                                         device=dist_util.dev())
+    return {
+        "inception_score": inception_mean,
+        "inception_score_std": inception_std,
+        "fid": frechet_distance(ref_stats["mu"], ref_stats["sigma"], mu, sigma),
+        "sfid": frechet_distance(ref_stats["mu_s"], ref_stats["sigma_s"], mu_s, sigma_s),
+        "precision": precision,
+        "recall": recall,
+    }

@@ -1,0 +1,104 @@
+"""
+Score samples against reference images: Inception Score, FID, sFID, precision
+and recall, as openai/guided-diffusion's evaluations/evaluator.py defines them,
+with the FID Inception-v3 in PyTorch (improved_diffusion/evaluation.py).
+
+    python scripts/image_eval.py REF SAMPLES [--inception_weights PATH] [--batch_size B] [--output JSON]
+
+REF and SAMPLES are each an npz whose arr_0 is uint8 [N x H x W x 3] (ADM's
+reference batches, image_sample.py's samples) or a folder of images. The
+reference's statistics are cached (REF.fid_stats.npz, or --ref_stats) and
+reused while REF and the weights stay the same. Run on several ranks with
+mpiexec or torchrun: the numbers are the same as on one.
+"""
+
+import argparse
+import os
+
+from improved_diffusion import dist_util, evaluation
+from improved_diffusion.io_util import atomic_write_json
+from improved_diffusion.sample_util import UsageError, run_script
+
+ROWS = (
+    ("Inception Score", "inception_score"),
+    ("FID", "fid"),
+    ("sFID", "sfid"),
+    ("Precision", "precision"),
+    ("Recall", "recall"),
+)
+FEW_IMAGES = 2048  # below the feature width, FID's covariance is singular and the score strongly biased
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref", help="reference images: an npz (arr_0 uint8 [N x H x W x 3]) or an image folder")
+    parser.add_argument("samples", help="the images to score, in the same forms")
+    parser.add_argument("--inception_weights", default="",
+                        help=f"path of {evaluation.WEIGHTS_FILENAME} (default: torch hub's checkpoint cache)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward of the network")
+    parser.add_argument("--output", default="", help="the JSON to write (default: SAMPLES_eval.json beside SAMPLES)")
+    parser.add_argument("--ref_stats", default="", help="the cache of REF's statistics (default: REF.fid_stats.npz)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise UsageError("--batch_size must be at least 1")
+    stem = args.samples.rstrip("/")
+    args.output = args.output or (stem.removesuffix(".npz") + "_eval.json")
+    args.ref_stats = args.ref_stats or args.ref.rstrip("/") + ".fid_stats.npz"
+    return args
+
+
+def reference_statistics(model, reader, args, weights_path):
+    """On rank 0, REF's cached statistics or newly computed (and cached) ones; None on the other ranks."""
+    fingerprint = evaluation.input_fingerprint(reader, weights_path) if dist_util.get_rank() == 0 else None
+    cached = evaluation.load_cached_statistics(args.ref_stats, fingerprint) if fingerprint else None
+    if dist_util.broadcast_object(cached is not None):
+        print(f"reference statistics from {args.ref_stats}", flush=True)
+        return cached
+    features = evaluation.dataset_features(model, reader, args.batch_size, desc="reference features")
+    if features is None:
+        return None
+    stats = evaluation.reference_statistics(features)
+    if evaluation.save_statistics(args.ref_stats, stats, fingerprint):
+        print(f"reference statistics cached in {args.ref_stats}", flush=True)
+    return stats
+
+
+def format_table(metrics):
+    """The metrics as an aligned two-column table."""
+    lines = []
+    for label, key in ROWS:
+        value = f"{metrics[key]:.4f}"
+        if key == "inception_score":
+            value += f" ± {metrics['inception_score_std']:.4f}"
+        lines.append(f"{label:<16} {value}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist_util.setup_dist()
+    try:
+        readers = {"REF": evaluation.open_images(args.ref), "SAMPLES": evaluation.open_images(args.samples)}
+        evaluation.check_inputs(readers)
+        weights_path = evaluation.find_weights(args.inception_weights)
+        model = evaluation.load_inception(weights_path, dist_util.dev())
+    except evaluation.EvaluationError as exc:
+        raise UsageError(str(exc)) from exc
+    if dist_util.get_rank() == 0 and min(r.num_images for r in readers.values()) < FEW_IMAGES:
+        print(f"note: fewer than {FEW_IMAGES} images on one side: FID and sFID are strongly biased upwards "
+              "(papers use 50,000 samples)", flush=True)
+    ref_stats = reference_statistics(model, readers["REF"], args, weights_path)
+    features = evaluation.dataset_features(model, readers["SAMPLES"], args.batch_size, desc="sample features")
+    if dist_util.get_rank() == 0:
+        metrics = evaluation.score(ref_stats, features)
+        print(format_table(metrics), flush=True)
+        record = dict(metrics, ref=os.path.abspath(args.ref), samples=os.path.abspath(args.samples),
+                      num_ref=readers["REF"].num_images, num_samples=readers["SAMPLES"].num_images,
+                      inception_weights=os.path.abspath(weights_path))
+        atomic_write_json(args.output, record)
+        print(f"wrote {args.output}", flush=True)
+    dist_util.barrier()
+
+
+if __name__ == "__main__":
+    run_script(main)
