@@ -10,7 +10,10 @@ line of text. The outputs are chosen by name:
 - "log": the same, appended to `log.txt` in the log directory;
 - "csv": one row per dump appended to `progress.csv` (when a key appears
   later, the header is rewritten and earlier rows get empty cells);
-- "json": one JSON object per dump appended to `progress.json`.
+- "json": one JSON object per dump appended to `progress.json`;
+- "tensorboard": every numeric value as a TensorBoard scalar at the dump's
+  "step" value, in event files under `tb/` (needs the `tensorboard`
+  package, extra `[tensorboard]`).
 
 `configure` picks the directory (`OPENAI_LOGDIR`, else a new temporary
 folder) and the outputs (`OPENAI_LOG_FORMAT`, default "stdout,log,csv"). In a
@@ -123,6 +126,41 @@ class CSVOutputFormat:
         self.file.close()
 
 
+class TensorBoardOutputFormat:
+    """
+    Writes every numeric value of a dump as a scalar through
+    torch.utils.tensorboard, at the dump's "step" value (the number of dumps
+    so far when it has none), and images with `write_image`.
+    """
+
+    def __init__(self, path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(
+                "the tensorboard log format needs the tensorboard package: pip install tensorboard "
+                "(or pip install -e .[tensorboard]), or drop tensorboard from OPENAI_LOG_FORMAT"
+            ) from exc
+        self.writer = SummaryWriter(log_dir=path)
+        self.dumps = 0
+
+    def writekvs(self, kvs):
+        self.dumps += 1
+        step = int(kvs.get("step", self.dumps))
+        for key, value in kvs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def write_image(self, tag, image, step):
+        """Add uint8 [H x W x 3] `image` under `tag` at `step`."""
+        self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
 def _read_csv_header(path):
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return []
@@ -154,7 +192,7 @@ def _truncate(text):
 
 
 def make_output_format(format, ev_dir, log_suffix=""):
-    """The output named `format` ("stdout", "log", "csv" or "json") writing in `ev_dir`."""
+    """The output named `format` ("stdout", "log", "csv", "json" or "tensorboard") writing in `ev_dir`."""
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
         return HumanOutputFormat(sys.stdout)
@@ -164,7 +202,9 @@ def make_output_format(format, ev_dir, log_suffix=""):
         return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
     if format == "json":
         return JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"))
-    raise ValueError(f"unknown log format {format!r}; known formats: stdout, log, csv, json")
+    if format == "tensorboard":
+        return TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}"))
+    raise ValueError(f"unknown log format {format!r}; known formats: stdout, log, csv, json, tensorboard")
 
 
 def _to_python(value):
@@ -358,6 +398,37 @@ def profile_kv(name):
         yield
     finally:
         logkv_mean("wait_" + name, time.time() - start)
+
+
+class _Profile(contextlib.ContextDecorator):
+    """profile(name): profile_kv as a reusable decorator or context manager."""
+
+    def __init__(self, name):
+        self.name = name
+        self.starts = []
+
+    def __enter__(self):
+        self.starts.append(time.time())
+        return self
+
+    def __exit__(self, *exc_info):
+        logkv_mean("wait_" + self.name, time.time() - self.starts.pop())
+        return False
+
+
+def profile(name):
+    """
+    Time each call of the decorated function (`@logger.profile("step")`), or
+    each `with` block, into the mean of key "wait_<name>", as profile_kv does.
+    """
+    return _Profile(name)
+
+
+def log_image(tag, image, step):
+    """Write uint8 [H x W x 3] `image` to the current logger's tensorboard outputs (if any) at `step`."""
+    for fmt in get_current().output_formats:
+        if hasattr(fmt, "write_image"):
+            fmt.write_image(tag, image, step)
 
 
 def configure(dir=None, format_strs=None, comm=None, log_suffix=""):

@@ -2,8 +2,10 @@ import csv
 import json
 import os
 import re
+import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from _launch import LAUNCH_VARS
@@ -213,3 +215,57 @@ def test_profile_kv_times_a_block(tmp_path):
     with logger.profile_kv("io"):
         pass
     assert logger.dumpkvs()["wait_io"] >= 0.0
+
+
+def read_tensorboard(folder):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_writes_every_number_as_a_scalar_at_its_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    logger.configure(dir=str(tmp_path), format_strs="csv,tensorboard")
+    for step, loss in ((5, 0.25), (10, 0.125)):
+        logger.logkv("step", step)
+        logger.logkv_mean("loss", torch.tensor(loss))
+        logger.logkv("phase", "train")
+        logger.dumpkvs()
+    logger.logkv("fid", 42.5)
+    logger.dumpkvs()
+    logger.reset()
+    events = read_tensorboard(tmp_path / "tb")
+    assert sorted(events.Tags()["scalars"]) == ["fid", "loss", "step"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(5, 0.25), (10, 0.125)]
+    assert [(e.step, e.value) for e in events.Scalars("fid")] == [(3, 42.5)]
+
+
+def test_tensorboard_takes_images_from_log_image(tmp_path):
+    pytest.importorskip("tensorboard")
+    logger.configure(dir=str(tmp_path), format_strs="tensorboard")
+    logger.log_image("samples", np.zeros((6, 4, 3), dtype=np.uint8), step=7)
+    logger.reset()
+    (image,) = read_tensorboard(tmp_path / "tb").Images("samples")
+    assert (image.step, image.width, image.height) == (7, 4, 6)
+
+
+def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        logger.configure(dir=str(tmp_path), format_strs="tensorboard")
+
+
+def test_profile_decorates_a_function_and_times_each_call(tmp_path, monkeypatch):
+    logger.configure(dir=str(tmp_path), format_strs="")
+    clock = iter([100.0, 101.0, 200.0, 203.0, 300.0, 306.0])
+    monkeypatch.setattr(logger.time, "time", lambda: next(clock))
+
+    @logger.profile("work")
+    def work(x):
+        return 2 * x
+
+    assert work(3) == 6 and work(4) == 8
+    with logger.profile("block"):
+        pass
+    assert logger.dumpkvs() == {"wait_work": 2.0, "wait_block": 6.0}
