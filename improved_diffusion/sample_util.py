@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger, samplers
 from .io_util import CheckpointError, atomic_folder, atomic_open, atomic_write_bytes, is_local
+from .precision import warn_if_emulated_bf16
 from .run_flags import FLAGS_FILENAME, read_run_flags
 from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_dict
 
@@ -247,6 +248,7 @@ def load_model(args, create_fn, model_keys):
         model.convert_to_fp16()
     model.eval()
     if args.use_bf16:
+        warn_if_emulated_bf16(dist_util.dev())
         model = AutocastModel(model)
     if args.compile:
         model = torch.compile(model)

@@ -13,7 +13,7 @@ sample. At node k, abar_k is the cumulative product of the process's alphas,
 and node N has abar = 1 (alpha = 1, sigma = 0, lambda = +inf). With
 x_t = alpha x_0 + sigma eps, the model's output gives eps-hat and x0-hat,
 related by x_t = alpha x0-hat + sigma eps-hat. The probability-flow ODE has
-the exact solution, from lambda_s to lambda_t (Lu et al. 2022b, eq. 9):
+the exact solution, from lambda_s to lambda_t (Lu et al. 2022b, section 3, data prediction):
 
     x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0-hat(lambda) dlambda,
 

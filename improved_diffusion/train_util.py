@@ -42,6 +42,7 @@ from . import dist_util, logger
 from .checkpointing import CheckpointSet, plan_resume, prune, remove_stale_temporaries
 from .io_util import CheckpointError
 from .nn import update_ema
+from .precision import warn_if_emulated_bf16
 from .resample import LossAwareSampler, UniformSampler
 from .script_util import load_model_state_dict
 from .train_state import StepStats, StopRequest, capture_rng, rank_seed, restore_rng
@@ -146,6 +147,8 @@ class TrainLoop:
         self.rank = dist_util.get_rank() if dist_util.is_initialized() else 0
         self.world_size = dist_util.get_world_size() if dist_util.is_initialized() else 1
         self.autocast_dtype = torch.float16 if use_fp16 else torch.bfloat16 if use_bf16 else None
+        if use_bf16:
+            warn_if_emulated_bf16(dist_util.dev())
         self.step = 0
         self.saved_step = None
         self.stop = StopRequest()
