@@ -18,7 +18,13 @@ setup(
         "mpi": ["mpich", "mpi4py"],
         # Dataset preparation: the bundled digits come from scikit-learn, LSUN from LMDB.
         "datasets": ["scikit-learn", "lmdb"],
-        "test": ["pytest", "scikit-learn", "lmdb", "mpich", "mpi4py"],
+        # Evaluation: scipy only checks the Fréchet distance in the tests; the FID Inception-v3 is built in
+        # (pytorch-fid needs torchvision, which does not install beside the pinned CPU torch).
+        "eval": [],
+        # The "tensorboard" log format; plot_progress.py's figures.
+        "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "scikit-learn", "lmdb", "mpich", "mpi4py", "scipy", "tensorboard", "matplotlib"],
         "demo": ["scikit-learn"],
     },
 )

@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import pathlib
 import re
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from _launch import LAUNCH_VARS
 
 from improved_diffusion import logger
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV_VARS = LAUNCH_VARS + ("OPENAI_LOGDIR", "OPENAI_LOG_FORMAT", "OPENAI_LOG_FORMAT_MPI")
 
 
@@ -269,3 +271,49 @@ def test_profile_decorates_a_function_and_times_each_call(tmp_path, monkeypatch)
     with logger.profile("block"):
         pass
     assert logger.dumpkvs() == {"wait_work": 2.0, "wait_block": 6.0}
+
+
+def load_plot_progress():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_progress", ROOT / "scripts" / "plot_progress.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_progress(folder, fid_steps=()):
+    logger.configure(dir=str(folder), format_strs="csv")
+    for step in range(0, 50, 10):
+        logger.logkvs({"step": step, "loss": 1.0 / (step + 1), "mse": 0.5 / (step + 1), "vb": 0.1})
+        if step in fid_steps:
+            logger.logkv("fid", 300.0 - step)
+        logger.dumpkvs()
+    logger.reset()
+
+
+def test_plot_progress_reads_loss_terms_and_fid_at_their_steps(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    plot_progress = load_plot_progress()
+    write_progress(tmp_path / "plain")
+    write_progress(tmp_path / "eval", fid_steps=(20, 40))
+    series = plot_progress.read_progress(str(tmp_path / "eval" / "progress.csv"))
+    assert series["fid"] == ([20.0, 40.0], [280.0, 260.0])
+    assert series["loss"][0] == [0.0, 10.0, 20.0, 30.0, 40.0]
+    plot_progress.main([str(tmp_path / "plain")])
+    plot_progress.main([str(tmp_path / "eval"), "--output", str(tmp_path / "eval.png")])
+    with Image.open(tmp_path / "plain" / "progress.png") as plain, Image.open(tmp_path / "eval.png") as with_fid:
+        assert plain.size == (800, 400) and with_fid.size == (800, 700)
+        assert len(np.unique(np.asarray(plain.convert("RGB")).reshape(-1, 3), axis=0)) > 2
+
+
+def test_plot_progress_errors_name_the_problem(tmp_path):
+    plot_progress = load_plot_progress()
+    with pytest.raises(plot_progress.PlotError, match="does not exist"):
+        plot_progress.main([str(tmp_path)])
+    write_progress(tmp_path)
+    pytest.importorskip("matplotlib")
+    with pytest.raises(plot_progress.PlotError, match="none of the columns nll"):
+        plot_progress.main([str(tmp_path), "--keys", "nll"])
