@@ -10,6 +10,7 @@ error that names the flags to fix (`load_model_state_dict`).
 
 import argparse
 import inspect
+import math
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -17,10 +18,10 @@ from .unet import SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
 
-# channel_mult by image size. The three published sizes (32, 64, 256) never
-# change. Every level halves the resolution; sizes up to 32 go down to 4x4,
-# larger ones to 8x8. Sizes above 256 add one leading level of multiplier 1
-# per doubling: 512 -> (1, 1, 1, 2, 2, 4, 4).
+# channel_mult by image size. The published sizes (32, 64, 256, and
+# guided-diffusion's 128 and 512) never change. Every level halves the
+# resolution; sizes up to 32 go down to 4x4, larger ones to 8x8. Sizes above
+# 512 add one leading level of multiplier 0.5 per doubling.
 DEFAULT_CHANNEL_MULT = {
     8: (1, 2),
     16: (1, 2, 2),
@@ -28,7 +29,11 @@ DEFAULT_CHANNEL_MULT = {
     64: (1, 2, 3, 4),
     128: (1, 1, 2, 3, 4),
     256: (1, 1, 2, 2, 4, 4),
+    512: (0.5, 1, 1, 2, 2, 4, 4),
 }
+
+# Super-resolution models differ at 512, as in guided-diffusion's 128->512 upsampler.
+SR_DEFAULT_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4)}
 
 
 def model_and_diffusion_defaults():
@@ -58,6 +63,10 @@ def model_and_diffusion_defaults():
         "use_scale_shift_norm": True,
         "channel_mult": "",
         "num_classes": NUM_CLASSES,
+        "num_head_channels": -1,
+        "resblock_updown": False,
+        "use_new_attention_order": False,
+        "use_fp16": False,
     }
 
 
@@ -69,35 +78,42 @@ def sr_model_and_diffusion_defaults():
     return defaults
 
 
-def default_channel_mult(image_size):
-    """The channel_mult used for `image_size` when --channel_mult is empty (see DEFAULT_CHANNEL_MULT)."""
+def default_channel_mult(image_size, super_res=False):
+    """
+    The channel_mult used for `image_size` when --channel_mult is empty (see
+    DEFAULT_CHANNEL_MULT; SR_DEFAULT_CHANNEL_MULT first for a super-resolution model).
+    """
     if not _is_power_of_two(image_size) or image_size < 8:
         raise ValueError(
             f"unsupported image size {image_size}: use a power of two >= 8, "
             f"or give --channel_mult for other sizes"
         )
+    if super_res and image_size in SR_DEFAULT_CHANNEL_MULT:
+        return SR_DEFAULT_CHANNEL_MULT[image_size]
     largest = max(DEFAULT_CHANNEL_MULT)
     if image_size <= largest:
         return DEFAULT_CHANNEL_MULT[image_size]
     extra_levels = (image_size // largest).bit_length() - 1
-    return (1,) * extra_levels + DEFAULT_CHANNEL_MULT[largest]
+    return (0.5,) * extra_levels + DEFAULT_CHANNEL_MULT[largest]
 
 
 def parse_channel_mult(channel_mult, image_size, size_flag="image_size"):
     """
-    The width multipliers of each level as a tuple of ints.
+    The width multipliers of each level as a tuple of numbers (ints, or floats
+    for fractions such as 0.5; level l is int(num_channels * mult[l]) wide).
 
     :param channel_mult: "" (the default for image_size), a string such as
-                         "1,2,2,2", or a sequence of ints.
-    :param size_flag: the flag naming the image size, for error messages.
+                         "1,2,2,2" or "0.5,1,1,2,2,4,4", or a sequence of numbers.
+    :param size_flag: the flag naming the image size, for error messages
+                      ("large_size": a super-resolution model's defaults).
     """
     if channel_mult in ("", None):
-        return default_channel_mult(image_size)
-    mult = _parse_ints(channel_mult, "channel_mult", 'a comma-separated list such as "1,2,2,2"')
-    if not mult or min(mult) < 1:
+        return default_channel_mult(image_size, super_res=size_flag == "large_size")
+    mult = _parse_numbers(channel_mult, "channel_mult", 'a comma-separated list such as "1,2,2,2"')
+    if not mult or min(mult) <= 0:
         raise ValueError(
             f"--channel_mult {_format_ints(channel_mult)} is invalid: give positive "
-            f'integers such as "1,2,2,2"'
+            f'numbers such as "1,2,2,2" or "0.5,1,1,2"'
         )
     factor = 2 ** (len(mult) - 1)
     if image_size % factor:
@@ -149,6 +165,10 @@ def create_model_and_diffusion(
     predict_v=False,
     snr_gamma=0.0,
     rescale_zero_terminal_snr=False,
+    num_head_channels=-1,
+    resblock_updown=False,
+    use_new_attention_order=False,
+    use_fp16=False,
 ):
     """(UNetModel, SpacedDiffusion) from the flags of model_and_diffusion_defaults()."""
     flags = locals()
@@ -169,6 +189,10 @@ def create_model(
     dropout,
     channel_mult="",
     num_classes=NUM_CLASSES,
+    num_head_channels=-1,
+    resblock_updown=False,
+    use_new_attention_order=False,
+    use_fp16=False,
 ):
     """A UNetModel for 3-channel images of size image_size (6 output channels with learn_sigma)."""
     return _create_unet(UNetModel, image_size, "image_size", **_unet_flags(locals()))
@@ -199,6 +223,10 @@ def sr_create_model_and_diffusion(
     predict_v=False,
     snr_gamma=0.0,
     rescale_zero_terminal_snr=False,
+    num_head_channels=-1,
+    resblock_updown=False,
+    use_new_attention_order=False,
+    use_fp16=False,
 ):
     """(SuperResModel, SpacedDiffusion) from the flags of sr_model_and_diffusion_defaults()."""
     flags = locals()
@@ -231,6 +259,10 @@ def sr_create_model(
     dropout,
     channel_mult="",
     num_classes=NUM_CLASSES,
+    num_head_channels=-1,
+    resblock_updown=False,
+    use_new_attention_order=False,
+    use_fp16=False,
 ):
     """A SuperResModel producing large_size images; levels and attention follow large_size."""
     if small_size > large_size:
@@ -261,6 +293,10 @@ def _create_unet(
     dropout,
     channel_mult,
     num_classes,
+    num_head_channels,
+    resblock_updown,
+    use_new_attention_order,
+    use_fp16,
 ):
     if class_cond and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"--num_classes {num_classes} must be a positive integer with --class_cond True")
@@ -277,6 +313,11 @@ def _create_unet(
         num_heads=num_heads,
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
+        num_head_channels=num_head_channels,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+        use_fp16=use_fp16,
+        image_size=size,
     )
 
 
@@ -389,8 +430,25 @@ def _parse_ints(value, flag, expected):
         raise ValueError(f"--{flag} {value!r} is not {expected}") from None
 
 
+def _parse_numbers(value, flag, expected):
+    """
+    A tuple of finite numbers from "0.5,1,2", a number or a sequence: each an
+    int when it is whole, else a float. ValueError naming --flag otherwise.
+    """
+    if isinstance(value, (int, float)):
+        value = (value,)
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        numbers = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        numbers = [math.nan]
+    if not all(math.isfinite(n) for n in numbers):
+        raise ValueError(f"--{flag} {value!r} is not {expected}")
+    return tuple(int(n) if n.is_integer() else n for n in numbers)
+
+
 def _format_ints(values):
-    """(1, 2, 2) or "1,2,2" -> "1,2,2"."""
+    """(1, 2, 2) or "1,2,2" -> "1,2,2"; (0.5, 1) -> "0.5,1"."""
     if isinstance(values, str):
         return values
     return ",".join(str(v) for v in values)

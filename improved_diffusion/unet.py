@@ -2,7 +2,10 @@
 The UNet denoiser of improved-diffusion and its super-resolution variant.
 
 State dicts are interchangeable with the reference implementation: module
-names, parameter shapes and their order are the same. Attention runs through
+names, parameter shapes and their order are the same. The options of
+openai/guided-diffusion's ADM family (head width `num_head_channels`,
+residual up/downsampling `resblock_updown`, `use_new_attention_order`,
+fractional `channel_mult`) build its layouts as well. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`; residual and attention
 blocks can recompute their activations in the backward pass
 (`use_checkpoint`); the network runs under `torch.autocast` (normalization
@@ -11,6 +14,7 @@ float16 by `convert_to_fp16()`.
 """
 
 from abc import abstractmethod
+import math
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +128,9 @@ class ResBlock(TimestepBlock):
                                  activations instead of being added to them.
     :param dims: 1, 2 or 3 spatial dimensions.
     :param use_checkpoint: recompute activations in the backward pass.
+    :param up: upsample by 2 (guided-diffusion's resblock_updown): the main path
+               after its first normalization and activation, the skip path at its start.
+    :param down: downsample by 2 (2x2 average pooling) at the same two places.
     """
 
     def __init__(
@@ -136,6 +143,8 @@ class ResBlock(TimestepBlock):
         use_scale_shift_norm=False,
         dims=2,
         use_checkpoint=False,
+        up=False,
+        down=False,
     ):
         super().__init__()
         self.channels = channels
@@ -150,6 +159,15 @@ class ResBlock(TimestepBlock):
         self.in_layers = nn.Sequential(
             normalization(channels), SiLU(), conv_nd(dims, channels, out, 3, padding=1)
         )
+        if up and down:
+            raise ValueError("a ResBlock resamples up or down, not both: give up=True or down=True")
+        self.updown = up or down
+        if self.updown:
+            resample = Upsample if up else Downsample
+            self.h_upd = resample(channels, False, dims)
+            self.x_upd = resample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
             SiLU(), linear(emb_channels, 2 * out if use_scale_shift_norm else out)
         )
@@ -169,7 +187,11 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x, emb):
-        h = self.in_layers(x)
+        if self.updown:
+            h = self.in_layers[-1](self.h_upd(self.in_layers[:-1](x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
         if self.use_scale_shift_norm:
@@ -181,51 +203,121 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-class QKVAttention(nn.Module):
+def count_flops_attn(model, _x, y):
     """
-    Multi-head attention over packed queries, keys and values.
+    A `thop` counter for the attention modules: the two matrix products of
+    attention over T positions cost 2 * N * T^2 * C multiply-adds for an
+    output y of shape [N x C x T] (or [N x C x H x W], T = H * W). Use as
+    `thop.profile(model, inputs, custom_ops={QKVAttention: QKVAttention.count_flops})`.
+    """
+    out = y[0] if isinstance(y, (tuple, list)) else y
+    n, c, *spatial = out.shape
+    positions = math.prod(spatial)
+    model.total_ops += torch.DoubleTensor([2 * n * positions**2 * c])
 
-    Input [N x T x 3HD] (T positions): head h owns the channels [3hD, 3hD + 3D),
-    split into its query, key and value of D channels each. Output
-    [N x T x HD], head h in channels [hD, hD + D). The weights are
-    softmax(q.k / sqrt(D)), computed by scaled_dot_product_attention, whose
-    fused CPU and CUDA kernels accumulate the softmax in float32.
+
+class _PackedAttention(nn.Module):
+    """
+    Multi-head attention over packed queries, keys and values, with the
+    weights softmax(q.k / sqrt(C)) of scaled_dot_product_attention (whose
+    fused CPU and CUDA kernels accumulate the softmax in float32).
+
+    forward: [N x 3HC x T] -> [N x HC x T], the references' layout. The UNet
+    passes transposed views of [N x T x 3HC] tokens, which `_heads` reads
+    without a copy.
     """
 
-    def __init__(self, num_heads=1):
+    def __init__(self, n_heads=1):
         super().__init__()
-        self.num_heads = num_heads
+        self.n_heads = n_heads
 
     def forward(self, qkv):
-        n, length, width = qkv.shape
-        heads = qkv.view(n, length, self.num_heads, width // self.num_heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(*heads.chunk(3, dim=-1))
-        return out.transpose(1, 2).reshape(n, length, width // 3)
+        n, width, length = qkv.shape
+        if width % (3 * self.n_heads):
+            raise ValueError(f"{width} qkv channels do not split into q, k, v of {self.n_heads} heads")
+        q, k, v = self._heads(qkv.transpose(1, 2))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(n, length, width // 3).transpose(1, 2)
+
+    def _heads(self, tokens):
+        """[N x T x 3HC] -> q, k, v, each [N x H x T x C]."""
+        raise NotImplementedError
+
+    count_flops = staticmethod(count_flops_attn)
+
+
+class QKVAttentionLegacy(_PackedAttention):
+    """
+    improved-diffusion's head layout: head h owns the channels [3hC, 3hC + 3C),
+    split into its query, key and value of C channels each; its output goes to
+    channels [hC, hC + C).
+    """
+
+    def _heads(self, tokens):
+        n, length, width = tokens.shape
+        return tokens.reshape(n, length, self.n_heads, width // self.n_heads).transpose(1, 2).chunk(3, dim=-1)
+
+
+class QKVAttention(_PackedAttention):
+    """
+    guided-diffusion's new attention order: the channels split into q, k and v
+    first (thirds of HC channels), then each into heads, head h owning
+    [hC, hC + C) of each third; its output goes to channels [hC, hC + C).
+    """
+
+    def _heads(self, tokens):
+        n, length, _ = tokens.shape
+        return tuple(t.reshape(n, length, self.n_heads, -1).transpose(1, 2) for t in tokens.chunk(3, dim=-1))
+
+
+def attention_heads(channels, num_heads, num_head_channels):
+    """
+    The head count of an attention block of `channels` channels: num_heads,
+    or channels // num_head_channels when num_head_channels > 0.
+    """
+    if num_head_channels == -1:
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(
+                f"{num_heads} attention heads cannot split {channels} channels: choose "
+                f"--num_heads and --num_heads_upsample that divide every attention width"
+            )
+        return num_heads
+    if num_head_channels < 1 or channels % num_head_channels:
+        raise ValueError(
+            f"--num_head_channels {num_head_channels} does not divide the attention width {channels}: "
+            f"give a positive head width that divides every attention width, or -1 to use --num_heads"
+        )
+    return channels // num_head_channels
 
 
 class AttentionBlock(nn.Module):
     """
     Self-attention between all spatial positions, added to the input.
 
-    [N x C x ...] -> [N x C x ...], with `num_heads` heads of C / num_heads channels.
-    `qkv` and `proj_out` are 1x1 Conv1d modules (the reference's parameter
+    [N x C x ...] -> [N x C x ...], with `num_heads` heads (or heads of
+    `num_head_channels` channels when that is > 0), in improved-diffusion's
+    head layout or, with `use_new_attention_order`, guided-diffusion's.
+    `qkv` and `proj_out` are 1x1 Conv1d modules (the references' parameter
     layout); they are applied as matrix products over [N x T x C] tokens, so
     that each head's q, k and v are contiguous for the fused attention kernels.
     """
 
-    def __init__(self, channels, num_heads=1, use_checkpoint=False):
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        use_checkpoint=False,
+        num_head_channels=-1,
+        use_new_attention_order=False,
+    ):
         super().__init__()
-        if num_heads < 1 or channels % num_heads:
-            raise ValueError(
-                f"{num_heads} attention heads cannot split {channels} channels: choose "
-                f"--num_heads and --num_heads_upsample that divide every attention width"
-            )
         self.channels = channels
-        self.num_heads = num_heads
+        self.num_heads = attention_heads(channels, num_heads, num_head_channels)
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, 3 * channels, 1)
-        self.attention = QKVAttention(num_heads)
+        order = QKVAttention if use_new_attention_order else QKVAttentionLegacy
+        self.attention = order(self.num_heads)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x):
@@ -236,7 +328,7 @@ class AttentionBlock(nn.Module):
         x = x.reshape(n, c, -1)
         tokens = self.norm(x).transpose(1, 2)
         qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)
-        h = self.attention(qkv)
+        h = self.attention(qkv.transpose(1, 2)).transpose(1, 2)
         h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
         return (x + h.transpose(1, 2)).reshape(n, c, *spatial)
 
@@ -246,7 +338,8 @@ class UNetModel(nn.Module):
     The timestep-conditioned UNet.
 
     :param in_channels: channels of the input.
-    :param model_channels: base width; level l has model_channels * channel_mult[l] channels.
+    :param model_channels: base width; level l has int(model_channels * channel_mult[l])
+                           channels (multipliers may be fractions, as 0.5).
     :param out_channels: channels of the output.
     :param num_res_blocks: residual blocks per level on the way down (one more on the way up).
     :param attention_resolutions: downsampling factors (1, 2, 4, ...) at which
@@ -260,6 +353,17 @@ class UNetModel(nn.Module):
     :param num_heads: attention heads on the way down and in the middle.
     :param num_heads_upsample: attention heads on the way up (-1: num_heads).
     :param use_scale_shift_norm: FiLM-like conditioning in residual blocks.
+    :param num_head_channels: channels per attention head; when > 0 it sets the
+                              head count of every attention block instead of
+                              num_heads and num_heads_upsample (-1: unused).
+    :param resblock_updown: resample between levels with residual blocks
+                            (ResBlock up/down) instead of Upsample/Downsample.
+    :param use_new_attention_order: guided-diffusion's QKVAttention head layout
+                                    instead of QKVAttentionLegacy's.
+    :param use_fp16: guided-diffusion's flag, recorded as `self.use_fp16`; the
+                     weights stay float32 (float16 arithmetic comes from
+                     torch.autocast in the training loop, or from convert_to_fp16()).
+    :param image_size: the image size, recorded as `self.image_size` (guided-diffusion's argument).
     """
 
     def __init__(
@@ -278,6 +382,11 @@ class UNetModel(nn.Module):
         num_heads=1,
         num_heads_upsample=-1,
         use_scale_shift_norm=False,
+        num_head_channels=-1,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        use_fp16=False,
+        image_size=None,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -296,6 +405,11 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_heads_upsample = num_heads_upsample
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.num_head_channels = num_head_channels
+        self.resblock_updown = resblock_updown
+        self.use_new_attention_order = use_new_attention_order
+        self.use_fp16 = use_fp16
+        self.image_size = image_size
 
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(
@@ -304,7 +418,7 @@ class UNetModel(nn.Module):
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
         skip_widths = self._build_input_blocks()
-        width = model_channels * self.channel_mult[-1]
+        width = self._width(-1)
         self.middle_block = TimestepEmbedSequential(
             self._res_block(width, width),
             self._attention(width, num_heads),
@@ -312,12 +426,16 @@ class UNetModel(nn.Module):
         )
         self._build_output_blocks(skip_widths)
         self.out = nn.Sequential(
-            normalization(model_channels),
+            normalization(self._width(0)),
             SiLU(),
-            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+            zero_module(conv_nd(dims, self._width(0), out_channels, 3, padding=1)),
         )
 
-    def _res_block(self, channels, out_channels):
+    def _width(self, level):
+        """The width of a level: int(model_channels * channel_mult[level])."""
+        return int(self.model_channels * self.channel_mult[level])
+
+    def _res_block(self, channels, out_channels, up=False, down=False):
         return ResBlock(
             channels,
             4 * self.model_channels,
@@ -326,47 +444,65 @@ class UNetModel(nn.Module):
             dims=self.dims,
             use_checkpoint=self.use_checkpoint,
             use_scale_shift_norm=self.use_scale_shift_norm,
+            up=up,
+            down=down,
         )
 
     def _attention(self, channels, num_heads):
-        return AttentionBlock(channels, num_heads=num_heads, use_checkpoint=self.use_checkpoint)
+        return AttentionBlock(
+            channels,
+            num_heads=num_heads,
+            use_checkpoint=self.use_checkpoint,
+            num_head_channels=self.num_head_channels,
+            use_new_attention_order=self.use_new_attention_order,
+        )
+
+    def _downsample(self, channels):
+        """The block closing a level on the way down: [N x C x H x W] -> [N x C x H/2 x W/2]."""
+        if self.resblock_updown:
+            return self._res_block(channels, channels, down=True)
+        return Downsample(channels, self.conv_resample, dims=self.dims)
+
+    def _upsample(self, channels):
+        """The layer closing a level on the way up: [N x C x H x W] -> [N x C x 2H x 2W]."""
+        if self.resblock_updown:
+            return self._res_block(channels, channels, up=True)
+        return Upsample(channels, self.conv_resample, dims=self.dims)
 
     def _build_input_blocks(self):
         """Create `input_blocks`; return the width of each block's output (the skips)."""
-        ch = self.model_channels
+        ch = self._width(0)
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(conv_nd(self.dims, self.in_channels, ch, 3, padding=1))]
         )
         skip_widths = [ch]
-        for level, mult in enumerate(self.channel_mult):
+        for level in range(len(self.channel_mult)):
             ds = 2**level
             for _ in range(self.num_res_blocks):
-                layers = [self._res_block(ch, mult * self.model_channels)]
-                ch = mult * self.model_channels
+                layers = [self._res_block(ch, self._width(level))]
+                ch = self._width(level)
                 if ds in self.attention_resolutions:
                     layers.append(self._attention(ch, self.num_heads))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_widths.append(ch)
             if level != len(self.channel_mult) - 1:
-                self.input_blocks.append(
-                    TimestepEmbedSequential(Downsample(ch, self.conv_resample, dims=self.dims))
-                )
+                self.input_blocks.append(TimestepEmbedSequential(self._downsample(ch)))
                 skip_widths.append(ch)
         return skip_widths
 
     def _build_output_blocks(self, skip_widths):
         """Create `output_blocks`, consuming the skip widths from the deepest one."""
-        ch = self.model_channels * self.channel_mult[-1]
+        ch = self._width(-1)
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(self.channel_mult))):
-            width = self.model_channels * self.channel_mult[level]
+            width = self._width(level)
             for i in range(self.num_res_blocks + 1):
                 layers = [self._res_block(ch + skip_widths.pop(), width)]
                 ch = width
                 if 2**level in self.attention_resolutions:
                     layers.append(self._attention(ch, self.num_heads_upsample))
                 if level and i == self.num_res_blocks:
-                    layers.append(Upsample(ch, self.conv_resample, dims=self.dims))
+                    layers.append(self._upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
     def convert_to_fp16(self):

@@ -78,10 +78,12 @@ def test_infer_model_flags_of_released_configurations(golden_dir):
 
 # SPEC 15's objectives, off by default.
 OBJECTIVE_DEFAULTS = dict(predict_v=False, snr_gamma=0.0, rescale_zero_terminal_snr=False)
+# SPEC 13's guided-diffusion options, off by default.
+GUIDED_DEFAULTS = dict(num_head_channels=-1, resblock_updown=False, use_new_attention_order=False, use_fp16=False)
 
 
 def test_defaults():
-    new = dict(channel_mult="", num_classes=1000, **OBJECTIVE_DEFAULTS)
+    new = dict(channel_mult="", num_classes=1000, **OBJECTIVE_DEFAULTS, **GUIDED_DEFAULTS)
     assert su.model_and_diffusion_defaults() == dict(REFERENCE_DEFAULTS, **new)
     expected_sr = dict(REFERENCE_DEFAULTS, large_size=256, small_size=64, **new)
     del expected_sr["image_size"], expected_sr["sigma_small"]
@@ -91,10 +93,23 @@ def test_defaults():
 
 @pytest.mark.parametrize("size, mult", [
     (8, (1, 2)), (16, (1, 2, 2)), (32, (1, 2, 2, 2)), (64, (1, 2, 3, 4)),
-    (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4)), (512, (1, 1, 1, 2, 2, 4, 4)),
+    (128, (1, 1, 2, 3, 4)), (256, (1, 1, 2, 2, 4, 4)), (512, (0.5, 1, 1, 2, 2, 4, 4)),
+    (1024, (0.5, 0.5, 1, 1, 2, 2, 4, 4)),
 ])
 def test_default_channel_mult(size, mult):
     assert su.default_channel_mult(size) == mult
+
+
+def test_super_resolution_default_channel_mult_at_512():
+    assert su.default_channel_mult(512, super_res=True) == (1, 1, 2, 2, 4, 4)
+    assert su.default_channel_mult(256, super_res=True) == su.default_channel_mult(256)
+
+
+def test_fractional_channel_mult():
+    model = build(tiny_flags(num_channels=64, channel_mult="0.5,1,1.5"))
+    assert model.channel_mult == (0.5, 1, 1.5)
+    assert [model.input_blocks[i][0].out_channels for i in (1, 3, 5)] == [32, 64, 96]
+    assert model.input_blocks[0][0].out_channels == model.out[2].in_channels == 32
 
 
 @pytest.mark.parametrize("size", [0, 4, 48, 100, 300])
@@ -112,7 +127,8 @@ def test_channel_mult_flag_overrides_the_size_default():
 @pytest.mark.parametrize("value, message", [
     ("1,a", "is not a comma-separated list"),
     ("1,,2", "is not a comma-separated list"),
-    ("0,1", "give positive integers"),
+    ("0,1", "give positive numbers"),
+    ("1,nan", "is not a comma-separated list"),
     ("1,2,2,2,2,2", "--image_size 16 cannot be halved 5 times"),
 ])
 def test_bad_channel_mult(value, message):

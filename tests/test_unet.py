@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from improved_diffusion import script_util
 from improved_diffusion.fp16_util import convert_module_to_f16
 from improved_diffusion.nn import Dropout
-from improved_diffusion.unet import QKVAttention, SuperResModel, UNetModel
+from improved_diffusion.unet import QKVAttention, QKVAttentionLegacy, SuperResModel, UNetModel
 
 REGRESSION_FILE = pathlib.Path(__file__).parent / "data" / "unet_regression.pt"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -134,16 +134,33 @@ def test_regression_data(name, device, monkeypatch):
     assert relative_error(out, expected) < 2e-4
 
 
-def test_attention_head_layout():
+def _reference_attention(q, k, v):
+    """softmax(q.k / sqrt(d)) v for q, k, v of shape [N x d x T] -> [N x d x T]."""
+    weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(q.shape[1]), dim=-1)
+    return (weights @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def test_legacy_attention_head_layout():
     """Head h reads channels [3hd, 3hd + 3d) as q, k, v and writes [hd, hd + d)."""
     torch.manual_seed(1)
     n, length, heads, d = 2, 10, 3, 4
-    qkv = torch.randn(n, length, 3 * heads * d)
-    out = QKVAttention(heads)(qkv)
+    qkv = torch.randn(n, 3 * heads * d, length)
+    out = QKVAttentionLegacy(heads)(qkv)
     for h in range(heads):
-        q, k, v = qkv[:, :, 3 * h * d : 3 * (h + 1) * d].split(d, dim=-1)
-        weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
-        torch.testing.assert_close(out[:, :, h * d : (h + 1) * d], weights @ v, rtol=1e-5, atol=1e-6)
+        q, k, v = qkv[:, 3 * h * d : 3 * (h + 1) * d].split(d, dim=1)
+        torch.testing.assert_close(out[:, h * d : (h + 1) * d], _reference_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_new_attention_order_head_layout():
+    """q, k, v are the thirds of the channels; head h owns [hd, hd + d) of each and of the output."""
+    torch.manual_seed(1)
+    n, length, heads, d = 2, 10, 3, 4
+    qkv = torch.randn(n, 3 * heads * d, length)
+    out = QKVAttention(heads)(qkv)
+    thirds = qkv.chunk(3, dim=1)
+    for h in range(heads):
+        q, k, v = (third[:, h * d : (h + 1) * d] for third in thirds)
+        torch.testing.assert_close(out[:, h * d : (h + 1) * d], _reference_attention(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 def _loss_and_grads(model, x, t, seed):
