@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from improved_diffusion import samplers
+from improved_diffusion.evaluation import feature_statistics, frechet_distance
 from improved_diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from improved_diffusion.mixture import GaussianMixture
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps
@@ -55,12 +56,9 @@ def steps_for(sampler, evaluations):
 
 
 def frechet_to_exact(samples, mixture):
+    """Fréchet distance of the samples' Gaussian fit to the mixture's exact moments."""
     mean, cov = mixture.moments()
-    sample_cov = torch.cov(samples.T)
-    values, vectors = torch.linalg.eigh(cov)
-    root = (vectors * values.sqrt()) @ vectors.T
-    inner_values = torch.linalg.eigvalsh(root @ sample_cov @ root).clamp(min=0)
-    return (((samples.mean(0) - mean) ** 2).sum() + torch.trace(sample_cov + cov) - 2 * inner_values.sqrt().sum()).item()
+    return frechet_distance(*feature_statistics(samples.numpy()), mean.numpy(), cov.numpy())
 
 
 def quality_table(mixture, budgets, spacing, n):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from improved_diffusion import samplers
+from improved_diffusion.evaluation import feature_statistics, frechet_distance
 from improved_diffusion.gaussian_diffusion import (
     GaussianDiffusion,
     LossType,
@@ -62,18 +63,10 @@ def rms(a, b):
     return ((a - b) ** 2).sum(1).mean().sqrt().item()
 
 
-def sqrtm_psd(matrix):
-    values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-
-
 def frechet_to_exact(samples, mixture):
     """Fréchet distance between the samples' Gaussian fit and the mixture's exact moments."""
     mean, cov = mixture.moments()
-    sample_cov = torch.cov(samples.T)
-    root = sqrtm_psd(cov)
-    cross = sqrtm_psd(root @ sample_cov @ root)
-    return (((samples.mean(0) - mean) ** 2).sum() + torch.trace(sample_cov + cov - 2 * cross)).item()
+    return frechet_distance(*feature_statistics(samples.numpy()), mean.numpy(), cov.numpy())
 
 
 # ---------------------------------------------------------------- identities
