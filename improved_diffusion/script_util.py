@@ -454,15 +454,121 @@ def _format_ints(values):
     return ",".join(str(v) for v in values)
 
 
+# guided-diffusion's published diffusion checkpoints and the flags that load
+# each here (its README's flags; dropout only matters for fine-tuning). With
+# 1000 steps, this library's defaults --rescale_timesteps True and
+# --rescale_learned_sigmas True give the same numbers as guided-diffusion's False.
+_ADM_256 = (
+    "--attention_resolutions 32,16,8 --diffusion_steps 1000 --image_size 256 --learn_sigma True "
+    "--noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 "
+    "--resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+)
+GUIDED_DIFFUSION_CHECKPOINTS = {
+    "64x64_diffusion.pt": (
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
+        "--image_size 64 --learn_sigma True --noise_schedule cosine --num_channels 192 --num_head_channels 64 "
+        "--num_res_blocks 3 --resblock_updown True --use_new_attention_order True --use_fp16 True "
+        "--use_scale_shift_norm True"
+    ),
+    "128x128_diffusion.pt": (
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 128 "
+        "--learn_sigma True --noise_schedule linear --num_channels 256 --num_heads 4 --num_res_blocks 2 "
+        "--resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+    ),
+    "256x256_diffusion.pt": _ADM_256 + " --class_cond True",
+    "256x256_diffusion_uncond.pt": _ADM_256 + " --class_cond False",
+    "512x512_diffusion.pt": (
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 512 "
+        "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+        "--num_res_blocks 2 --resblock_updown True --use_fp16 False --use_scale_shift_norm True"
+    ),
+    "64_256_upsampler.pt": (
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --large_size 256 "
+        "--small_size 64 --learn_sigma True --noise_schedule linear --num_channels 192 --num_heads 4 "
+        "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+    ),
+    "128_512_upsampler.pt": (
+        "--attention_resolutions 32,16 --class_cond True --diffusion_steps 1000 --large_size 512 "
+        "--small_size 128 --learn_sigma True --noise_schedule linear --num_channels 192 "
+        "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
+        "--use_scale_shift_norm True"
+    ),
+    "lsun_bedroom.pt": _ADM_256 + " --class_cond False --dropout 0.1",
+    "lsun_cat.pt": _ADM_256 + " --class_cond False --dropout 0.1",
+    "lsun_horse.pt": _ADM_256 + " --class_cond False --dropout 0.1",
+    "lsun_horse_nodropout.pt": _ADM_256 + " --class_cond False --dropout 0.0",
+}
+
+# The flags that shape attention but not the weights: a published layout's values are a hint.
+_HEAD_FLAGS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order")
+
+
+def guided_checkpoint_flags(name):
+    """
+    The full flag dict (this library's defaults, then the published flags) of
+    a GUIDED_DIFFUSION_CHECKPOINTS entry, for create_model_and_diffusion or,
+    for an upsampler, sr_create_model_and_diffusion.
+    """
+    argv = GUIDED_DIFFUSION_CHECKPOINTS[name].split()
+    defaults = sr_model_and_diffusion_defaults() if "--large_size" in argv else model_and_diffusion_defaults()
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, defaults)
+    return vars(parser.parse_args(argv))
+
+
+def _layout_of_flags(flags):
+    """The _read_layout dict that a model built from a full flag dict has."""
+    size = flags.get("large_size", flags.get("image_size"))
+    size_flag = "large_size" if "large_size" in flags else "image_size"
+    mult = parse_channel_mult(flags["channel_mult"], size, size_flag)
+    levels = {2**i for i in range(len(mult))}
+    return {
+        "model_channels": flags["num_channels"],
+        "in_channels": 6 if "large_size" in flags else 3,
+        "out_channels": 6 if flags["learn_sigma"] else 3,
+        "channel_mult": mult,
+        "num_res_blocks": flags["num_res_blocks"],
+        "attention_ds": set(parse_attention_resolutions(flags["attention_resolutions"], size)) & levels,
+        "num_classes": flags["num_classes"] if flags["class_cond"] else None,
+        "use_scale_shift_norm": flags["use_scale_shift_norm"],
+        "resblock_updown": flags["resblock_updown"],
+    }
+
+
+def _published_hints(layout, flags):
+    """
+    For weights with the layout of published guided-diffusion checkpoints:
+    a line naming them with the flags that load them, and one per attention
+    flag that the given flags set otherwise (the weights cannot show those).
+    """
+    names = [name for name in GUIDED_DIFFUSION_CHECKPOINTS
+             if _layout_of_flags(guided_checkpoint_flags(name)) == layout]
+    if not names:
+        return []
+    published = guided_checkpoint_flags(names[0])
+    hints = [
+        f"--{flag} {flags[flag]} (guided-diffusion's {names[0]} uses {published[flag]}, which the weights cannot show)"
+        for flag in _HEAD_FLAGS
+        if flag in flags and flags[flag] != published[flag]
+    ]
+    return hints + [
+        f"these weights have the layout of guided-diffusion's {' / '.join(names)}, which loads with "
+        f"{GUIDED_DIFFUSION_CHECKPOINTS[names[0]]}"
+    ]
+
+
 def infer_model_flags(state_dict):
     """
     The flags that can be read off UNet weights.
 
     :return: a dict with num_channels, num_res_blocks, channel_mult (such as
              "1,2,2,2"), learn_sigma, class_cond, num_classes (class-conditional
-             weights only) and use_scale_shift_norm; and, when channel_mult is
-             the default of an image size, that size (as large_size for
-             super-resolution weights, else image_size) and attention_resolutions.
+             weights only), use_scale_shift_norm and resblock_updown; and, when
+             channel_mult is the default of an image size, that size (as
+             large_size for super-resolution weights, else image_size) and
+             attention_resolutions. The attention heads (num_heads,
+             num_head_channels, use_new_attention_order) leave no trace in the
+             weights' shapes and are never inferred.
     :raises ValueError: for an optimizer state or anything else that holds no UNet weights.
     """
     layout = _read_layout(state_dict, "the state dict")
@@ -472,14 +578,16 @@ def infer_model_flags(state_dict):
         "channel_mult": _format_ints(layout["channel_mult"]),
         "class_cond": layout["num_classes"] is not None,
         "use_scale_shift_norm": layout["use_scale_shift_norm"],
+        "resblock_updown": layout["resblock_updown"],
     }
     if layout["num_classes"] is not None:
         flags["num_classes"] = layout["num_classes"]
     if layout["out_channels"] in (3, 6):
         flags["learn_sigma"] = layout["out_channels"] == 6
-    size = _size_with_default_mult(layout["channel_mult"])
+    super_res = layout["in_channels"] == 6
+    size = _size_with_default_mult(layout["channel_mult"], super_res)
     if size is not None:
-        flags["large_size" if layout["in_channels"] == 6 else "image_size"] = size
+        flags["large_size" if super_res else "image_size"] = size
         flags["attention_resolutions"] = _format_resolutions(layout["attention_ds"], size)
     return flags
 
@@ -494,11 +602,15 @@ def load_model_state_dict(model, state_dict, flags, source="the weights"):
     :return: the model.
     :raises ValueError: naming each flag the weights contradict, as
                         "--flag X (the weights say Y)", or, when no flag explains the
-                        mismatch, summarizing the missing, unexpected and misshapen keys.
+                        mismatch, summarizing the missing, unexpected and misshapen keys;
+                        for weights with the layout of a published guided-diffusion
+                        checkpoint, also the flags that load it (GUIDED_DIFFUSION_CHECKPOINTS).
     """
     layout = _read_layout(state_dict, source)
     problems = _contradictions(layout, flags, model)
-    if not problems:
+    if problems:
+        problems += _published_hints(layout, flags)
+    else:
         problems = _key_differences(model.state_dict(), state_dict)
     if problems:
         raise ValueError(
@@ -514,17 +626,12 @@ def _read_layout(state_dict, source):
     The architecture visible in UNet weights: a dict with model_channels,
     in_channels, out_channels, channel_mult (tuple), num_res_blocks (None when
     levels differ), attention_ds (downsampling factors of the down path's
-    attention), num_classes (None when unconditional) and use_scale_shift_norm.
+    attention), num_classes (None when unconditional), use_scale_shift_norm
+    and resblock_updown.
     """
     _check_model_weights(state_dict, source)
-    levels = [[]]
-    last = max(int(k.split(".")[1]) for k in state_dict if k.startswith("input_blocks."))
-    for i in range(1, last + 1):
-        conv = state_dict.get(f"input_blocks.{i}.0.in_layers.2.weight")
-        if conv is None:
-            levels.append([])
-        else:
-            levels[-1].append((conv.shape[0], f"input_blocks.{i}.1.qkv.weight" in state_dict))
+    resblock_updown = _upsampling_res_blocks(state_dict) > 0
+    levels = _input_levels(state_dict, resblock_updown)
     model_channels = state_dict["time_embed.0.weight"].shape[1]
     label_emb = state_dict.get("label_emb.weight")
     middle_out = state_dict["middle_block.0.in_layers.2.weight"].shape[0]
@@ -532,12 +639,51 @@ def _read_layout(state_dict, source):
         "model_channels": model_channels,
         "in_channels": state_dict["input_blocks.0.0.weight"].shape[1],
         "out_channels": state_dict["out.2.weight"].shape[0],
-        "channel_mult": tuple(level[0][0] // model_channels for level in levels),
+        "channel_mult": tuple(_multiplier(level[0][0], model_channels) for level in levels),
         "num_res_blocks": len(levels[0]) if len({len(lv) for lv in levels}) == 1 else None,
         "attention_ds": {2**i for i, level in enumerate(levels) if any(a for _, a in level)},
         "num_classes": None if label_emb is None else label_emb.shape[0],
         "use_scale_shift_norm": state_dict["middle_block.0.emb_layers.1.weight"].shape[0] == 2 * middle_out,
+        "resblock_updown": resblock_updown,
     }
+
+
+def _upsampling_res_blocks(state_dict):
+    """How many output blocks end in a residual block that upsamples (resblock_updown)."""
+    blocks = set()
+    for key in state_dict:
+        part, index, position, *rest = key.split(".") + ["", ""]
+        if part == "output_blocks" and position != "0" and rest[:2] == ["in_layers", "0"]:
+            blocks.add(index)
+    return len(blocks)
+
+
+def _input_levels(state_dict, resblock_updown):
+    """
+    The residual blocks of each level on the way down: a list per level of
+    (output width, followed by attention) pairs, without the blocks that downsample.
+    """
+    last = max(int(k.split(".")[1]) for k in state_dict if k.startswith("input_blocks."))
+    blocks = []
+    for i in range(1, last + 1):
+        conv = state_dict.get(f"input_blocks.{i}.0.in_layers.2.weight")
+        blocks.append(None if conv is None else (conv.shape[0], f"input_blocks.{i}.1.qkv.weight" in state_dict))
+    if resblock_updown:
+        per_level = (len(blocks) + 1) // (_upsampling_res_blocks(state_dict) + 1)
+        return [blocks[start : start + per_level - 1] for start in range(0, len(blocks), per_level)]
+    levels = [[]]
+    for block in blocks:
+        if block is None:
+            levels.append([])
+        else:
+            levels[-1].append(block)
+    return levels
+
+
+def _multiplier(width, model_channels):
+    """A level's channel_mult entry from its width: an int when whole (2), else a float (0.5)."""
+    ratio = width / model_channels
+    return int(ratio) if ratio.is_integer() else ratio
 
 
 _REQUIRED_KEYS = (
@@ -584,6 +730,7 @@ def _contradictions(layout, flags, model):
         "num_channels": layout["model_channels"],
         "num_res_blocks": layout["num_res_blocks"],
         "use_scale_shift_norm": layout["use_scale_shift_norm"],
+        "resblock_updown": layout["resblock_updown"],
         "class_cond": layout["num_classes"] is not None,
     }
     if layout["out_channels"] in (3, 6):
@@ -606,7 +753,7 @@ def _level_contradictions(layout, flags, size_flag):
     size, given_mult = flags[size_flag], flags.get("channel_mult", "")
     mult = parse_channel_mult(given_mult, size, size_flag)
     if mult != layout["channel_mult"]:
-        weights_size = _size_with_default_mult(layout["channel_mult"])
+        weights_size = _size_with_default_mult(layout["channel_mult"], size_flag == "large_size")
         if given_mult in ("", None) and weights_size is not None:
             return [_say(size_flag, size, weights_size)]
         return [_say("channel_mult", given_mult, _format_ints(layout["channel_mult"]))]
@@ -635,10 +782,10 @@ def _key_differences(expected, state_dict):
     return lines
 
 
-def _size_with_default_mult(channel_mult):
+def _size_with_default_mult(channel_mult, super_res=False):
     """The image size whose default channel_mult is `channel_mult`, or None."""
     for exponent in range(3, 17):
-        if default_channel_mult(2**exponent) == tuple(channel_mult):
+        if default_channel_mult(2**exponent, super_res) == tuple(channel_mult):
             return 2**exponent
     return None
 

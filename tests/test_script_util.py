@@ -247,7 +247,8 @@ def test_infer_model_flags_of_a_custom_model():
                        num_classes=7, learn_sigma=True, use_scale_shift_norm=False)
     inferred = su.infer_model_flags(build(flags).state_dict())
     assert inferred == {"num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,3", "class_cond": True,
-                            "num_classes": 7, "learn_sigma": True, "use_scale_shift_norm": False}
+                        "num_classes": 7, "learn_sigma": True, "use_scale_shift_norm": False,
+                        "resblock_updown": False}
 
 
 def _load_error(weights_flags, model_flags):
