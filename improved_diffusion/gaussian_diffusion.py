@@ -549,7 +549,8 @@ class GaussianDiffusion:
         return noise_like(tuple(shape), device, generator)
 
     def sample_loop(self, model, shape, sampler="ddim", noise=None, clip_denoised=True, denoised_fn=None,
-                    model_kwargs=None, device=None, progress=False, eta=None, generator=None, cond_fn=None):
+                    model_kwargs=None, device=None, progress=False, eta=None, generator=None, cond_fn=None,
+                    guidance_scale=1.0, guidance_interval=None, null_label=None):
         """
         Generate samples with a sampler of samplers.SAMPLERS ("ddpm", "ddim",
         "plms", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
@@ -560,18 +561,19 @@ class GaussianDiffusion:
         final = None
         for final in self.sample_loop_progressive(
             model, shape, sampler, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
-            generator, cond_fn,
+            generator, cond_fn, guidance_scale, guidance_interval, null_label,
         ):
             pass
         return final["sample"]
 
     def sample_loop_progressive(self, model, shape, sampler="ddim", noise=None, clip_denoised=True,
                                 denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
-                                generator=None, cond_fn=None):
+                                generator=None, cond_fn=None, guidance_scale=1.0, guidance_interval=None,
+                                null_label=None):
         """Like sample_loop, but yield each step's {"sample", "pred_xstart"}, noisiest first."""
         yield from samplers.sample_loop_progressive(
             self, model, shape, sampler, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
-            generator, cond_fn,
+            generator, cond_fn, guidance_scale, guidance_interval, null_label,
         )
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,

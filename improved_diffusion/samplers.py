@@ -81,12 +81,14 @@ class SamplingContext:
     :param batch_size: N, the batch size of x.
     :param eta: the sampler's noise scale (DDIM's eta, the SDE solver's eta).
     :param generator: a torch.Generator, a list of one per sample, or None.
+    :param guidance: a ClassifierFreeGuidance, or None.
     """
 
     def __init__(self, diffusion, model, batch_size, device, clip_denoised=True, denoised_fn=None,
-                 model_kwargs=None, cond_fn=None, eta=0.0, generator=None):
+                 model_kwargs=None, cond_fn=None, eta=0.0, generator=None, guidance=None):
         self.diffusion = diffusion
         self.model = model
+        self.guidance = guidance
         self.clip_denoised = clip_denoised
         self.denoised_fn = denoised_fn
         self.model_kwargs = model_kwargs
@@ -100,12 +102,19 @@ class SamplingContext:
         with np.errstate(divide="ignore"):
             self.lam = (0.5 * (np.log(abar) - np.log1p(-abar))).tolist()
         self.timesteps = torch.arange(self.num_steps, device=device).flip(0)
+        self.base_timesteps = sorted(getattr(diffusion, "timestep_map", range(self.num_steps)), reverse=True)
         self.batch_size = batch_size
         self.memory = {}
 
     def t(self, k):
         """The process's timestep indices at node k, int64 [N] on the device."""
         return self.timesteps[k].expand(self.batch_size)
+
+    def model_at(self, k):
+        """The model to evaluate at node k: guided where the guidance applies, else the model itself."""
+        if self.guidance is None:
+            return self.model
+        return self.guidance.at(self.base_timesteps[k])
 
     def is_last(self, k):
         return k == self.num_steps - 1
@@ -132,7 +141,7 @@ class SamplingContext:
                 f"abar = 0 at timestep {k} of the walk (zero terminal SNR): eps-hat alone cannot give x0-hat "
                 "there; use a model that predicts x_0 (or drop that timestep from the respacing)"
             )
-        mean_output, _ = d._split_output(d._call_model(self.model, x, t, self.model_kwargs), x)
+        mean_output, _ = d._split_output(d._call_model(self.model_at(k), x, t, self.model_kwargs), x)
         if d.model_mean_type.name == "EPSILON" and self.denoised_fn is None and not self.clip_denoised:
             eps = mean_output
             pred_xstart = combine((1 / a, x), (-s / a, eps))
@@ -193,14 +202,14 @@ def _remember(ctx, key, value, keep):
 def ddpm(ctx, x, k):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2): GaussianDiffusion.p_sample."""
     d = ctx.diffusion
-    return d.p_sample(ctx.model, x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
+    return d.p_sample(ctx.model_at(k), x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
                       ctx.generator, cond_fn=ctx.cond_fn)
 
 
 def ddim(ctx, x, k):
     """DDIM (Song et al. 2020, eq. 12) with ctx.eta: GaussianDiffusion.ddim_sample."""
     d = ctx.diffusion
-    return d.ddim_sample(ctx.model, x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
+    return d.ddim_sample(ctx.model_at(k), x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
                          ctx.eta, ctx.generator, cond_fn=ctx.cond_fn)
 
 
@@ -377,6 +386,59 @@ def _unic_coefficients(ratios, z):
     return [a_1, rhs[0] - a_1]
 
 
+class ClassifierFreeGuidance:
+    """
+    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = out_u + s (out_c - out_u)
+    on the mean channels, out_c and out_u from one forward of the doubled batch
+    [x, x] with labels [y, null_label]; learned-variance channels from the
+    conditional half. The combination is affine, so it is the same whether the
+    model predicts eps, x0, v or x_{t-1}. Scale 1 is the conditional model and
+    scale 0 the unconditional one, each called alone.
+
+    :param model: called as model(x, t, y=labels, **kwargs).
+    :param scale: the guidance scale s.
+    :param null_label: the label meaning "no class" (the model's last class index).
+    :param interval: (lo, hi): guide only at base timesteps lo <= t <= hi
+        (Kynkaanniemi et al. 2024), evaluating the conditional half alone elsewhere.
+    """
+
+    def __init__(self, model, scale, null_label, interval=None):
+        self.model = model
+        self.scale = float(scale)
+        self.null_label = int(null_label)
+        self.interval = interval
+
+    def at(self, base_timestep):
+        """The callable to use at this base timestep (a Python int: no device read)."""
+        inside = self.interval is None or self.interval[0] <= base_timestep <= self.interval[1]
+        if not inside or self.scale == 1:
+            return self.model
+        return self.unconditional if self.scale == 0 else self.guided
+
+    def unconditional(self, x, t, y, **kwargs):
+        return self.model(x, t, y=torch.full_like(y, self.null_label), **kwargs)
+
+    def guided(self, x, t, y, **kwargs):
+        """x: [N x C x ...], t: [N], y: [N] -> the guided [N x C(or 2C) x ...] output."""
+        doubled = {key: torch.cat([value, value]) for key, value in kwargs.items()}
+        labels = torch.cat([y, torch.full_like(y, self.null_label)])
+        cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), y=labels, **doubled).chunk(2)
+        channels = x.shape[1]
+        mean = torch.lerp(uncond[:, :channels], cond[:, :channels], self.scale)
+        return torch.cat([mean, cond[:, channels:]], dim=1) if cond.shape[1] > channels else mean
+
+
+def null_label_of(model):
+    """The last label index of a model's label embedding (looking through autocast and compile wrappers), or None."""
+    while isinstance(model, torch.nn.Module):
+        embedding = getattr(model, "label_emb", None)
+        if isinstance(embedding, torch.nn.Embedding):
+            return embedding.num_embeddings - 1
+        inner = getattr(model, "model", None)
+        model = inner if isinstance(inner, torch.nn.Module) else getattr(model, "_orig_mod", None)
+    return None
+
+
 SAMPLERS = {
     "ddpm": ddpm,
     "ddim": ddim,
@@ -416,7 +478,8 @@ def model_evaluations(name, num_steps):
 
 def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None, clip_denoised=True,
                             denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
-                            generator=None, cond_fn=None):
+                            generator=None, cond_fn=None, guidance_scale=1.0, guidance_interval=None,
+                            null_label=None):
     """
     Walk the process's timesteps from the noisiest down with the named sampler,
     yielding each step's {"sample", "pred_xstart"}; the last "sample" is clean.
@@ -425,18 +488,38 @@ def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None,
     :param eta: the noise scale of "ddim" and "dpmpp_2m_sde" (None: 0 and 1);
         another sampler given a nonzero eta is an error.
     :param cond_fn: classifier guidance, cond_fn(x, t, **model_kwargs) -> grad log p(y | x).
+    :param guidance_scale: classifier-free guidance scale (1: none), with the
+        labels in model_kwargs["y"] and `null_label` (default: the model's
+        last label index) meaning no class; guidance_interval (lo, hi) limits
+        it to those base timesteps (see ClassifierFreeGuidance).
     """
     step = get_sampler(sampler)
     if eta is None:
         eta = ETA_DEFAULTS.get(sampler, 0.0)
     elif eta != 0 and sampler not in ETA_DEFAULTS:
         raise ValueError(f"eta={eta} applies only to the samplers {', '.join(ETA_DEFAULTS)}; {sampler!r} ignores it")
+    guidance = _guidance(model, model_kwargs, guidance_scale, guidance_interval, null_label)
     x = diffusion._initial_noise(model, shape, noise, device, generator)
     ctx = SamplingContext(diffusion, model, x.shape[0], x.device, clip_denoised, denoised_fn, model_kwargs,
-                          cond_fn, eta, generator)
+                          cond_fn, eta, generator, guidance)
     if ctx.alpha[0] == 0 and sampler in NEED_NONZERO_ABAR:
         raise ValueError(
             f"the {sampler} sampler steps in x / sqrt(abar), undefined at the first timestep where abar = 0 "
             "(zero terminal SNR); use ddpm, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc"
         )
     yield from walk(lambda x, k: step(ctx, x, k), x, ctx.num_steps, progress)
+
+
+def _guidance(model, model_kwargs, scale, interval, null_label):
+    """A ClassifierFreeGuidance for these arguments (None for scale 1 and no interval), or a clear error."""
+    if scale == 1 and interval is None:
+        return None
+    if (model_kwargs or {}).get("y") is None:
+        raise ValueError("classifier-free guidance needs the class labels in model_kwargs['y']")
+    null_label = null_label_of(model) if null_label is None else null_label
+    if null_label is None:
+        raise ValueError(
+            "classifier-free guidance needs the model's null label: pass null_label=, or use a model trained "
+            "with --class_dropout_prob > 0 (its last label embedding is the null label)"
+        )
+    return ClassifierFreeGuidance(model, scale, null_label, interval)
