@@ -173,6 +173,18 @@ def test_deterministic_samplers_converge_at_their_order(fine_process, sampler):
     assert ORDERS[sampler] - 0.3 < slope < ORDERS[sampler] + 0.6, (slope, errors)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "unipc"])
+def test_a_v_model_converges_as_the_eps_model_does(fine_process, sampler):
+    steps, noise, _, exact = fine_process
+    model = SMOOTH.model(base_alphas_cumprod(steps), "VELOCITY")
+    counts = (20, 40, 80)
+    errors = []
+    for count in counts:
+        diffusion = spaced(f"logsnr{count}", steps=steps, mean_type=ModelMeanType.VELOCITY)
+        errors.append(rms(diffusion.sample_loop(model, noise.shape, sampler, noise=noise, clip_denoised=False), exact))
+    assert ORDERS[sampler] - 0.3 < _slope(counts, errors) < ORDERS[sampler] + 0.6, errors
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m_sde"])
 def test_stochastic_samplers_converge_in_distribution(sampler):
     n = 20_000
