@@ -36,7 +36,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util
+from .image_datasets import list_image_files, load_image
 from .io_util import atomic_open
+from .sample_util import (
+    GRID_MAX_IMAGES,
+    GRID_MIN_SIDE,
+    chunks,
+    draw_labels,
+    enlarge,
+    image_grid,
+    rank_indices,
+    sample_generators,
+    to_uint8_images,
+    write_png,
+)
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
@@ -49,6 +62,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
 NEAREST_K = 3
 MIN_IMAGES = NEAREST_K + 1
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool")
+REFERENCE_LIMIT = 50000  # training images scored against during training, evenly spaced over the folder
+REFERENCE_CACHE = "eval_reference_stats.npz"
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -572,14 +587,7 @@ def dataset_features(model, reader, batch_size, desc="features"):
         for index, images in reader.batches(batch_size, wanted=lambda i: i % world_size == rank):
             mine.append((index, extract_features(model, images, dist_util.dev())))
             bar.update(len(images))
-    if world_size > 1:
-        gathered = [None] * world_size if rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        if rank != 0:
-            return None
-        mine = [part for parts in gathered for part in parts]
-    mine.sort(key=lambda part: part[0])
-    return {key: np.concatenate([features[key] for _, features in mine]) for key in mine[0][1]}
+    return _gather_in_order(mine)
 
 
 def reference_statistics(features):
@@ -593,7 +601,8 @@ def input_fingerprint(reader, weights_path):
     """A digest of the input's files (names, sizes, modification times) and of the weights file's bytes."""
     files = [reader.path] if isinstance(reader, NpzImages) else reader.files
     listing = [(os.path.relpath(f, reader.path), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
-    digest = hashlib.sha256(json.dumps([os.path.abspath(reader.path), listing]).encode())
+    identity = [os.path.abspath(reader.path), getattr(reader, "image_size", None), listing]
+    digest = hashlib.sha256(json.dumps(identity).encode())
     with open(weights_path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -644,3 +653,111 @@ def score(ref_stats, sample_features, split_size=5000):
         "precision": precision,
         "recall": recall,
     }
+
+
+# ---------------------------------------------------------------- FID during training
+
+
+class TrainingImages:
+    """
+    A training folder's images as training sees them (resized and centre-cropped
+    to `image_size`, RGB), at most `limit` of them, evenly spaced in file order.
+    """
+
+    def __init__(self, data_dir, image_size, limit=REFERENCE_LIMIT):
+        files = list_image_files(data_dir)
+        if len(files) > limit:
+            files = [files[i * len(files) // limit] for i in range(limit)]
+        self.path, self.files, self.image_size = data_dir, files, image_size
+        self.num_images, self.image_shape = len(files), (image_size, image_size, 3)
+
+    def batches(self, batch_size, wanted=lambda index: True):
+        """Yield (batch index, uint8 [B x S x S x 3]) for the batches whose index `wanted` accepts."""
+        for index, start in enumerate(range(0, self.num_images, batch_size)):
+            if wanted(index):
+                yield index, np.stack([load_image(f, self.image_size) for f in self.files[start : start + batch_size]])
+
+
+class TrainingEvaluator:
+    """
+    Scores `num_samples` samples of a model against its training data (SPEC
+    §14): sample i starts from the noise of sample_util's generator (seed, i),
+    so every evaluation of a run draws the same noise, whatever the ranks.
+    The training data's statistics are computed at construction, on all
+    ranks, and cached in `log_dir` (reused by a run resumed there).
+
+    :param diffusion: the (respaced) diffusion to sample with.
+    :param num_classes: class labels are drawn per sample when > 0.
+    """
+
+    def __init__(self, *, diffusion, data_dir, image_size, num_samples, batch_size, log_dir, sampler="ddim",
+                 num_classes=0, seed=0, weights_path=""):
+        weights_path = find_weights(weights_path)
+        self.network = load_inception(weights_path, dist_util.dev())
+        self.diffusion, self.sampler, self.seed = diffusion, sampler, seed
+        self.num_samples, self.batch_size, self.num_classes = num_samples, batch_size, num_classes
+        self.image_size, self.log_dir = image_size, log_dir
+        reference = TrainingImages(data_dir, image_size)
+        if min(num_samples, reference.num_images) < MIN_IMAGES:
+            raise EvaluationError(
+                f"--eval_num_samples {num_samples} with {reference.num_images} training image(s): the metrics need "
+                f"at least {MIN_IMAGES} of each (precision and recall measure {NEAREST_K} nearest neighbours)"
+            )
+        self.ref_stats = self._reference_statistics(reference, weights_path)
+
+    def _reference_statistics(self, reference, weights_path):
+        """The training data's statistics on rank 0 (cached in log_dir/REFERENCE_CACHE); None elsewhere."""
+        path = os.path.join(self.log_dir, REFERENCE_CACHE)
+        fingerprint = input_fingerprint(reference, weights_path) if dist_util.get_rank() == 0 else None
+        cached = load_cached_statistics(path, fingerprint) if fingerprint else None
+        if dist_util.broadcast_object(cached is not None):
+            return cached
+        features = dataset_features(self.network, reference, self.batch_size, desc="training data features")
+        if features is None:
+            return None
+        stats = reference_statistics(features)
+        save_statistics(path, stats, fingerprint)
+        return stats
+
+    def __call__(self, model, step):
+        """
+        Sample with `model` (on every rank), score and write the grid.
+
+        :return: dict of the metrics (score's keys), the same on every rank.
+        """
+        parts, first_images = [], None
+        indices = rank_indices(self.num_samples, dist_util.get_rank(), dist_util.get_world_size())
+        for chunk in chunks(indices, self.batch_size):
+            images = self._sample(model, chunk)
+            first_images = images if first_images is None else first_images
+            parts.append((chunk.start, extract_features(self.network, images)))
+        features = _gather_in_order(parts)
+        metrics = score(self.ref_stats, features) if features is not None else None
+        if dist_util.get_rank() == 0:
+            grid = image_grid(enlarge(first_images[:GRID_MAX_IMAGES], GRID_MIN_SIDE))
+            write_png(os.path.join(self.log_dir, f"eval_samples_{step:06d}.png"), grid)
+        return dist_util.broadcast_object(metrics)
+
+    @torch.inference_mode()
+    def _sample(self, model, chunk):
+        """uint8 [len(chunk) x S x S x 3] samples for these sample indices."""
+        device = dist_util.dev()
+        model_kwargs = {}
+        if self.num_classes:
+            model_kwargs["y"] = draw_labels(self.seed, chunk, self.num_classes).to(device)
+        shape = (len(chunk), 3, self.image_size, self.image_size)
+        x = self.diffusion.sample_loop(model, shape, sampler=self.sampler, model_kwargs=model_kwargs, device=device,
+                                       generator=sample_generators(self.seed, chunk, device))
+        return to_uint8_images(x)
+
+
+def _gather_in_order(parts):
+    """Every rank's [(first index, features)] concatenated in index order on rank 0; None elsewhere."""
+    if dist_util.get_world_size() > 1:
+        gathered = [None] * dist_util.get_world_size() if dist_util.get_rank() == 0 else None
+        dist.gather_object(parts, gathered, dst=0)
+        if dist_util.get_rank() != 0:
+            return None
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    parts.sort(key=lambda part: part[0])
+    return {key: np.concatenate([features[key] for _, features in parts]) for key in parts[0][1]}

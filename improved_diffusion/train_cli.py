@@ -12,13 +12,14 @@ import argparse
 import signal
 import sys
 
-from . import dist_util, logger
+from . import dist_util, logger, samplers
+from .evaluation import TrainingEvaluator
 from .image_datasets import load_data
 from .resample import create_named_schedule_sampler
 from .run_flags import write_run_flags
-from .script_util import add_dict_to_argparser, args_to_dict
+from .script_util import _diffusion_from_flags, add_dict_to_argparser, args_to_dict
 from .train_state import seed_everything
-from .train_util import TrainingError, TrainLoop
+from .train_util import TrainingError, TrainLoop, check_eval_interval
 
 
 def training_defaults():
@@ -47,6 +48,11 @@ def training_defaults():
         "check_replicas": False,
         "num_workers": 1,
         "allow_mixed_channels": False,
+        "eval_interval": 0,
+        "eval_num_samples": 1000,
+        "eval_sampler": "ddim",
+        "eval_timestep_respacing": "ddim25",
+        "inception_weights": "",
     }
 
 
@@ -90,6 +96,7 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_keys))
     model.to(dist_util.dev())
+    evaluator = make_evaluator(args, model_keys) if args.eval_interval else None
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     logger.log("creating data loader...")
     data = make_data(args)
@@ -100,6 +107,7 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
         data=data,
         schedule_sampler=schedule_sampler,
         run_flags=vars(args),
+        evaluator=evaluator,
         **{k: getattr(args, k) for k in _LOOP_KEYS},
     )
     loop.run_loop()
@@ -109,8 +117,34 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
 _LOOP_KEYS = [
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval", "resume_checkpoint",
     "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "use_bf16", "seed", "max_steps",
-    "keep_checkpoints", "max_bad_steps", "allow_partial_resume", "check_replicas",
+    "keep_checkpoints", "max_bad_steps", "allow_partial_resume", "check_replicas", "eval_interval",
 ]
+
+
+def make_evaluator(args, model_keys):
+    """
+    The TrainingEvaluator of --eval_interval: --eval_num_samples samples with
+    --eval_sampler over --eval_timestep_respacing, against --data_dir.
+    """
+    if "large_size" in model_keys:
+        raise ValueError("--eval_interval applies to image_train.py; super-resolution runs cannot be scored alone")
+    check_eval_interval(args.eval_interval, args.log_interval)
+    if args.eval_sampler not in samplers.SAMPLERS:
+        raise ValueError(f"unknown --eval_sampler {args.eval_sampler!r}; known samplers: {', '.join(samplers.SAMPLERS)}")
+    flags = dict(args_to_dict(args, model_keys), timestep_respacing=args.eval_timestep_respacing)
+    logger.log("computing the training data's statistics for --eval_interval...")
+    return TrainingEvaluator(
+        diffusion=_diffusion_from_flags(flags),
+        data_dir=args.data_dir,
+        image_size=args.image_size,
+        num_samples=args.eval_num_samples,
+        batch_size=args.batch_size,
+        log_dir=logger.get_dir(),
+        sampler=args.eval_sampler,
+        num_classes=args.num_classes if args.class_cond else 0,
+        seed=args.seed,
+        weights_path=args.inception_weights,
+    )
 
 
 def main(run):

@@ -31,15 +31,19 @@ Changes from the reference, all deliberate:
 """
 
 import contextlib
+import copy
 import hashlib
+import os
+import re
 import signal
 
+import blobfile as bf
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
-from .checkpointing import CheckpointSet, plan_resume, prune, remove_stale_temporaries
+from .checkpointing import CheckpointSet, latest_complete, plan_resume, prune, remove_stale_temporaries
 from .io_util import CheckpointError
 from .nn import update_ema
 from .precision import warn_if_emulated_bf16
@@ -48,6 +52,7 @@ from .script_util import load_model_state_dict
 from .train_state import StepStats, StopRequest, capture_rng, rank_seed, restore_rng
 
 INITIAL_LG_LOSS_SCALE = 20.0
+INITIAL_LOG_LOSS_SCALE = INITIAL_LG_LOSS_SCALE  # the reference's name
 STATE_FORMAT = 1
 _DROPOUT_STREAM, _SAMPLING_STREAM = 0, 1
 
@@ -89,6 +94,11 @@ class TrainLoop:
     :param checkpoint_dir: where checkpoints go; default the logger's directory.
     :param check_replicas: at each save, check that every rank holds bitwise
         the same weights (raises RuntimeError otherwise).
+    :param evaluator: called as evaluator(model, step) on every rank with a
+        copy of the model holding the first EMA, every `eval_interval` steps
+        and after the last step (not after a stop signal); returns a dict of
+        metrics, logged in that step's row (evaluation.TrainingEvaluator).
+    :param eval_interval: a multiple of log_interval (0: no evaluation).
     """
 
     def __init__(
@@ -118,9 +128,13 @@ class TrainLoop:
         run_flags=None,
         checkpoint_dir=None,
         check_replicas=False,
+        evaluator=None,
+        eval_interval=0,
     ):
         if use_fp16 and use_bf16:
             raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
+        if evaluator is not None:
+            check_eval_interval(eval_interval, log_interval)
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -140,8 +154,11 @@ class TrainLoop:
         self.max_bad_steps = max_bad_steps
         self.allow_partial_resume = allow_partial_resume
         self.run_flags = dict(run_flags or {})
-        self.checkpoint_dir = checkpoint_dir or logger.get_dir()
+        self.checkpoint_dir = checkpoint_dir or get_blob_logdir()
         self.check_replicas = check_replicas
+        self.evaluator = evaluator
+        self.eval_interval = eval_interval
+        self.evaluated_step = None
 
         self.device = next(model.parameters()).device
         self.rank = dist_util.get_rank() if dist_util.is_initialized() else 0
@@ -328,8 +345,13 @@ class TrainLoop:
         )
 
     def _after_step(self):
+        if self.evaluator is not None and (self.step % self.eval_interval == 0 or self._done()):
+            self._evaluate()
         if self.step % self.log_interval == 0:
             self._log_interval()
+        elif self.evaluated_step == self.step:
+            logger.logkv("step", self.step)
+            logger.dumpkvs()
         elif self.max_bad_steps and self.step % self.max_bad_steps == 0:
             self._check_bad_streak(int(self.stats.longest_bad_streak.item()))
         if self.step % self.save_interval == 0:
@@ -354,11 +376,12 @@ class TrainLoop:
         :param cond: dict of [N x ...] model keyword arguments.
         """
         self.opt.zero_grad(set_to_none=True)
-        loss = self._forward_backward(batch, cond)
+        loss = self.forward_backward(batch, cond)
         self._optimize(loss)
         self.step += 1
+        self.log_step()
 
-    def _forward_backward(self, batch, cond):
+    def forward_backward(self, batch, cond):
         """Accumulate the gradient of the batch's mean loss; return that loss (0-d, detached)."""
         batch = self._to_device(batch)
         cond = {k: self._to_device(v) for k, v in cond.items()}
@@ -462,11 +485,14 @@ class TrainLoop:
 
     # ----- logging -----------------------------------------------------------
 
+    def log_step(self):
+        """Log the position after a step: updates so far and samples seen by all ranks."""
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.batch_size * self.world_size)
+
     def _log_interval(self):
         """Write the interval's statistics (one device read) and check the bad-step streak."""
         info = self.stats.read()
-        logger.logkv("step", self.step)
-        logger.logkv("samples", self.step * self.batch_size * self.world_size)
         for key, value in info["quartiles"].items():
             logger.logkv(key, value)
         if info["grad_norm"] is not None:
@@ -491,6 +517,15 @@ class TrainLoop:
                 f"the last finite step{last}. Check the data, lower --lr, or use --use_bf16 instead "
                 f"of --use_fp16"
             )
+
+    def _evaluate(self):
+        """Log the evaluator's metrics of the first EMA (a copy of the model holding it, in eval mode)."""
+        ema_model = copy.deepcopy(self.model).eval()
+        ema_model.load_state_dict(self._ema_state_dict(self.ema_params[0]))
+        logger.log(f"evaluating the EMA {self.ema_rate[0]} at step {self.step}...")
+        for key, value in self.evaluator(ema_model, self.step).items():
+            logger.logkv(key, value)
+        self.evaluated_step = self.step
 
     # ----- saving ------------------------------------------------------------
 
@@ -557,8 +592,59 @@ class TrainLoop:
         logger.log(f"replicas identical at step {self.step} on {len(digests)} rank(s) (sha256 {digests[0][:16]})")
 
 
+def check_eval_interval(eval_interval, log_interval):
+    """ValueError unless eval_interval is a positive multiple of log_interval."""
+    if eval_interval < 1 or eval_interval % log_interval:
+        raise ValueError(
+            f"--eval_interval {eval_interval} must be a positive multiple of --log_interval {log_interval}, "
+            "so that the metrics land in that step's row of progress.csv"
+        )
+
+
 def _parse_ema_rates(ema_rate):
     """[0.9999, ...] from a float or a comma-separated string."""
     if isinstance(ema_rate, (int, float)):
         return [float(ema_rate)]
     return [float(x) for x in str(ema_rate).split(",") if x.strip()]
+
+
+def parse_resume_step_from_filename(filename):
+    """N from a path ending in modelNNNNNN.pt (the updates in it); 0 for any other name."""
+    match = re.search(r"model(\d+)\.pt$", bf.basename(filename))
+    return int(match.group(1)) if match else 0
+
+
+def get_blob_logdir():
+    """Where checkpoints go by default: $DIFFUSION_BLOB_LOGDIR if set, else the logger's directory."""
+    return os.environ.get("DIFFUSION_BLOB_LOGDIR") or logger.get_dir()
+
+
+def find_resume_checkpoint():
+    """
+    The model file of the newest complete checkpoint set in get_blob_logdir()
+    (what --resume_checkpoint auto resumes from), or None.
+    """
+    return latest_complete(get_blob_logdir())
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    """The path of ema_{rate}_{step:06d}.pt beside `main_checkpoint` if that file exists, else None."""
+    if not main_checkpoint:
+        return None
+    path = bf.join(bf.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if bf.exists(path) else None
+
+
+def log_loss_dict(diffusion, ts, losses):
+    """
+    logkv_mean of each loss term's batch mean, and of its mean in each quarter
+    of the timesteps as KEY_q0 ... KEY_q3.
+
+    :param ts: [N] timesteps; :param losses: dict of [N] loss terms.
+    """
+    quartiles = (4 * ts.detach().cpu() // diffusion.num_timesteps).tolist()
+    for key, values in losses.items():
+        values = values.detach().float().cpu()
+        logger.logkv_mean(key, values.mean().item())
+        for quartile, value in zip(quartiles, values.tolist()):
+            logger.logkv_mean(f"{key}_q{int(quartile)}", value)
