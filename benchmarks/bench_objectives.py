@@ -1,0 +1,96 @@
+"""
+The digits demo's model trained with each objective of SPEC 15, same steps
+and seed: eps-prediction, eps with min-SNR-5 weighting (--snr_gamma 5) and
+v-prediction (--predict_v True), scored at 500, 1000 and 1500 steps by the
+demo's checker: the share of samples classified as the requested digit, and
+the Fréchet distance of the checker's logits (its 10-way decision function)
+between the samples and the real digits.
+
+    python benchmarks/bench_objectives.py --out_dir runs/objectives
+
+Everything goes through the real scripts (datasets/digits.py,
+scripts/image_train.py, scripts/image_sample.py with ddim50, 500 samples,
+seed 0), with the demo's model and training flags; bfloat16 autocast only on
+a CPU that computes it natively (precision.auto_bf16).
+"""
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "datasets"))
+
+import check_digits  # noqa: E402  (datasets/ is not a package on sys.path otherwise)
+import digits  # noqa: E402
+
+from improved_diffusion.evaluation import feature_statistics, frechet_distance  # noqa: E402
+from improved_diffusion.precision import auto_bf16  # noqa: E402
+
+MODEL_FLAGS = ["--image_size", "8", "--num_channels", "64", "--num_res_blocks", "1", "--channel_mult", "1,2",
+               "--attention_resolutions", "", "--class_cond", "True", "--num_classes", "10"]
+DIFFUSION_FLAGS = ["--diffusion_steps", "1000", "--noise_schedule", "cosine"]
+VARIANTS = {"eps": [], "eps, --snr_gamma 5": ["--snr_gamma", "5"], "v (--predict_v True)": ["--predict_v", "True"]}
+EMA = "0.995"
+
+
+def run(script, args, log_dir):
+    env = dict(os.environ, OPENAI_LOGDIR=str(log_dir))
+    subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+def checker_logits(images):
+    """The checker's decision function on uint8 [N x 8 x 8 x 3] images: float [N x 10]."""
+    model = check_digits.fit_classifier(8)
+    return model["classifier"].decision_function(check_digits.to_features(images) / digits.MAX_LEVEL)
+
+
+def real_logits():
+    levels, _ = digits.load_digit_arrays()
+    return checker_logits(np.stack([np.asarray(digits.render_digit(x, 8).convert("RGB")) for x in levels]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="runs/objectives")
+    parser.add_argument("--steps", default="500,1000,1500")
+    parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument("--timestep_respacing", default="ddim50")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    out = pathlib.Path(args.out_dir)
+    data_dir = out / "digits"
+    subprocess.run([sys.executable, str(ROOT / "datasets" / "digits.py"), "--out_dir", data_dir, "--image_size", "8"],
+                   check=True, stdout=subprocess.DEVNULL)
+    steps = [int(s) for s in args.steps.split(",")]
+    real = feature_statistics(real_logits())
+    rows = []
+    for name in args.variants.split(","):
+        run_dir = out / name.split()[0].strip(",") / ("snr" if "snr" in name else "plain")
+        train = ["--data_dir", data_dir, *MODEL_FLAGS, *DIFFUSION_FLAGS, "--lr", "2e-3", "--batch_size", 64,
+                 "--ema_rate", EMA, "--max_steps", max(steps), "--save_interval", min(steps), "--log_interval", 100,
+                 "--resume_checkpoint", "auto", "--seed", 0, "--use_bf16", auto_bf16("cpu"), *VARIANTS[name]]
+        run("scripts/image_train.py", train, run_dir)
+        for step in steps:
+            sample_dir = run_dir / f"samples_{step}"
+            sample = ["--model_path", run_dir / f"ema_{EMA}_{step:06d}.pt", "--use_ddim", "True",
+                      "--timestep_respacing", args.timestep_respacing, "--num_samples", args.num_samples, "--batch_size", 250,
+                      "--seed", 0]
+            run("scripts/image_sample.py", sample, sample_dir)
+            images, labels = check_digits.load_samples(next(sample_dir.glob("samples_*.npz")))
+            share = check_digits.check_samples(images, labels)["share"]
+            fd = frechet_distance(*feature_statistics(checker_logits(images)), *real)
+            rows.append((name, step, share, fd))
+            print(f"{name} at {step} steps: share {share:.3f}, FD {fd:.2f}", flush=True)
+    print(f"\n| objective | steps | recognized | checker-logit FD |\n| --- | --- | --- | --- |")
+    for name, step, share, fd in rows:
+        print(f"| {name} | {step} | {share:.3f} | {fd:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

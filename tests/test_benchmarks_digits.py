@@ -1,0 +1,32 @@
+"""
+The digits benchmarks run as their docstrings say, at their smallest sizes:
+bench_objectives.py trains one step per objective, and bench_samplers_digits.py
+samples its checkpoint. This checks that they work; nothing is timed or scored.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(script, args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 3, f"expected a markdown table:\n{result.stdout}"
+    return rows
+
+
+def test_objectives_and_sampler_benchmarks_run_on_the_digits(tmp_path):
+    rows = run_benchmark("bench_objectives.py", ["--out_dir", tmp_path, "--steps", "1", "--num_samples", "4",
+                                                 "--variants", "v (--predict_v True)", "--timestep_respacing", "ddim5"])
+    assert rows[-1].startswith("| v (--predict_v True) | 1 |")
+    model = tmp_path / "v" / "plain" / "ema_0.995_000001.pt"
+    rows = run_benchmark("bench_samplers_digits.py", [model, "--budgets", "3", "--num_samples", "4",
+                                                      "--samplers", "dpmpp_2m", "--baseline", "ddim5"])
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["ddim (ddim5)", "dpmpp_2m (logsnr3)"]
