@@ -150,18 +150,30 @@ def _squared_distances(a, b, b_norms):
 def manifold_radii(features, k=3, batch_size=1000):
     """
     The squared distance of each feature vector to its k-th nearest neighbour
-    among the others (Kynkäänniemi et al. 2019, eq. 2's NN_k), `batch_size`
-    rows at a time.
+    among the others (Kynkäänniemi et al. 2019, eq. 2's NN_k). The distances
+    are computed in blocks of `batch_size` x `batch_size`, only on and above
+    the diagonal: each block serves its rows and, transposed, its columns.
 
     :param features: float tensor [N x D], N > k.
     :return: float tensor [N].
     """
     norms = features.square().sum(1)
-    radii = torch.empty(len(features), dtype=features.dtype, device=features.device)
-    for start in range(0, len(features), batch_size):
-        block = _squared_distances(features[start : start + batch_size], features, norms)
-        radii[start : start + batch_size] = block.topk(k + 1, dim=1, largest=False).values[:, k]
-    return radii
+    nearest = torch.full((len(features), k + 1), float("inf"), dtype=features.dtype, device=features.device)
+    for i in range(0, len(features), batch_size):
+        for j in range(i, len(features), batch_size):
+            block = _squared_distances(features[i : i + batch_size], features[j : j + batch_size],
+                                       norms[j : j + batch_size])
+            _keep_smallest(nearest, i, block)
+            if j != i:
+                _keep_smallest(nearest, j, block.T)
+    return nearest[:, k]
+
+
+def _keep_smallest(nearest, start, block):
+    """Keep in nearest[start:start + len(block)] [B x m] the m smallest of its values and of each row of `block`."""
+    rows = slice(start, start + len(block))
+    candidates = torch.cat([nearest[rows], block], dim=1)
+    nearest[rows] = candidates.topk(nearest.shape[1], dim=1, largest=False).values
 
 
 def precision_recall(real_features, fake_features, k=3, batch_size=1000, device=None):
