@@ -29,6 +29,12 @@ _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 _BROADCAST_CHUNK_BYTES = 64 * 1024 * 1024
 
+# The reference's cluster layout: a rank whose launcher gives no LOCAL_RANK
+# takes the GPU rank % GPUS_PER_NODE. Change it to match your nodes.
+GPUS_PER_NODE = 8
+# The reference's setup retry count, kept for code that imports it; nothing here retries.
+SETUP_RETRY_COUNT = 3
+
 
 def setup_dist(backend=None):
     """
@@ -97,7 +103,10 @@ def _select_gpu(local_rank):
 
 
 def _local_rank():
-    return int(os.environ.get("LOCAL_RANK", 0))
+    """LOCAL_RANK from the launcher; without it, RANK % GPUS_PER_NODE (0 when neither is set)."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return int(os.environ.get("RANK", 0)) % GPUS_PER_NODE
 
 
 def find_free_port():

@@ -26,7 +26,7 @@ import blobfile as bf
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util
 from .io_util import is_local
@@ -384,6 +384,32 @@ class _BatchDecoder:
     def _pixels(self, i, flip):
         pixels = load_image(self.files[i], self.image_size)
         return pixels[:, ::-1] if flip else pixels
+
+
+class ImageDataset(Dataset):
+    """
+    The reference's map-style dataset over one shard of `image_paths` (every
+    num_shards-th path from index `shard`): item i is (float32 [3 x S x S] in
+    [-1, 1], preprocessed as load_data's images, and {"y": int64 class} when
+    `classes` is given, else {}). load_data does not use it.
+
+    :param resolution: the image size S.
+    :param classes: one integer class per path, or None.
+    """
+
+    def __init__(self, resolution, image_paths, classes=None, shard=0, num_shards=1):
+        super().__init__()
+        self.resolution = resolution
+        self.local_images = list(image_paths)[shard::num_shards]
+        self.local_classes = None if classes is None else list(classes)[shard::num_shards]
+
+    def __len__(self):
+        return len(self.local_images)
+
+    def __getitem__(self, idx):
+        pixels = load_image(self.local_images[idx], self.resolution)
+        out = {} if self.local_classes is None else {"y": np.array(self.local_classes[idx], dtype=np.int64)}
+        return _LEVELS[pixels.transpose(2, 0, 1)], out
 
 
 def load_image(path, image_size):
