@@ -38,8 +38,9 @@ from .script_util import add_dict_to_argparser, args_to_dict, load_model_state_d
 COMMON_FLAGS = {"seed": -1, "use_bf16": False, "use_fp16": False, "compile": False}
 
 # Flags of the scripts that draw samples with a sampler (image_sample.py, super_res_sample.py):
-# --sampler "" picks ddim with --use_ddim True, else ddpm; --sample_name names the outputs.
-SAMPLER_FLAGS = {"sampler": "", "sample_name": ""}
+# --sampler "" picks ddim with --use_ddim True, else ddpm; --sample_name names the outputs;
+# --guidance_scale (1: none) and --guidance_interval "lo,hi" apply classifier-free guidance.
+SAMPLER_FLAGS = {"sampler": "", "sample_name": "", "guidance_scale": 1.0, "guidance_interval": ""}
 
 # Model and diffusion flags a sampling run may choose freely, whatever the
 # training run used: they change neither the weights nor their meaning.
@@ -155,6 +156,28 @@ def parse_sampling_flags(defaults, model_keys, argv=None, description=None):
     return args
 
 
+def check_guidance_flags(args):
+    """--guidance_scale and --guidance_interval need a model trained with a null label; parse the interval."""
+    scale, interval = getattr(args, "guidance_scale", 1.0), getattr(args, "guidance_interval", "")
+    if scale == 1.0 and not interval:
+        return
+    if not getattr(args, "class_cond", False):
+        raise UsageError("--guidance_scale and --guidance_interval need a class-conditional model (--class_cond True)")
+    if getattr(args, "class_dropout_prob", 0.0) <= 0:
+        raise UsageError(
+            "--guidance_scale needs a model with a null label, and this one was trained without "
+            "--class_dropout_prob: train with --class_dropout_prob 0.1 (or sample with --guidance_scale 1)"
+        )
+    if interval:
+        try:
+            lo, hi = (int(v) for v in interval.split(","))
+        except ValueError:
+            lo, hi = 1, 0
+        if not 0 <= lo <= hi:
+            raise UsageError(f"--guidance_interval {interval!r} must be two base timesteps 'lo,hi' with 0 <= lo <= hi")
+        args.guidance_interval = (lo, hi)
+
+
 def sampler_name(args):
     """--sampler, or what --use_ddim picks when it is empty: "ddim" or "ddpm"."""
     return getattr(args, "sampler", "") or ("ddim" if getattr(args, "use_ddim", False) else "ddpm")
@@ -178,6 +201,7 @@ def check_sampler_flags(args, explicit):
         )
     if "eta" in vars(args) and "eta" not in explicit:
         args.eta = None
+    check_guidance_flags(args)
     name_flag = getattr(args, "sample_name", "")
     if name_flag and (not all(c.isalnum() or c in "._-" for c in name_flag) or name_flag.startswith(".")):
         raise UsageError(
@@ -206,6 +230,9 @@ def prepare(args, create_fn, model_keys):
     logger.log(f"seed {args.seed}, {dist.get_world_size()} rank(s), device {dist_util.dev()}")
     if "sample_name" in vars(args):  # a script with SAMPLER_FLAGS
         logger.log(describe_sampler(sampler_name(args), diffusion))
+        if args.guidance_scale != 1.0 or args.guidance_interval:
+            interval = f" at base timesteps {args.guidance_interval}" if args.guidance_interval else ""
+            logger.log(f"classifier-free guidance at scale {args.guidance_scale}{interval}")
     return model, diffusion
 
 
@@ -294,8 +321,9 @@ def draw_labels(seed, indices, num_classes):
 
 def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
     """
-    Sample one batch with --sampler (see sampler_name) and --eta (None: the
-    sampler's default).
+    Sample one batch with --sampler (see sampler_name), --eta (None: the
+    sampler's default) and classifier-free guidance (--guidance_scale,
+    --guidance_interval as check_guidance_flags parsed it).
 
     :param indices: the global sample indices of the batch (they seed it).
     :param shape: the shape of one sample, (C, H, W).
@@ -308,6 +336,8 @@ def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
         "model_kwargs": model_kwargs,
         "device": device,
         "generator": sample_generators(args.seed, indices, device),
+        "guidance_scale": getattr(args, "guidance_scale", 1.0),
+        "guidance_interval": getattr(args, "guidance_interval", "") or None,
     }
     with torch.inference_mode():
         return diffusion.sample_loop(model, batch_shape, sampler=sampler_name(args), eta=args.eta, **common)

@@ -397,7 +397,7 @@ class ClassifierFreeGuidance:
 
     :param model: called as model(x, t, y=labels, **kwargs).
     :param scale: the guidance scale s.
-    :param null_label: the label meaning "no class" (the model's last class index).
+    :param null_label: the label meaning "no class" (a UNet's null_label, index num_classes).
     :param interval: (lo, hi): guide only at base timesteps lo <= t <= hi
         (Kynkaanniemi et al. 2024), evaluating the conditional half alone elsewhere.
     """
@@ -429,11 +429,13 @@ class ClassifierFreeGuidance:
 
 
 def null_label_of(model):
-    """The last label index of a model's label embedding (looking through autocast and compile wrappers), or None."""
+    """
+    The null label of a UNet built with one (its `null_label`, index num_classes),
+    looking through autocast and compile wrappers; None for a model without one.
+    """
     while isinstance(model, torch.nn.Module):
-        embedding = getattr(model, "label_emb", None)
-        if isinstance(embedding, torch.nn.Embedding):
-            return embedding.num_embeddings - 1
+        if isinstance(getattr(model, "null_label", None), int):
+            return model.null_label
         inner = getattr(model, "model", None)
         model = inner if isinstance(inner, torch.nn.Module) else getattr(model, "_orig_mod", None)
     return None
@@ -489,8 +491,8 @@ def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None,
         another sampler given a nonzero eta is an error.
     :param cond_fn: classifier guidance, cond_fn(x, t, **model_kwargs) -> grad log p(y | x).
     :param guidance_scale: classifier-free guidance scale (1: none), with the
-        labels in model_kwargs["y"] and `null_label` (default: the model's
-        last label index) meaning no class; guidance_interval (lo, hi) limits
+        labels in model_kwargs["y"] and `null_label` (default: the UNet's
+        null_label, index num_classes) meaning no class; guidance_interval (lo, hi) limits
         it to those base timesteps (see ClassifierFreeGuidance).
     """
     step = get_sampler(sampler)

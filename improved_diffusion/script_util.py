@@ -67,6 +67,7 @@ def model_and_diffusion_defaults():
         "resblock_updown": False,
         "use_new_attention_order": False,
         "use_fp16": False,
+        "class_dropout_prob": 0.0,
     }
 
 
@@ -169,6 +170,7 @@ def create_model_and_diffusion(
     resblock_updown=False,
     use_new_attention_order=False,
     use_fp16=False,
+    class_dropout_prob=0.0,
 ):
     """(UNetModel, SpacedDiffusion) from the flags of model_and_diffusion_defaults()."""
     flags = locals()
@@ -193,6 +195,7 @@ def create_model(
     resblock_updown=False,
     use_new_attention_order=False,
     use_fp16=False,
+    class_dropout_prob=0.0,
 ):
     """A UNetModel for 3-channel images of size image_size (6 output channels with learn_sigma)."""
     return _create_unet(UNetModel, image_size, "image_size", **_unet_flags(locals()))
@@ -227,6 +230,7 @@ def sr_create_model_and_diffusion(
     resblock_updown=False,
     use_new_attention_order=False,
     use_fp16=False,
+    class_dropout_prob=0.0,
 ):
     """(SuperResModel, SpacedDiffusion) from the flags of sr_model_and_diffusion_defaults()."""
     flags = locals()
@@ -263,6 +267,7 @@ def sr_create_model(
     resblock_updown=False,
     use_new_attention_order=False,
     use_fp16=False,
+    class_dropout_prob=0.0,
 ):
     """A SuperResModel producing large_size images; levels and attention follow large_size."""
     if small_size > large_size:
@@ -297,9 +302,15 @@ def _create_unet(
     resblock_updown,
     use_new_attention_order,
     use_fp16,
+    class_dropout_prob=0.0,
 ):
     if class_cond and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"--num_classes {num_classes} must be a positive integer with --class_cond True")
+    if not 0 <= class_dropout_prob < 1 or (class_dropout_prob > 0 and not class_cond):
+        raise ValueError(
+            f"--class_dropout_prob {class_dropout_prob} must lie in [0, 1), and above 0 only with "
+            "--class_cond True (it trains the null label of classifier-free guidance)"
+        )
     return cls(
         in_channels=3,
         model_channels=num_channels,
@@ -318,6 +329,7 @@ def _create_unet(
         use_new_attention_order=use_new_attention_order,
         use_fp16=use_fp16,
         image_size=size,
+        null_label=class_dropout_prob > 0,
     )
 
 
@@ -529,7 +541,8 @@ def _layout_of_flags(flags):
         "channel_mult": mult,
         "num_res_blocks": flags["num_res_blocks"],
         "attention_ds": set(parse_attention_resolutions(flags["attention_resolutions"], size)) & levels,
-        "num_classes": flags["num_classes"] if flags["class_cond"] else None,
+        # One more label embedding, the null label, when trained with class dropout.
+        "num_classes": flags["num_classes"] + (flags.get("class_dropout_prob", 0) > 0) if flags["class_cond"] else None,
         "use_scale_shift_norm": flags["use_scale_shift_norm"],
         "resblock_updown": flags["resblock_updown"],
     }
@@ -735,9 +748,18 @@ def _contradictions(layout, flags, model):
     }
     if layout["out_channels"] in (3, 6):
         found["learn_sigma"] = layout["out_channels"] == 6
+    null_problem = []
     if layout["num_classes"] is not None and flags.get("class_cond"):
-        found["num_classes"] = layout["num_classes"]
-    problems = [
+        with_null = flags.get("class_dropout_prob", 0) > 0
+        found["num_classes"] = layout["num_classes"] - with_null
+        if not with_null and layout["num_classes"] == flags["num_classes"] + 1:
+            del found["num_classes"]
+            null_problem = [
+                f"--class_dropout_prob {flags.get('class_dropout_prob', 0.0)} (the weights have "
+                f"{layout['num_classes']} label embeddings: {flags['num_classes']} classes and a null label; "
+                "give the --class_dropout_prob they were trained with, e.g. 0.1)"
+            ]
+    problems = null_problem + [
         _say(flag, flags[flag], value)
         for flag, value in found.items()
         if flag in flags and value is not None and flags[flag] != value

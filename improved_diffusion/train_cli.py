@@ -118,6 +118,7 @@ _LOOP_KEYS = [
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval", "resume_checkpoint",
     "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "use_bf16", "seed", "max_steps",
     "keep_checkpoints", "max_bad_steps", "allow_partial_resume", "check_replicas", "eval_interval",
+    "class_dropout_prob",
 ]
 
 

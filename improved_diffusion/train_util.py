@@ -99,6 +99,8 @@ class TrainLoop:
         and after the last step (not after a stop signal); returns a dict of
         metrics, logged in that step's row (evaluation.TrainingEvaluator).
     :param eval_interval: a multiple of log_interval (0: no evaluation).
+    :param class_dropout_prob: replace each label y by the model's null_label
+        with this probability (classifier-free guidance training).
     """
 
     def __init__(
@@ -130,7 +132,11 @@ class TrainLoop:
         check_replicas=False,
         evaluator=None,
         eval_interval=0,
+        class_dropout_prob=0.0,
     ):
+        if class_dropout_prob > 0 and getattr(model, "null_label", None) is None:
+            raise ValueError("--class_dropout_prob needs a model built with a null label (the same flag builds it)")
+        self.class_dropout_prob = class_dropout_prob
         if use_fp16 and use_bf16:
             raise ValueError("--use_fp16 and --use_bf16 exclude each other: pick one")
         if evaluator is not None:
@@ -384,7 +390,7 @@ class TrainLoop:
     def forward_backward(self, batch, cond):
         """Accumulate the gradient of the batch's mean loss; return that loss (0-d, detached)."""
         batch = self._to_device(batch)
-        cond = {k: self._to_device(v) for k, v in cond.items()}
+        cond = self._drop_labels({k: self._to_device(v) for k, v in cond.items()})
         total = torch.zeros((), device=self.device)
         for start in range(0, batch.shape[0], self.microbatch):
             part = slice(start, start + self.microbatch)
@@ -396,6 +402,14 @@ class TrainLoop:
                 (loss if scale is None else loss * scale).backward()
             total += loss.detach()
         return total
+
+    def _drop_labels(self, cond):
+        """Each label becomes the null label with probability class_dropout_prob (Ho & Salimans 2022, Alg. 1)."""
+        if not self.class_dropout_prob or "y" not in cond:
+            return cond
+        y = cond["y"]
+        drop = torch.rand(y.shape, generator=self.generator, device=self.generator.device) < self.class_dropout_prob
+        return dict(cond, y=torch.where(drop.to(y.device), torch.full_like(y, self.model.null_label), y))
 
     def _to_device(self, tensor):
         """`tensor` on the training device; CPU to GPU through pinned memory, so the host does not wait."""

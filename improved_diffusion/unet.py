@@ -364,6 +364,9 @@ class UNetModel(nn.Module):
                      weights stay float32 (float16 arithmetic comes from
                      torch.autocast in the training loop, or from convert_to_fp16()).
     :param image_size: the image size, recorded as `self.image_size` (guided-diffusion's argument).
+    :param null_label: one more label embedding, index num_classes, meaning "no
+                       class" (classifier-free guidance; only models trained with
+                       --class_dropout_prob > 0 have it).
     """
 
     def __init__(
@@ -387,6 +390,7 @@ class UNetModel(nn.Module):
         use_new_attention_order=False,
         use_fp16=False,
         image_size=None,
+        null_label=False,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -415,8 +419,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             linear(model_channels, emb_dim), SiLU(), linear(emb_dim, emb_dim)
         )
+        self.null_label = num_classes if null_label and num_classes is not None else None
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            self.label_emb = nn.Embedding(num_classes + int(self.null_label is not None), emb_dim)
         skip_widths = self._build_input_blocks()
         width = self._width(-1)
         self.middle_block = TimestepEmbedSequential(

@@ -341,3 +341,32 @@ def test_v_prediction_with_zero_terminal_snr_trains_and_samples(workspace, data_
     assert images.shape == (2, 8, 8, 3) and len({images[0].tobytes(), images[1].tobytes()}) == 2
     as_eps = run_script("image_sample.py", [*args, "--predict_v", "False"], workspace / "v_as_eps", expect_ok=False)
     assert_clean_failure(as_eps, "--predict_v False", "flags.json")
+
+
+def test_classifier_free_guidance_trains_a_null_label_and_samples_at_several_scales(workspace, data_dir, cond_model):
+    flags = [*TINY_MODEL, "--class_cond", "True", "--num_classes", 4, "--class_dropout_prob", 0.5]
+    model = train(workspace, "train_cfg", "image_train.py", data_dir, flags)
+    assert json.loads((model.parent / "flags.json").read_text())["class_dropout_prob"] == 0.5
+    common = ["--model_path", model, "--sampler", "dpmpp_2m", "--timestep_respacing", "trailing4",
+              "--num_samples", 3, "--batch_size", 3, "--class_label", 1, "--seed", 0]
+    outputs = {}
+    for scale in (0, 1, 2):
+        result = run_script("image_sample.py", [*common, "--guidance_scale", scale], workspace / f"cfg_{scale}")
+        outputs[scale] = load_only(workspace / f"cfg_{scale}", "samples_*.npz")["arr_0"]
+        assert outputs[scale].shape == (3, 8, 8, 3)
+        assert (f"guidance at scale {float(scale)}" in result.stdout) == (scale != 1)
+    run_script("image_sample.py", common, workspace / "cfg_none")
+    np.testing.assert_array_equal(outputs[1], load_only(workspace / "cfg_none", "samples_*.npz")["arr_0"])
+    assert not np.array_equal(outputs[0], outputs[2])
+    interval = run_script("image_sample.py", [*common, "--guidance_scale", 2, "--guidance_interval", "5,15"],
+                          workspace / "cfg_interval")
+    assert "at base timesteps (5, 15)" in interval.stdout
+    no_null = run_script("image_sample.py", ["--model_path", cond_model, "--guidance_scale", 2, "--num_samples", 1],
+                         workspace / "cfg_no_null", expect_ok=False)
+    assert_clean_failure(no_null, "--class_dropout_prob 0.1")
+
+
+def test_guidance_on_an_unconditional_model_fails_cleanly(workspace, uncond_model):
+    result = run_script("image_sample.py", ["--model_path", uncond_model, "--guidance_scale", 3, "--num_samples", 1],
+                        workspace / "cfg_uncond", expect_ok=False)
+    assert_clean_failure(result, "--guidance_scale", "class-conditional")

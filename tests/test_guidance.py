@@ -128,16 +128,13 @@ def test_guidance_without_labels_or_null_label_is_an_error(setup):
         diffusion.sample_loop(model, noise.shape, "ddim", noise=noise, model_kwargs={"y": labels}, guidance_scale=2.0)
 
 
-def test_the_null_label_is_the_last_label_embedding_through_wrappers():
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.label_emb = torch.nn.Embedding(11, 4)
+def test_the_null_label_is_found_through_wrappers_and_only_where_trained():
+    from improved_diffusion.sample_util import AutocastModel
+    from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-    assert samplers.null_label_of(Net()) == 10 and samplers.null_label_of(Wrapper(Net())) == 10
-    assert samplers.null_label_of(torch.nn.Linear(2, 2)) is None
+    flags = dict(model_and_diffusion_defaults(), image_size=8, num_channels=32, num_res_blocks=1,
+                 attention_resolutions="", class_cond=True, num_classes=10)
+    guided = create_model_and_diffusion(**dict(flags, class_dropout_prob=0.1))[0]
+    plain = create_model_and_diffusion(**flags)[0]
+    assert samplers.null_label_of(guided) == 10 and samplers.null_label_of(AutocastModel(guided)) == 10
+    assert samplers.null_label_of(plain) is None and samplers.null_label_of(torch.nn.Linear(2, 2)) is None

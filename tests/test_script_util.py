@@ -83,7 +83,7 @@ GUIDED_DEFAULTS = dict(num_head_channels=-1, resblock_updown=False, use_new_atte
 
 
 def test_defaults():
-    new = dict(channel_mult="", num_classes=1000, **OBJECTIVE_DEFAULTS, **GUIDED_DEFAULTS)
+    new = dict(channel_mult="", num_classes=1000, class_dropout_prob=0.0, **OBJECTIVE_DEFAULTS, **GUIDED_DEFAULTS)
     assert su.model_and_diffusion_defaults() == dict(REFERENCE_DEFAULTS, **new)
     expected_sr = dict(REFERENCE_DEFAULTS, large_size=256, small_size=64, **new)
     del expected_sr["image_size"], expected_sr["sigma_small"]
@@ -340,3 +340,26 @@ def test_objective_flags_build_the_diffusion_they_name():
 def test_objective_flags_that_cannot_work_are_errors(flags, needle):
     with pytest.raises(ValueError, match=needle):
         su.create_gaussian_diffusion(steps=100, **flags)
+
+
+def test_class_dropout_adds_the_null_label_embedding():
+    plain = su.create_model_and_diffusion(**tiny_flags(class_cond=True, num_classes=10))[0]
+    guided = su.create_model_and_diffusion(**tiny_flags(class_cond=True, num_classes=10, class_dropout_prob=0.1))[0]
+    assert plain.label_emb.num_embeddings == 10 and plain.null_label is None
+    assert guided.label_emb.num_embeddings == 11 and guided.null_label == 10 and guided.num_classes == 10
+
+
+@pytest.mark.parametrize("flags", [dict(class_dropout_prob=0.1), dict(class_cond=True, class_dropout_prob=1.0)])
+def test_class_dropout_needs_labels_and_a_probability_below_one(flags):
+    with pytest.raises(ValueError, match="--class_dropout_prob"):
+        su.create_model_and_diffusion(**tiny_flags(**flags))
+
+
+def test_weights_with_a_null_label_name_class_dropout_when_loaded_without_it():
+    flags = tiny_flags(class_cond=True, num_classes=10)
+    weights = su.create_model_and_diffusion(**dict(flags, class_dropout_prob=0.1))[0].state_dict()
+    model = su.create_model_and_diffusion(**flags)[0]
+    with pytest.raises(ValueError, match="--class_dropout_prob 0.0 .*null label"):
+        su.load_model_state_dict(model, weights, flags)
+    guided = su.create_model_and_diffusion(**dict(flags, class_dropout_prob=0.1))[0]
+    su.load_model_state_dict(guided, weights, dict(flags, class_dropout_prob=0.1))
