@@ -34,7 +34,12 @@ from improved_diffusion.precision import auto_bf16  # noqa: E402
 MODEL_FLAGS = ["--image_size", "8", "--num_channels", "64", "--num_res_blocks", "1", "--channel_mult", "1,2",
                "--attention_resolutions", "", "--class_cond", "True", "--num_classes", "10"]
 DIFFUSION_FLAGS = ["--diffusion_steps", "1000", "--noise_schedule", "cosine"]
-VARIANTS = {"eps": [], "eps, --snr_gamma 5": ["--snr_gamma", "5"], "v (--predict_v True)": ["--predict_v", "True"]}
+# name: (what the table calls it, the training flags it adds)
+VARIANTS = {
+    "eps": ("eps", []),
+    "eps_minsnr5": ("eps, --snr_gamma 5", ["--snr_gamma", "5"]),
+    "v": ("v, --predict_v True", ["--predict_v", "True"]),
+}
 EMA = "0.995"
 
 
@@ -71,10 +76,11 @@ def main():
     real = feature_statistics(real_logits())
     rows = []
     for name in args.variants.split(","):
-        run_dir = out / name.split()[0].strip(",") / ("snr" if "snr" in name else "plain")
+        label, flags = VARIANTS[name]
+        run_dir = out / name
         train = ["--data_dir", data_dir, *MODEL_FLAGS, *DIFFUSION_FLAGS, "--lr", "2e-3", "--batch_size", 64,
                  "--ema_rate", EMA, "--max_steps", max(steps), "--save_interval", min(steps), "--log_interval", 100,
-                 "--resume_checkpoint", "auto", "--seed", 0, "--use_bf16", auto_bf16("cpu"), *VARIANTS[name]]
+                 "--resume_checkpoint", "auto", "--seed", 0, "--use_bf16", auto_bf16("cpu"), *flags]
         run("scripts/image_train.py", train, run_dir)
         for step in steps:
             sample_dir = run_dir / f"samples_{step}"
@@ -85,8 +91,8 @@ def main():
             images, labels = check_digits.load_samples(next(sample_dir.glob("samples_*.npz")))
             share = check_digits.check_samples(images, labels)["share"]
             fd = frechet_distance(*feature_statistics(checker_logits(images)), *real)
-            rows.append((name, step, share, fd))
-            print(f"{name} at {step} steps: share {share:.3f}, FD {fd:.2f}", flush=True)
+            rows.append((label, step, share, fd))
+            print(f"{label} at {step} steps: share {share:.3f}, FD {fd:.2f}", flush=True)
     print(f"\n| objective | steps | recognized | checker-logit FD |\n| --- | --- | --- | --- |")
     for name, step, share, fd in rows:
         print(f"| {name} | {step} | {share:.3f} | {fd:.2f} |")

@@ -24,9 +24,9 @@ def run_benchmark(script, args):
 
 def test_objectives_and_sampler_benchmarks_run_on_the_digits(tmp_path):
     rows = run_benchmark("bench_objectives.py", ["--out_dir", tmp_path, "--steps", "1", "--num_samples", "4",
-                                                 "--variants", "v (--predict_v True)", "--timestep_respacing", "ddim5"])
-    assert rows[-1].startswith("| v (--predict_v True) | 1 |")
-    model = tmp_path / "v" / "plain" / "ema_0.995_000001.pt"
+                                                 "--variants", "v", "--timestep_respacing", "ddim5"])
+    assert rows[-1].startswith("| v, --predict_v True | 1 |")
+    model = tmp_path / "v" / "ema_0.995_000001.pt"
     rows = run_benchmark("bench_samplers_digits.py", [model, "--budgets", "3", "--num_samples", "4",
                                                       "--samplers", "dpmpp_2m", "--baseline", "ddim5"])
     assert [row.split("|")[1].strip() for row in rows[2:]] == ["ddim (ddim5)", "dpmpp_2m (logsnr3)"]
