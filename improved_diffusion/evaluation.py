@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import dist_util
+from . import dist_util, logger
 from .image_datasets import list_image_files, load_image
 from .io_util import atomic_open
 from .sample_util import (
@@ -733,7 +733,8 @@ class TrainingEvaluator:
 
     def __call__(self, model, step):
         """
-        Sample with `model` (on every rank), score and write the grid.
+        Sample with `model` (on every rank), score, and write the grid as a PNG
+        in log_dir and to the logger's tensorboard output.
 
         :return: dict of the metrics (score's keys), the same on every rank.
         """
@@ -748,6 +749,7 @@ class TrainingEvaluator:
         if dist_util.get_rank() == 0:
             grid = image_grid(enlarge(first_images[:GRID_MAX_IMAGES], GRID_MIN_SIDE))
             write_png(os.path.join(self.log_dir, f"eval_samples_{step:06d}.png"), grid)
+            logger.log_image("eval_samples", grid, step)
         return dist_util.broadcast_object(metrics)
 
     @torch.inference_mode()

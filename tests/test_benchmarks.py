@@ -42,3 +42,12 @@ def test_compare_reference_names_a_folder_without_the_reference(tmp_path):
     result = run_benchmark("compare_reference.py", ["--reference_dir", str(tmp_path)])
     assert result.returncode != 0
     assert f"--reference_dir {tmp_path}: no improved_diffusion/unet.py there" in result.stderr
+
+
+def test_bench_eval_runs_at_tiny_sizes():
+    args = ["--batch_size", "1", "--batches", "1", "--num_vectors", "50", "--width", "8", "--device", "cpu"]
+    result = run_benchmark("bench_eval.py", args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 5, result.stdout
+    assert "precision_recall, 2 x 50 vectors of width 8" in result.stdout

@@ -91,3 +91,27 @@ def test_bad_eval_flags_fail_before_training(setup, tmp_path, overrides, needle)
     assert status == 1
     assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "model000002.pt").exists()
+
+
+def test_evaluator_scores_the_model_and_sends_the_grid_to_tensorboard(setup, tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_logger import read_tensorboard
+
+    from improved_diffusion import evaluation, logger, script_util
+
+    flags = {**script_util.model_and_diffusion_defaults(), **TINY_MODEL, "timestep_respacing": "2"}
+    model, diffusion = script_util.create_model_and_diffusion(**flags)
+    logger.configure(dir=str(tmp_path), format_strs="tensorboard")
+    try:
+        evaluator = evaluation.TrainingEvaluator(
+            diffusion=diffusion, data_dir=str(write_images(tmp_path / "images", 5, size=12)), image_size=8,
+            num_samples=4, batch_size=3, log_dir=str(tmp_path), weights_path=str(setup["inception_weights"]),
+        )
+        assert evaluator.ref_stats["pool"].shape == (5, 2048)
+        first = evaluator(model.eval(), step=3)
+        assert evaluator(model, step=5) == first
+    finally:
+        logger.reset()
+    assert sorted(first) == sorted(["inception_score_std", *METRICS])
+    assert [image.step for image in read_tensorboard(tmp_path / "tb").Images("eval_samples")] == [3, 5]
+    assert (tmp_path / "eval_samples_000003.png").is_file()
