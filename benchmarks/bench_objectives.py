@@ -4,7 +4,9 @@ and seed: eps-prediction, eps with min-SNR-5 weighting (--snr_gamma 5) and
 v-prediction (--predict_v True), scored at 500, 1000 and 1500 steps by the
 demo's checker: the share of samples classified as the requested digit, and
 the Fréchet distance of the checker's logits (its 10-way decision function)
-between the samples and the real digits.
+between the samples and the real digits. The variant `cfg` (not run by
+default) trains with --class_dropout_prob 0.1 for classifier-free guidance
+(benchmarks/bench_samplers_digits.py --guidance_scales samples it).
 
     python benchmarks/bench_objectives.py --out_dir runs/objectives
 
@@ -39,7 +41,9 @@ VARIANTS = {
     "eps": ("eps", []),
     "eps_minsnr5": ("eps, --snr_gamma 5", ["--snr_gamma", "5"]),
     "v": ("v, --predict_v True", ["--predict_v", "True"]),
+    "cfg": ("eps, --class_dropout_prob 0.1", ["--class_dropout_prob", "0.1"]),
 }
+DEFAULT_VARIANTS = "eps,eps_minsnr5,v"
 EMA = "0.995"
 
 
@@ -66,7 +70,7 @@ def main():
     parser.add_argument("--steps", default="500,1000,1500")
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--timestep_respacing", default="ddim50")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"a comma-separated subset of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     out = pathlib.Path(args.out_dir)
     data_dir = out / "digits"

@@ -1,7 +1,8 @@
 """
 The digits benchmarks run as their docstrings say, at their smallest sizes:
-bench_objectives.py trains one step per objective, and bench_samplers_digits.py
-samples its checkpoint. This checks that they work; nothing is timed or scored.
+bench_objectives.py trains one step of the classifier-free-guidance variant,
+and bench_samplers_digits.py samples its checkpoint with samplers and with
+guidance. This checks that they work; nothing is timed or scored.
 """
 
 import os
@@ -24,9 +25,14 @@ def run_benchmark(script, args):
 
 def test_objectives_and_sampler_benchmarks_run_on_the_digits(tmp_path):
     rows = run_benchmark("bench_objectives.py", ["--out_dir", tmp_path, "--steps", "1", "--num_samples", "4",
-                                                 "--variants", "v", "--timestep_respacing", "ddim5"])
-    assert rows[-1].startswith("| v, --predict_v True | 1 |")
-    model = tmp_path / "v" / "ema_0.995_000001.pt"
+                                                 "--variants", "cfg", "--timestep_respacing", "ddim5"])
+    assert rows[-1].startswith("| eps, --class_dropout_prob 0.1 | 1 |")
+    model = tmp_path / "cfg" / "ema_0.995_000001.pt"
     rows = run_benchmark("bench_samplers_digits.py", [model, "--budgets", "3", "--num_samples", "4",
                                                       "--samplers", "dpmpp_2m", "--baseline", "ddim5"])
     assert [row.split("|")[1].strip() for row in rows[2:]] == ["ddim (ddim5)", "dpmpp_2m (logsnr3)"]
+    rows = run_benchmark("bench_samplers_digits.py", [model, "--guidance_scales", "1,2", "--num_samples", "4",
+                                                      "--sampler_for_guidance", "dpmpp_2m:logsnr3",
+                                                      "--grid_dir", tmp_path / "grids"])
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["1", "2"]
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["guidance_1.png", "guidance_2.png"]
