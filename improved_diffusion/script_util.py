@@ -14,7 +14,7 @@ import math
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
-from .unet import SuperResModel, UNetModel
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
 
@@ -390,6 +390,86 @@ def create_gaussian_diffusion(
         rescale_timesteps=rescale_timesteps,
         snr_gamma=snr_gamma,
     )
+
+
+def diffusion_defaults():
+    """The diffusion flags among model_and_diffusion_defaults() (guided-diffusion's name)."""
+    names = set(inspect.signature(create_gaussian_diffusion).parameters) | {"diffusion_steps"}
+    return {k: v for k, v in model_and_diffusion_defaults().items() if k in names}
+
+
+def classifier_defaults():
+    """The flags of guided-diffusion's noisy classifier (create_classifier) and their defaults."""
+    return {
+        "image_size": 64,
+        "classifier_use_fp16": False,
+        "classifier_width": 128,
+        "classifier_depth": 2,
+        "classifier_attention_resolutions": "32,16,8",
+        "classifier_use_scale_shift_norm": True,
+        "classifier_resblock_updown": True,
+        "classifier_pool": "attention",
+    }
+
+
+def classifier_and_diffusion_defaults():
+    """classifier_defaults() and diffusion_defaults() together."""
+    return {**classifier_defaults(), **diffusion_defaults()}
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+):
+    """
+    An EncoderUNetModel over 1000 classes, with the levels of image_size
+    (default_channel_mult) and attention heads of 64 channels.
+    """
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=NUM_CLASSES,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=parse_attention_resolutions(classifier_attention_resolutions, image_size),
+        channel_mult=default_channel_mult(image_size),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    **more_diffusion_flags,
+):
+    """(EncoderUNetModel, SpacedDiffusion) from the flags of classifier_and_diffusion_defaults()."""
+    flags = {k: v for k, v in locals().items() if k != "more_diffusion_flags"}
+    flags.update(more_diffusion_flags)
+    return create_classifier(**_arguments_of(create_classifier, flags)), _diffusion_from_flags(flags)
 
 
 def add_dict_to_argparser(parser, default_dict):

@@ -429,11 +429,15 @@ class UNetModel(nn.Module):
             self._attention(width, num_heads),
             self._res_block(width, width),
         )
+        self._build_head(skip_widths)
+
+    def _build_head(self, skip_widths):
+        """Create what follows the middle block: `output_blocks` and `out`."""
         self._build_output_blocks(skip_widths)
         self.out = nn.Sequential(
             normalization(self._width(0)),
             SiLU(),
-            zero_module(conv_nd(dims, self._width(0), out_channels, 3, padding=1)),
+            zero_module(conv_nd(self.dims, self._width(0), self.out_channels, 3, padding=1)),
         )
 
     def _width(self, level):
@@ -619,3 +623,113 @@ class SuperResModel(UNetModel):
 
     def get_feature_vectors(self, x, timesteps, low_res=None, **kwargs):
         return super().get_feature_vectors(self._with_low_res(x, low_res), timesteps, **kwargs)
+
+
+class AttentionPool2d(nn.Module):
+    """
+    CLIP's attention pooling, as guided-diffusion's classifiers use it: the
+    mean position, prepended to the positions and given learned positional
+    embeddings, attends to all of them (QKVAttention, heads of
+    `num_heads_channels` channels); [N x C x H x W] -> [N x output_dim].
+    """
+
+    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5)
+        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
+        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = attention_heads(embed_dim, 1, num_heads_channels)
+        self.attention = QKVAttention(self.num_heads)
+
+    def forward(self, x):
+        n, c, *spatial = x.shape
+        positions = self.positional_embedding.shape[1] - 1
+        if math.prod(spatial) != positions:
+            raise ValueError(
+                f"attention pooling was built for {positions} positions, the input has {list(spatial)}: "
+                f"give images of the classifier's --image_size"
+            )
+        x = x.reshape(n, c, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
+        return self.c_proj(self.attention(self.qkv_proj(x)))[:, :, 0]
+
+
+POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+
+
+class EncoderUNetModel(UNetModel):
+    """
+    guided-diffusion's noisy classifier: the UNet's way down and middle block,
+    then a pooling head to out_channels logits; forward(x, timesteps) ->
+    [N x out_channels]. Arguments as guided-diffusion's, in its order.
+
+    :param image_size: the input size (attention pooling's positions).
+    :param pool: "adaptive" (average pool, then a zero-initialized 1x1 conv),
+                 "attention" (AttentionPool2d; needs num_head_channels > 0),
+                 "spatial" or "spatial_v2" (an MLP over the spatial means of
+                 every block's output, ReLU or GroupNorm+SiLU inside).
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        pool="adaptive",
+    ):
+        if pool not in POOLS:
+            raise ValueError(f"unknown --classifier_pool {pool!r}: use one of {', '.join(POOLS)}")
+        if pool == "attention" and num_head_channels == -1:
+            raise ValueError("attention pooling needs num_head_channels > 0 (its heads' width)")
+        self.pool = pool
+        super().__init__(
+            in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+            dropout=dropout, channel_mult=channel_mult, conv_resample=conv_resample, dims=dims,
+            use_checkpoint=use_checkpoint, num_heads=num_heads, num_heads_upsample=num_heads_upsample,
+            use_scale_shift_norm=use_scale_shift_norm, num_head_channels=num_head_channels,
+            resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
+            use_fp16=use_fp16, image_size=image_size,
+        )
+
+    def _build_head(self, skip_widths):
+        self.output_blocks = nn.ModuleList()  # no way up: _blocks ends at the middle block
+        width = self._width(-1)
+        if self.pool == "adaptive":
+            self.out = nn.Sequential(
+                normalization(width), SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
+                zero_module(conv_nd(self.dims, width, self.out_channels, 1)), nn.Flatten(),
+            )
+        elif self.pool == "attention":
+            final_size = self.image_size // 2 ** (len(self.channel_mult) - 1)
+            self.out = nn.Sequential(
+                normalization(width), SiLU(),
+                AttentionPool2d(final_size, width, self.num_head_channels, self.out_channels),
+            )
+        else:
+            features = sum(skip_widths) + width
+            inner = [nn.ReLU()] if self.pool == "spatial" else [normalization(2048), SiLU()]
+            self.out = nn.Sequential(nn.Linear(features, 2048), *inner, nn.Linear(2048, self.out_channels))
+
+    def forward(self, x, timesteps):
+        """[N x C x H x W] and [N] timesteps -> [N x out_channels] logits, in x's dtype."""
+        spatial = self.pool.startswith("spatial")
+        means = []
+        for _, h in self._blocks(x, timesteps, None):
+            if spatial:
+                means.append(h.type(x.dtype).mean(dim=(2, 3)))
+        return self.out(torch.cat(means, dim=-1) if spatial else h.type(x.dtype))

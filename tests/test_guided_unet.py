@@ -19,11 +19,20 @@ import numpy as np
 import pytest
 import torch
 from _train_helpers import TINY_MODEL, assert_same_files, run_script, set_names, write_images
+from test_benchmarks import run_benchmark
 from test_unet import _loss_and_grads, _saved_bytes, deterministic_fill, relative_error
 
 from improved_diffusion import script_util as su
 from improved_diffusion.run_flags import FLAGS_FILENAME
-from improved_diffusion.unet import AttentionBlock, QKVAttention, QKVAttentionLegacy, ResBlock, SuperResModel, UNetModel
+from improved_diffusion.unet import (
+    AttentionBlock,
+    EncoderUNetModel,
+    QKVAttention,
+    QKVAttentionLegacy,
+    ResBlock,
+    SuperResModel,
+    UNetModel,
+)
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "data"))
 from make_released_key_digests import listing_digest  # noqa: E402
@@ -46,7 +55,12 @@ REGRESSION_CONFIGS = {
         num_head_channels=-1, num_heads=2, use_new_attention_order=False, use_scale_shift_norm=False,
     ),
     "adm_super_res": dict(ADM, num_head_channels=8, cls="SuperResModel"),
+    "classifier_attention_pool": dict(ADM, image_size=16, out_channels=10, pool="attention", cls="EncoderUNetModel"),
+    "classifier_spatial_v2_pool": dict(
+        ADM, image_size=16, out_channels=10, pool="spatial_v2", resblock_updown=False, cls="EncoderUNetModel",
+    ),
 }
+CLASSES = {"UNetModel": UNetModel, "SuperResModel": SuperResModel, "EncoderUNetModel": EncoderUNetModel}
 
 
 def listing(model):
@@ -55,15 +69,21 @@ def listing(model):
 
 def parse_guided_flags(argv):
     """This library's full flag dict for a command line of guided-diffusion's flags."""
-    super_res = "--large_size" in argv
-    defaults = su.sr_model_and_diffusion_defaults() if super_res else su.model_and_diffusion_defaults()
+    if "--classifier_width" in argv:
+        defaults = su.classifier_and_diffusion_defaults()
+    elif "--large_size" in argv:
+        defaults = su.sr_model_and_diffusion_defaults()
+    else:
+        defaults = su.model_and_diffusion_defaults()
     parser = argparse.ArgumentParser()
     su.add_dict_to_argparser(parser, defaults)
     return vars(parser.parse_args(argv))
 
 
 def build_from_flags(flags):
-    """The model of a full flag dict (super-resolution when it has large_size)."""
+    """The model of a full flag dict: a classifier, a super-resolution model (large_size) or a UNet."""
+    if "classifier_width" in flags:
+        return su.create_classifier_and_diffusion(**flags)[0]
     create = su.sr_create_model_and_diffusion if "large_size" in flags else su.create_model_and_diffusion
     return create(**flags)[0]
 
@@ -74,15 +94,9 @@ def read_listing(path):
     return first.removeprefix("# flags:").split(), int(second.split(":")[1]), lines
 
 
-def golden_model_listings(golden_dir):
-    """The diffusion and upsampler listings (the classifiers are EncoderUNetModel's)."""
-    paths = sorted((golden_dir / "guided" / "keys").glob("*.txt"))
-    return [p for p in paths if not p.stem.endswith("_classifier")]
-
-
 def test_published_layouts_match_the_golden_listings(golden_dir):
-    paths = golden_model_listings(golden_dir)
-    assert len(paths) == 8
+    paths = sorted((golden_dir / "guided" / "keys").glob("*.txt"))
+    assert len(paths) == 12
     for path in paths:
         argv, count, lines = read_listing(path)
         with torch.device("meta"):
@@ -93,7 +107,7 @@ def test_published_layouts_match_the_golden_listings(golden_dir):
 
 def test_published_layouts_match_the_listing_digests():
     digests = json.loads(KEYS_FILE.read_text())
-    assert len(digests) == 8
+    assert len(digests) == 12
     for name, expected in digests.items():
         with torch.device("meta"):
             model = build_from_flags(parse_guided_flags(expected["flags"]))
@@ -115,14 +129,20 @@ def test_the_checkpoint_table_builds_every_published_layout():
 @pytest.fixture(scope="module")
 def guided_cases(golden_dir):
     cases = torch.load(golden_dir / "guided" / "cases.pt", weights_only=True)
-    return [c for c in cases if c["kind"] in ("gd_unet", "gd_sr")]
+    return [c for c in cases if c["kind"] in GOLDEN_DEFAULTS]
+
+
+GOLDEN_DEFAULTS = {
+    "gd_unet": su.model_and_diffusion_defaults,
+    "gd_sr": su.sr_model_and_diffusion_defaults,
+    "gd_classifier": su.classifier_and_diffusion_defaults,
+}
 
 
 def test_golden_forward_cases(guided_cases):
-    assert len(guided_cases) == 3
+    assert sorted(c["kind"] for c in guided_cases) == ["gd_classifier"] * 2 + ["gd_sr"] + ["gd_unet"] * 2
     for case in guided_cases:
-        defaults = su.sr_model_and_diffusion_defaults() if case["kind"] == "gd_sr" else su.model_and_diffusion_defaults()
-        model = build_from_flags(dict(defaults, **case["flags"]))
+        model = build_from_flags(dict(GOLDEN_DEFAULTS[case["kind"]](), **case["flags"]))
         model.load_state_dict(case["state_dict"], strict=True)
         assert "\n".join(listing(model)) == case["keys"].strip()
         assert sum(p.numel() for p in model.parameters()) == case["num_params"]
@@ -135,7 +155,7 @@ def test_golden_forward_cases(guided_cases):
 def build_regression_case(name):
     """(model, x, timesteps, model_kwargs) of a REGRESSION_CONFIGS entry."""
     config = dict(REGRESSION_CONFIGS[name])
-    cls = SuperResModel if config.pop("cls", None) == "SuperResModel" else UNetModel
+    cls = CLASSES[config.pop("cls", "UNetModel")]
     model = deterministic_fill(cls(**config)).eval()
     x = torch.sin(torch.arange(2 * 3 * 16 * 16, dtype=torch.float64) * 0.37).float().reshape(2, 3, 16, 16)
     kwargs = {}
@@ -241,6 +261,27 @@ def test_head_width_that_does_not_divide_the_width():
         adm_model(num_head_channels=24)
 
 
+@pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial", "spatial_v2"])
+def test_classifier_pools_give_logits_and_gradients(pool):
+    model = EncoderUNetModel(**dict(ADM, image_size=16, out_channels=7, pool=pool))
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    logits = model(x, torch.tensor([1.0, 900.0]))
+    assert logits.shape == (2, 7)
+    logits.logsumexp(dim=1).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not hasattr(model, "label_emb") and len(model.output_blocks) == 0
+
+
+def test_classifier_errors():
+    with pytest.raises(ValueError, match="unknown --classifier_pool 'max': use one of adaptive, attention"):
+        EncoderUNetModel(**dict(ADM, image_size=16, out_channels=7, pool="max"))
+    with pytest.raises(ValueError, match="attention pooling needs num_head_channels"):
+        EncoderUNetModel(**dict(ADM, image_size=16, out_channels=7, pool="attention", num_head_channels=-1))
+    model = EncoderUNetModel(**dict(ADM, image_size=16, out_channels=7, pool="attention"))
+    with pytest.raises(ValueError, match=r"built for 64 positions, the input has \[16, 16\].*--image_size"):
+        model(torch.randn(1, 3, 32, 32), torch.tensor([1.0]))
+
+
 def test_resblock_cannot_resample_both_ways():
     with pytest.raises(ValueError, match="up or down, not both"):
         ResBlock(32, 128, 0.0, up=True, down=True)
@@ -323,12 +364,19 @@ def test_adm_model_trains_resumes_exactly_and_samples_through_the_scripts(tmp_pa
         assert set(data["arr_1"]) <= {0, 1}
 
 
+def test_adm_benchmark_runs_and_prints_a_table():
+    args = ["--num_channels", "32", "--num_head_channels", "32", "--batch", "1", "--iters", "1", "--warmup", "0",
+            "--threads", "1", "--precisions", "float32"]
+    result = run_benchmark("bench_adm.py", args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| float32 |")]
+    assert len(rows) == 2, result.stdout
+
+
 def write_data_files():
     """Record the listing digests (from ../shared) and the regression outputs (from this implementation)."""
     digests = {}
     for path in sorted(GOLDEN_KEYS.glob("*.txt")):
-        if path.stem.endswith("_classifier"):
-            continue
         argv, count, lines = read_listing(path)
         digests[path.stem] = {"flags": argv, "parameters": count, "keys": len(lines), "sha256": listing_digest(lines)}
     KEYS_FILE.write_text(json.dumps(digests, indent=1) + "\n")

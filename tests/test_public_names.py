@@ -55,8 +55,12 @@ REFERENCE_NAMES = {
     unet: "TimestepBlock TimestepEmbedSequential Upsample Downsample ResBlock AttentionBlock QKVAttention "
           "UNetModel SuperResModel "
           # guided-diffusion's names of the UNet family (SPEC 13)
-          "QKVAttentionLegacy count_flops_attn convert_module_to_f16 convert_module_to_f32",
+          "QKVAttentionLegacy count_flops_attn convert_module_to_f16 convert_module_to_f32 AttentionPool2d "
+          "EncoderUNetModel",
 }
+# guided-diffusion's script_util names of the UNet family and its classifiers (SPEC 12, 13).
+GUIDED_SCRIPT_UTIL_NAMES = ("diffusion_defaults classifier_defaults classifier_and_diffusion_defaults "
+                            "create_classifier create_classifier_and_diffusion")
 
 REFERENCE_METHODS = {
     gaussian_diffusion.GaussianDiffusion: "q_mean_variance q_sample q_posterior_mean_variance p_mean_variance "
@@ -89,6 +93,11 @@ GUIDED_ARGUMENTS = {
 def test_reference_module_names_exist(module):
     missing = [name for name in REFERENCE_NAMES[module].split() if not hasattr(module, name)]
     assert not missing, f"{module.__name__} lacks {missing}"
+
+
+def test_guided_diffusion_script_util_names_exist():
+    missing = [name for name in GUIDED_SCRIPT_UTIL_NAMES.split() if not hasattr(script_util, name)]
+    assert not missing, f"script_util lacks {missing}"
 
 
 def test_reference_methods_exist():
