@@ -131,7 +131,8 @@ def make_evaluator(args, model_keys):
         raise ValueError("--eval_interval applies to image_train.py; super-resolution runs cannot be scored alone")
     check_eval_interval(args.eval_interval, args.log_interval)
     if args.eval_sampler not in samplers.SAMPLERS:
-        raise ValueError(f"unknown --eval_sampler {args.eval_sampler!r}; known samplers: {', '.join(samplers.SAMPLERS)}")
+        known = ", ".join(samplers.SAMPLERS)
+        raise ValueError(f"unknown --eval_sampler {args.eval_sampler!r}; known samplers: {known}")
     flags = dict(args_to_dict(args, model_keys), timestep_respacing=args.eval_timestep_respacing)
     logger.log("computing the training data's statistics for --eval_interval...")
     return TrainingEvaluator(

@@ -60,7 +60,9 @@ def plot(series, keys, output, title):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise PlotError("plot_progress.py needs matplotlib: pip install matplotlib (or pip install -e .[plot])") from exc
+        raise PlotError(
+            "plot_progress.py needs matplotlib: pip install matplotlib (or pip install -e .[plot])"
+        ) from exc
     present = [key for key in keys if key in series]
     if not present:
         raise PlotError(f"none of the columns {', '.join(keys)} is in the log; it has {', '.join(sorted(series))}")

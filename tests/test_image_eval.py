@@ -1,4 +1,7 @@
-"""scripts/image_eval.py end to end with a randomly initialised FID Inception-v3: outputs, caching, inputs, ranks, errors."""
+"""
+scripts/image_eval.py end to end with a randomly initialised FID Inception-v3:
+outputs, caching, inputs, ranks, errors.
+"""
 
 import importlib.util
 import json
@@ -150,7 +153,8 @@ def test_missing_weights_error_names_the_file_and_where_to_put_it(script, first_
 @pytest.mark.parametrize(
     "ref, samples, needle",
     [
-        (np.zeros((3, 8, 8, 3), np.uint8), np.zeros((6, 8, 8, 3), np.uint8), "has 3 image(s); the metrics need at least 4"),
+        (np.zeros((3, 8, 8, 3), np.uint8), np.zeros((6, 8, 8, 3), np.uint8),
+         "has 3 image(s); the metrics need at least 4"),
         (np.zeros((6, 8, 8, 3), np.uint8), np.zeros((6, 16, 8, 3), np.uint8), "differ in image size"),
         (np.zeros((6, 8, 8, 3), np.int64), np.zeros((6, 8, 8, 3), np.uint8), "must be uint8"),
     ],

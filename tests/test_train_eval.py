@@ -45,8 +45,8 @@ def runs(setup, tmp_path_factory):
     killed = start_script("image_train.py", dict(setup, max_steps=100000), root / "killed")
     wait_for(root / "killed" / "state000004.pt", killed, timeout=240)
     kill_group(killed)
-    resumed = start_script("image_train.py", dict(setup, max_steps=10, resume_checkpoint=root / "killed" / "model000004.pt"),
-                           root / "resumed")
+    resume = dict(setup, max_steps=10, resume_checkpoint=root / "killed" / "model000004.pt")
+    resumed = start_script("image_train.py", resume, root / "resumed")
     for proc in (whole, resumed):
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err
