@@ -11,6 +11,8 @@ The samplers of SPEC 11 measured three ways.
    (x -> 0.1 x) on a [64 x 3 x 32 x 32] batch, as a ratio to DDIM's in the same run.
 3. --cifar: the wall time of dpmpp_2m with 10 steps against ddim50 with the
    benchmarks' small preset (a 32x32 UNet, random weights), one batch.
+4. --guidance: classifier-free guided sampling (one forward of the doubled
+   batch per step) against two unguided passes, same preset.
 
     python benchmarks/bench_samplers.py                      # 1 and 2
     python benchmarks/bench_samplers.py --cifar --plot samplers.png
@@ -181,6 +183,29 @@ def cifar_wall_time(batch_size, repeats):
         print(f"| {name} | {evals} | {statistics.median(values):.2f} | {statistics.median(values) / reference:.2f} |")
 
 
+def guidance_cost(batch_size, repeats):
+    """Wall seconds of classifier-free guided sampling (one doubled batch) against two unguided passes."""
+    flags = {**model_and_diffusion_defaults(), **SMALL_PRESET, "class_cond": True, "num_classes": 10,
+             "class_dropout_prob": 0.1, "timestep_respacing": "logsnr10"}
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.eval()
+    shape, labels = (batch_size, 3, 32, 32), {"y": torch.arange(batch_size) % 10}
+    runs = {"unguided": 1.0, "guided, scale 3": 3.0}
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, scale in runs.items():
+                start = time.perf_counter()
+                diffusion.sample_loop(model, shape, "dpmpp_2m", model_kwargs=labels, guidance_scale=scale,
+                                      generator=torch.Generator().manual_seed(0))
+                times[name].append(time.perf_counter() - start)
+    unguided, guided = (statistics.median(times[name]) for name in runs)
+    print(f"\n### Classifier-free guidance, small preset, batch {batch_size}, dpmpp_2m logsnr10\n")
+    print("| run | median wall s | ratio to two unguided passes |\n| --- | --- | --- |")
+    print(f"| unguided | {unguided:.2f} | {unguided / (2 * unguided):.2f} |")
+    print(f"| guided (one forward of the doubled batch per step) | {guided:.2f} | {guided / (2 * unguided):.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="5,8,10,15,20,50")
@@ -193,6 +218,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cifar", action="store_true")
     parser.add_argument("--cifar_batch", type=int, default=8)
+    parser.add_argument("--guidance", action="store_true", help="time classifier-free guidance (small preset)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -207,6 +233,8 @@ def main():
     overhead_table(args.overhead_batch, args.overhead_steps, args.repeats)
     if args.cifar:
         cifar_wall_time(args.cifar_batch, args.repeats)
+    if args.guidance:
+        guidance_cost(args.cifar_batch, args.repeats)
 
 
 if __name__ == "__main__":
