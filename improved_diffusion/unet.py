@@ -5,7 +5,8 @@ State dicts are interchangeable with the reference implementation: module
 names, parameter shapes and their order are the same. The options of
 openai/guided-diffusion's ADM family (head width `num_head_channels`,
 residual up/downsampling `resblock_updown`, `use_new_attention_order`,
-fractional `channel_mult`) build its layouts as well. Attention runs through
+fractional `channel_mult`) build its layouts as well, and `EncoderUNetModel`
+is its noisy classifier. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`; residual and attention
 blocks can recompute their activations in the backward pass
 (`use_checkpoint`); the network runs under `torch.autocast` (normalization
