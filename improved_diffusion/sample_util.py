@@ -44,7 +44,7 @@ SAMPLER_FLAGS = {"sampler": "", "sample_name": "", "guidance_scale": 1.0, "guida
 
 # Model and diffusion flags a sampling run may choose freely, whatever the
 # training run used: they change neither the weights nor their meaning.
-SAMPLING_ONLY_FLAGS = frozenset({"timestep_respacing", "use_checkpoint", "dropout", "snr_gamma"})
+SAMPLING_ONLY_FLAGS = frozenset({"timestep_respacing", "use_checkpoint", "dropout", "snr_gamma", "use_fp16"})
 
 # The size flags that tell an image model's run from a super-resolution model's.
 SIZE_FLAGS = ("image_size", "large_size", "small_size")

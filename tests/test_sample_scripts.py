@@ -49,6 +49,15 @@ def test_run_flags_become_defaults_but_sampling_flags_stay_the_users(tmp_path):
     assert args.num_res_blocks == model_and_diffusion_defaults()["num_res_blocks"], "absent keys keep defaults"
 
 
+def test_a_run_trained_with_fp16_or_min_snr_samples_without_them(tmp_path):
+    """--use_fp16 (autocast arithmetic) and --snr_gamma (a loss weight) change neither weights nor meaning."""
+    model_path = _write_run(tmp_path, image_size=8, use_fp16=True, snr_gamma=5.0)
+    defaults = dict(model_path="", **model_and_diffusion_defaults())
+    args, explicit = sample_util.parse_flags(defaults, ["--model_path", model_path])
+    sample_util.apply_run_flags(args, explicit, list(model_and_diffusion_defaults()))
+    assert (args.use_fp16, args.snr_gamma) == (False, 0.0)
+
+
 def test_explicit_flags_that_agree_with_the_run_are_fine(tmp_path):
     model_path = _write_run(tmp_path, image_size=8, learn_sigma=True, attention_resolutions="4")
     defaults = dict(model_path="", **model_and_diffusion_defaults())
