@@ -51,7 +51,21 @@ DEFAULT_FORMATS = "stdout,log,csv"
 _MAX_CELL = 30
 
 
-class HumanOutputFormat:
+class KVWriter:
+    """An output format that writes key-value tables (the reference's base class)."""
+
+    def writekvs(self, kvs):
+        raise NotImplementedError
+
+
+class SeqWriter:
+    """An output format that writes lines of text (the reference's base class)."""
+
+    def writeseq(self, seq):
+        raise NotImplementedError
+
+
+class HumanOutputFormat(KVWriter, SeqWriter):
     """Writes key-value tables and text lines to a stream or an appended file."""
 
     def __init__(self, file_or_path):
@@ -77,7 +91,7 @@ class HumanOutputFormat:
             self.file.close()
 
 
-class JSONOutputFormat:
+class JSONOutputFormat(KVWriter):
     """Appends one JSON object per dump to a file."""
 
     def __init__(self, path):
@@ -91,7 +105,7 @@ class JSONOutputFormat:
         self.file.close()
 
 
-class CSVOutputFormat:
+class CSVOutputFormat(KVWriter):
     """
     Appends one row per dump to a CSV file whose header is the union of all
     keys seen so far (existing rows are kept when the file already exists).
@@ -126,7 +140,7 @@ class CSVOutputFormat:
         self.file.close()
 
 
-class TensorBoardOutputFormat:
+class TensorBoardOutputFormat(KVWriter):
     """
     Writes every numeric value of a dump as a scalar through
     torch.utils.tensorboard, at the dump's "step" value (the number of dumps
@@ -316,6 +330,23 @@ def _weighted_means(per_rank):
             total, weight = totals.get(key, (0.0, 0))
             totals[key] = (total + value * count, weight + count)
     return {k: (v / w if w else v) for k, (v, w) in totals.items()}
+
+
+def mpi_weighted_mean(comm, local_name2valcount):
+    """
+    The reference's helper: {name: (value, count)} from every rank of the MPI
+    communicator `comm`, merged on rank 0 into {name: count-weighted mean}; {} elsewhere.
+    """
+    all_name2valcount = comm.gather(local_name2valcount)
+    return _weighted_means(all_name2valcount) if comm.rank == 0 else {}
+
+
+def get_rank_without_mpi_import():
+    """This process's rank from the launcher's environment (MPI or torchrun), 0 without one."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
 
 
 def get_current():

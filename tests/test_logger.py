@@ -317,3 +317,20 @@ def test_plot_progress_errors_name_the_problem(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(plot_progress.PlotError, match="none of the columns nll"):
         plot_progress.main([str(tmp_path), "--keys", "nll"])
+
+
+def test_reference_helpers_weighted_mean_and_launcher_rank(monkeypatch):
+    class FakeComm:
+        rank = 0
+
+        def gather(self, value):
+            return [value, {"loss": (3.0, 3), "name": ("x", 1)}]
+
+    merged = logger.mpi_weighted_mean(FakeComm(), {"loss": (1.0, 1)})
+    assert merged["loss"] == pytest.approx(2.5) and merged["name"] == "x"
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert logger.get_rank_without_mpi_import() == 0
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    assert logger.get_rank_without_mpi_import() == 3
+    assert issubclass(logger.HumanOutputFormat, (logger.KVWriter, logger.SeqWriter))

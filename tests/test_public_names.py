@@ -37,7 +37,8 @@ REFERENCE_NAMES = {
     gaussian_diffusion: "get_named_beta_schedule betas_for_alpha_bar ModelMeanType ModelVarType LossType "
                         "GaussianDiffusion",
     image_datasets: "load_data ImageDataset",
-    logger: "HumanOutputFormat JSONOutputFormat CSVOutputFormat TensorBoardOutputFormat make_output_format "
+    logger: "KVWriter SeqWriter HumanOutputFormat JSONOutputFormat CSVOutputFormat TensorBoardOutputFormat "
+            "make_output_format mpi_weighted_mean get_rank_without_mpi_import "
             "logkv logkv_mean logkvs dumpkvs getkvs log debug info warn error set_level set_comm get_dir "
             "record_tabular dump_tabular profile_kv profile get_current Logger configure reset "
             "scoped_configure DEBUG INFO WARN ERROR DISABLED",
