@@ -276,20 +276,29 @@ def _ignore_stop_signals(_worker_id):
     Decoding workers leave SIGTERM and SIGINT to the training process: a
     scheduler that signals every process of a job must not kill them before
     the training process has saved. They are stopped by their iterator's
-    close(), which runs at exit for any iterator still open (below), since
-    multiprocessing's own exit handler would stop them with SIGTERM.
+    close(), or by its finalizer when it is collected or at exit (below),
+    since multiprocessing's own exit handler would stop them with SIGTERM.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-_OPEN_ITERATORS = weakref.WeakSet()
+# The finalizers of every DataLoader iterator still running (see ImageDataIterator.__next__).
+_LIVE_LOADERS = set()
 
 
 @atexit.register  # registered after torch's and multiprocessing's exit handlers, so it runs before them
-def _close_open_iterators():
-    for iterator in list(_OPEN_ITERATORS):
-        iterator.close()
+def _stop_live_loaders():
+    for finalizer in list(_LIVE_LOADERS):
+        finalizer()
+
+
+def _shutdown_loader(batches):
+    """Stop a DataLoader iterator's workers (its private method, looked up: absent with num_workers=0)."""
+    _LIVE_LOADERS.difference_update([f for f in _LIVE_LOADERS if not f.alive])
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class ImageDataIterator:
@@ -327,7 +336,11 @@ class ImageDataIterator:
                                 generator=torch.Generator().manual_seed(self._schedule.seed),
                                 worker_init_fn=_ignore_stop_signals)
             self._batches = iter(loader)
-            _OPEN_ITERATORS.add(self)
+            # Stops the workers on close(), when this iterator is collected, or at exit
+            # (_stop_live_loaders, before multiprocessing's exit handler, which cannot stop
+            # workers that ignore SIGTERM), even while a traceback still holds the loader's iterator.
+            self._finalizer = weakref.finalize(self, _shutdown_loader, self._batches)
+            _LIVE_LOADERS.add(self._finalizer)
         images, labels, epoch, index = next(self._batches)
         self._position = (epoch, index)
         return images, ({} if labels is None else {"y": labels})
@@ -355,12 +368,9 @@ class ImageDataIterator:
 
     def close(self):
         """Stop the decoding workers now; the next batch starts new ones."""
-        batches, self._batches = self._batches, None
-        _OPEN_ITERATORS.discard(self)
-        # Explicitly: a traceback (of a decoding error, say) may still hold the loader's iterator.
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        if self._batches is not None:
+            self._batches = None
+            self._finalizer()
 
 
 def _as_is(batch):
