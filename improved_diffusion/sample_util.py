@@ -238,7 +238,7 @@ def prepare(args, create_fn, model_keys):
 
 def describe_sampler(name, diffusion):
     """One log line: the sampler, the base timesteps it walks (noisiest first) and its evaluations per sample."""
-    steps = sorted(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)), reverse=True)
+    steps = samplers.walk_timesteps(diffusion)
     shown = ", ".join(map(str, steps)) if len(steps) <= 20 else f"{', '.join(map(str, steps[:10]))}, ..., {steps[-1]}"
     evaluations = samplers.model_evaluations(name, len(steps))
     return f"sampler {name} over {len(steps)} timesteps ({shown}): {evaluations} model evaluations per sample"

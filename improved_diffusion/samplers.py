@@ -59,6 +59,11 @@ def noise_like(shape, device, generator=None, dtype=torch.float32):
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+def walk_timesteps(diffusion):
+    """The base-process timesteps a sampler visits, noisiest first (a list of ints)."""
+    return sorted(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)), reverse=True)
+
+
 def walk(step, x, num_steps, progress=False):
     """
     The one sampling loop: x = step(x, k)["sample"] for k = 0 ... num_steps-1,
@@ -102,7 +107,7 @@ class SamplingContext:
         with np.errstate(divide="ignore"):
             self.lam = (0.5 * (np.log(abar) - np.log1p(-abar))).tolist()
         self.timesteps = torch.arange(self.num_steps, device=device).flip(0)
-        self.base_timesteps = sorted(getattr(diffusion, "timestep_map", range(self.num_steps)), reverse=True)
+        self.base_timesteps = walk_timesteps(diffusion)
         self.batch_size = batch_size
         self.memory = {}
 
