@@ -463,11 +463,12 @@ def load_inception(path="", device="cpu"):
 @torch.inference_mode()
 def extract_features(model, images, device=None):
     """
-    :param images: uint8 NumPy [N x H x W x 3].
+    :param images: uint8 NumPy [N x H x W x C], C = 3 or 1 (grayscale, seen as equal R, G and B).
     :return: dict of float32 NumPy arrays, as FIDInceptionV3.forward's keys.
     """
     device = device or next(model.parameters()).device
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+    batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
     return {key: value.float().cpu().numpy() for key, value in model(batch).items()}
 
 
@@ -475,7 +476,7 @@ def extract_features(model, images, device=None):
 
 
 class NpzImages:
-    """The `arr_0` of an npz (uint8 [N x H x W x 3]), read in batches without loading it whole."""
+    """The `arr_0` of an npz (uint8 [N x H x W x C], C = 3 or 1), read in batches without loading it whole."""
 
     def __init__(self, path):
         self.path = path
@@ -486,10 +487,11 @@ class NpzImages:
                 self.offset = f.tell()
         except (OSError, zipfile.BadZipFile, ValueError) as exc:
             raise EvaluationError(f"cannot read {path} as an npz file: {exc}") from exc
-        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or fortran_order:
             raise EvaluationError(
                 f"{path}: arr_0 is {dtype} {list(shape)}{' (Fortran order)' if fortran_order else ''}; "
-                "it must be uint8 [N x H x W x 3] in C order, as image_sample.py and ADM's reference batches write it"
+                "it must be uint8 [N x H x W x 3] (or x 1, grayscale) in C order, as image_sample.py and ADM's "
+                "reference batches write it"
             )
         self.num_images, self.image_shape = shape[0], tuple(shape[1:])
 
@@ -500,7 +502,7 @@ class NpzImages:
         return "arr_0.npy"
 
     def batches(self, batch_size, wanted=lambda index: True):
-        """Yield (batch index, uint8 [B x H x W x 3]) for the batches whose index `wanted` accepts."""
+        """Yield (batch index, uint8 [B x H x W x C]) for the batches whose index `wanted` accepts."""
         row_bytes = int(np.prod(self.image_shape))
         with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
             for index, start in enumerate(range(0, self.num_images, batch_size)):
@@ -574,9 +576,9 @@ def check_inputs(named_readers):
                 f"{name} {reader.path} has {reader.num_images} image(s); the metrics need at least {MIN_IMAGES} "
                 f"(precision and recall measure each image's {NEAREST_K} nearest neighbours; FID wants thousands)"
             )
-    shapes = {f"{name} {reader.path}": reader.image_shape for name, reader in named_readers.items()}
+    shapes = {f"{name} {reader.path}": reader.image_shape[:2] for name, reader in named_readers.items()}
     if len(set(shapes.values())) > 1:
-        listed = ", ".join(f"{where} is {h}x{w}" for where, (h, w, _) in shapes.items())
+        listed = ", ".join(f"{where} is {h}x{w}" for where, (h, w) in shapes.items())
         raise EvaluationError(f"the inputs differ in image size ({listed}): compare images of one size")
 
 
@@ -614,6 +616,8 @@ def input_fingerprint(reader, weights_path):
     files = [reader.path] if isinstance(reader, NpzImages) else reader.files
     listing = [(os.path.relpath(f, reader.path), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     identity = [os.path.abspath(reader.path), getattr(reader, "image_size", None), listing]
+    if getattr(reader, "image_channels", 3) != 3:
+        identity.append(reader.image_channels)
     digest = hashlib.sha256(json.dumps(identity).encode())
     with open(weights_path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -673,21 +677,23 @@ def score(ref_stats, sample_features, split_size=5000):
 class TrainingImages:
     """
     A training folder's images as training sees them (resized and centre-cropped
-    to `image_size`, RGB), at most `limit` of them, evenly spaced in file order.
+    to `image_size`, RGB or, with image_channels 1, grayscale), at most `limit`
+    of them, evenly spaced in file order.
     """
 
-    def __init__(self, data_dir, image_size, limit=REFERENCE_LIMIT):
+    def __init__(self, data_dir, image_size, limit=REFERENCE_LIMIT, image_channels=3):
         files = list_image_files(data_dir)
         if len(files) > limit:
             files = [files[i * len(files) // limit] for i in range(limit)]
-        self.path, self.files, self.image_size = data_dir, files, image_size
-        self.num_images, self.image_shape = len(files), (image_size, image_size, 3)
+        self.path, self.files, self.image_size, self.image_channels = data_dir, files, image_size, image_channels
+        self.num_images, self.image_shape = len(files), (image_size, image_size, image_channels)
 
     def batches(self, batch_size, wanted=lambda index: True):
-        """Yield (batch index, uint8 [B x S x S x 3]) for the batches whose index `wanted` accepts."""
+        """Yield (batch index, uint8 [B x S x S x C]) for the batches whose index `wanted` accepts."""
         for index, start in enumerate(range(0, self.num_images, batch_size)):
             if wanted(index):
-                yield index, np.stack([load_image(f, self.image_size) for f in self.files[start : start + batch_size]])
+                files = self.files[start : start + batch_size]
+                yield index, np.stack([load_image(f, self.image_size, self.image_channels) for f in files])
 
 
 class TrainingEvaluator:
@@ -700,16 +706,17 @@ class TrainingEvaluator:
 
     :param diffusion: the (respaced) diffusion to sample with.
     :param num_classes: class labels are drawn per sample when > 0.
+    :param image_channels: 3 (RGB) or 1 (grayscale samples and training images).
     """
 
     def __init__(self, *, diffusion, data_dir, image_size, num_samples, batch_size, log_dir, sampler="ddim",
-                 num_classes=0, seed=0, weights_path=""):
+                 num_classes=0, seed=0, weights_path="", image_channels=3):
         weights_path = find_weights(weights_path)
         self.network = load_inception(weights_path, dist_util.dev())
         self.diffusion, self.sampler, self.seed = diffusion, sampler, seed
         self.num_samples, self.batch_size, self.num_classes = num_samples, batch_size, num_classes
-        self.image_size, self.log_dir = image_size, log_dir
-        reference = TrainingImages(data_dir, image_size)
+        self.image_size, self.image_channels, self.log_dir = image_size, image_channels, log_dir
+        reference = TrainingImages(data_dir, image_size, image_channels=image_channels)
         if min(num_samples, reference.num_images) < MIN_IMAGES:
             raise EvaluationError(
                 f"--eval_num_samples {num_samples} with {reference.num_images} training image(s): the metrics need "
@@ -754,12 +761,12 @@ class TrainingEvaluator:
 
     @torch.inference_mode()
     def _sample(self, model, chunk):
-        """uint8 [len(chunk) x S x S x 3] samples for these sample indices."""
+        """uint8 [len(chunk) x S x S x C] samples for these sample indices."""
         device = dist_util.dev()
         model_kwargs = {}
         if self.num_classes:
             model_kwargs["y"] = draw_labels(self.seed, chunk, self.num_classes).to(device)
-        shape = (len(chunk), 3, self.image_size, self.image_size)
+        shape = (len(chunk), self.image_channels, self.image_size, self.image_size)
         x = self.diffusion.sample_loop(model, shape, sampler=self.sampler, model_kwargs=model_kwargs, device=device,
                                        generator=sample_generators(self.seed, chunk, device))
         return to_uint8_images(x)

@@ -35,6 +35,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 _PROBE_THREADS = 8  # overlaps reads from network storage
 _PROBE_CHUNK = 256
 # Float value of each uint8 level, computed as (v / 127.5 - 1) in float32.
+IMAGE_MODES = {1: "L", 3: "RGB"}  # PIL mode that images become, by image_channels
 _LEVELS = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1)
 
 
@@ -51,12 +52,13 @@ def load_data(
     num_shards=None,
     num_workers=1,
     allow_mixed_channels=False,
+    image_channels=3,
 ):
     """
     An endless iterator of `(images, cond)` batches over the images in `data_dir`.
 
-    `images` is float32 [N x 3 x S x S] in [-1, 1] with N = `batch_size` and
-    S = `image_size`; `cond` is {"y": int64 labels [N]} with `class_cond`,
+    `images` is float32 [N x C x S x S] in [-1, 1] with N = `batch_size`,
+    S = `image_size` and C = `image_channels`; `cond` is {"y": int64 labels [N]} with `class_cond`,
     else {}. The class of a file is its name's prefix before the first "_",
     numbered in sorted order of all class names in the folder. The last
     incomplete batch of each epoch is dropped.
@@ -70,18 +72,22 @@ def load_data(
     :param num_workers: decoding processes (0: decode in this process).
     :param allow_mixed_channels: accept images with different channel counts
         (grayscale, RGB, RGBA, CMYK, as in raw ImageNet); all become RGB.
+    :param image_channels: 3 (RGB, the reference's) or 1 (every image
+        converted to grayscale, whatever its mode; mixed modes are then fine).
     :raises ValueError: naming the folder or file, for a missing folder, a
         folder without images, a shard with fewer images than one batch, a
         file that is not a readable image, images with different channel
         counts, or (with `class_cond`) a file name without "_".
     """
     _check_arguments(batch_size, image_size, seed, num_workers)
+    check_image_channels(image_channels)
     files = list_image_files(data_dir)
     class_names, labels = _class_labels(files) if class_cond else (None, None)
     shard, num_shards, collective = _resolve_shard(shard, num_shards)
     local_files = files[shard::num_shards]
     report = _survey_shard(local_files, len(files), shard, num_shards, batch_size, data_dir)
-    _raise_data_errors(dist_util.all_gather_object(report) if collective else [report], allow_mixed_channels)
+    reports = dist_util.all_gather_object(report) if collective else [report]
+    _raise_data_errors(reports, allow_mixed_channels or image_channels == 1)
     return ImageDataIterator(
         local_files,
         labels[shard::num_shards] if class_cond else None,
@@ -93,7 +99,14 @@ def load_data(
         shard=shard,
         num_workers=num_workers,
         class_names=class_names,
+        image_channels=image_channels,
     )
+
+
+def check_image_channels(image_channels):
+    """ValueError unless `image_channels` is 1 (grayscale) or 3 (RGB)."""
+    if image_channels not in IMAGE_MODES:
+        raise ValueError(f"--image_channels {image_channels} must be 3 (RGB) or 1 (grayscale)")
 
 
 def _check_arguments(batch_size, image_size, seed, num_workers):
@@ -312,12 +325,12 @@ class ImageDataIterator:
     """
 
     def __init__(self, files, labels, *, image_size, batch_size, deterministic, random_flip, seed, shard,
-                 num_workers, class_names=None):
+                 num_workers, class_names=None, image_channels=3):
         self.files = list(files)
         self.num_images = len(self.files)
         self.class_names = class_names
         self._decoder = _BatchDecoder(self.files, None if labels is None else np.asarray(labels, np.int64),
-                                      image_size)
+                                      image_size, image_channels)
         self._schedule = _Schedule(self.num_images, batch_size, seed, shard, deterministic, random_flip)
         self._num_workers = num_workers
         self._position = (0, 0)
@@ -327,7 +340,7 @@ class ImageDataIterator:
         return self
 
     def __next__(self):
-        """The next batch: float32 images [N x 3 x S x S] in [-1, 1] and the cond dict."""
+        """The next batch: float32 images [N x C x S x S] in [-1, 1] and the cond dict."""
         if self._batches is None:
             # The loader's own generator: seeding its workers must not draw from
             # torch's global generator, which dropout uses (exact resume).
@@ -380,10 +393,11 @@ def _as_is(batch):
 class _BatchDecoder:
     """Turns a _BatchSpec into (images, labels or None, epoch, next index); runs in loader workers."""
 
-    def __init__(self, files, labels, image_size):
+    def __init__(self, files, labels, image_size, image_channels):
         self.files = files
         self.labels = labels
         self.image_size = image_size
+        self.image_channels = image_channels
 
     def __getitem__(self, spec):
         pixels = np.stack([self._pixels(i, flip) for i, flip in zip(spec.indices, spec.flips)])
@@ -392,7 +406,7 @@ class _BatchDecoder:
         return images, labels, spec.epoch, spec.next_index
 
     def _pixels(self, i, flip):
-        pixels = load_image(self.files[i], self.image_size)
+        pixels = load_image(self.files[i], self.image_size, self.image_channels)
         return pixels[:, ::-1] if flip else pixels
 
 
@@ -422,28 +436,29 @@ class ImageDataset(Dataset):
         return _LEVELS[pixels.transpose(2, 0, 1)], out
 
 
-def load_image(path, image_size):
-    """The image at `path` as uint8 RGB [S x S x 3], preprocessed as for training."""
+def load_image(path, image_size, image_channels=3):
+    """The image at `path` as uint8 [S x S x C] (C = image_channels), preprocessed as for training."""
     try:
         with _open(path) as f:
             image = Image.open(f)
             image.load()
     except Exception as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
-    return resize_and_center_crop(image, image_size)
+    return resize_and_center_crop(image, image_size, image_channels)
 
 
-def resize_and_center_crop(image, image_size):
+def resize_and_center_crop(image, image_size, image_channels=3):
     """
-    A PIL image as uint8 RGB [S x S x 3]: box-halved while its short side is
-    at least 2 S, bicubic-resized to short side S (each side rounded), then
-    center-cropped; resizing happens in the image's own mode, before RGB.
+    A PIL image as uint8 [S x S x C], RGB for C = 3 and grayscale for C = 1:
+    box-halved while its short side is at least 2 S, bicubic-resized to short
+    side S (each side rounded), then center-cropped; resizing happens in the
+    image's own mode, before the conversion.
     """
     while min(image.size) >= 2 * image_size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
     scale = image_size / min(image.size)
     image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    pixels = np.asarray(image.convert("RGB"))
+    pixels = np.asarray(image.convert(IMAGE_MODES[image_channels])).reshape(image.height, image.width, -1)
     top = (pixels.shape[0] - image_size) // 2
     left = (pixels.shape[1] - image_size) // 2
     return pixels[top : top + image_size, left : left + image_size]

@@ -13,6 +13,7 @@ import inspect
 import math
 
 from . import gaussian_diffusion as gd
+from .image_datasets import check_image_channels
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -68,6 +69,7 @@ def model_and_diffusion_defaults():
         "use_new_attention_order": False,
         "use_fp16": False,
         "class_dropout_prob": 0.0,
+        "image_channels": 3,
     }
 
 
@@ -171,6 +173,7 @@ def create_model_and_diffusion(
     use_new_attention_order=False,
     use_fp16=False,
     class_dropout_prob=0.0,
+    image_channels=3,
 ):
     """(UNetModel, SpacedDiffusion) from the flags of model_and_diffusion_defaults()."""
     flags = locals()
@@ -196,8 +199,9 @@ def create_model(
     use_new_attention_order=False,
     use_fp16=False,
     class_dropout_prob=0.0,
+    image_channels=3,
 ):
-    """A UNetModel for 3-channel images of size image_size (6 output channels with learn_sigma)."""
+    """A UNetModel for image_channels-channel images of size image_size (twice the output channels with learn_sigma)."""
     return _create_unet(UNetModel, image_size, "image_size", **_unet_flags(locals()))
 
 
@@ -231,6 +235,7 @@ def sr_create_model_and_diffusion(
     use_new_attention_order=False,
     use_fp16=False,
     class_dropout_prob=0.0,
+    image_channels=3,
 ):
     """(SuperResModel, SpacedDiffusion) from the flags of sr_model_and_diffusion_defaults()."""
     flags = locals()
@@ -268,6 +273,7 @@ def sr_create_model(
     use_new_attention_order=False,
     use_fp16=False,
     class_dropout_prob=0.0,
+    image_channels=3,
 ):
     """A SuperResModel producing large_size images; levels and attention follow large_size."""
     if small_size > large_size:
@@ -303,7 +309,9 @@ def _create_unet(
     use_new_attention_order,
     use_fp16,
     class_dropout_prob=0.0,
+    image_channels=3,
 ):
+    check_image_channels(image_channels)
     if class_cond and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"--num_classes {num_classes} must be a positive integer with --class_cond True")
     if not 0 <= class_dropout_prob < 1 or (class_dropout_prob > 0 and not class_cond):
@@ -312,9 +320,9 @@ def _create_unet(
             "--class_cond True (it trains the null label of classifier-free guidance)"
         )
     return cls(
-        in_channels=3,
+        in_channels=image_channels,
         model_channels=num_channels,
-        out_channels=6 if learn_sigma else 3,
+        out_channels=image_channels * (2 if learn_sigma else 1),
         num_res_blocks=num_res_blocks,
         attention_resolutions=parse_attention_resolutions(attention_resolutions, size),
         dropout=dropout,
@@ -426,16 +434,17 @@ def create_classifier(
     classifier_use_scale_shift_norm,
     classifier_resblock_updown,
     classifier_pool,
+    num_classes=NUM_CLASSES,
 ):
     """
-    An EncoderUNetModel over 1000 classes, with the levels of image_size
+    An EncoderUNetModel over num_classes classes, with the levels of image_size
     (default_channel_mult) and attention heads of 64 channels.
     """
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
-        out_channels=NUM_CLASSES,
+        out_channels=num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=parse_attention_resolutions(classifier_attention_resolutions, image_size),
         channel_mult=default_channel_mult(image_size),
@@ -464,9 +473,10 @@ def create_classifier_and_diffusion(
     predict_xstart,
     rescale_timesteps,
     rescale_learned_sigmas,
+    num_classes=NUM_CLASSES,
     **more_diffusion_flags,
 ):
-    """(EncoderUNetModel, SpacedDiffusion) from the flags of classifier_and_diffusion_defaults()."""
+    """(EncoderUNetModel, SpacedDiffusion) from the flags of classifier_and_diffusion_defaults() and num_classes."""
     flags = {k: v for k, v in locals().items() if k != "more_diffusion_flags"}
     flags.update(more_diffusion_flags)
     return create_classifier(**_arguments_of(create_classifier, flags)), _diffusion_from_flags(flags)
@@ -616,8 +626,8 @@ def _layout_of_flags(flags):
     levels = {2**i for i in range(len(mult))}
     return {
         "model_channels": flags["num_channels"],
-        "in_channels": 6 if "large_size" in flags else 3,
-        "out_channels": 6 if flags["learn_sigma"] else 3,
+        "in_channels": flags.get("image_channels", 3) * (2 if "large_size" in flags else 1),
+        "out_channels": flags.get("image_channels", 3) * (2 if flags["learn_sigma"] else 1),
         "channel_mult": mult,
         "num_res_blocks": flags["num_res_blocks"],
         "attention_ds": set(parse_attention_resolutions(flags["attention_resolutions"], size)) & levels,
@@ -656,7 +666,8 @@ def infer_model_flags(state_dict):
 
     :return: a dict with num_channels, num_res_blocks, channel_mult (such as
              "1,2,2,2"), learn_sigma, class_cond, num_classes (class-conditional
-             weights only), use_scale_shift_norm and resblock_updown; and, when
+             weights only), use_scale_shift_norm, resblock_updown and
+             image_channels (1 or 3, from the input channels); and, when
              channel_mult is the default of an image size, that size (as
              large_size for super-resolution weights, else image_size) and
              attention_resolutions. The attention heads (num_heads,
@@ -675,9 +686,11 @@ def infer_model_flags(state_dict):
     }
     if layout["num_classes"] is not None:
         flags["num_classes"] = layout["num_classes"]
-    if layout["out_channels"] in (3, 6):
-        flags["learn_sigma"] = layout["out_channels"] == 6
-    super_res = layout["in_channels"] == 6
+    super_res, channels = _image_channels_of(layout["in_channels"])
+    if channels is not None:
+        flags["image_channels"] = channels
+        if layout["out_channels"] in (channels, 2 * channels):
+            flags["learn_sigma"] = layout["out_channels"] == 2 * channels
     size = _size_with_default_mult(layout["channel_mult"], super_res)
     if size is not None:
         flags["large_size" if super_res else "image_size"] = size
@@ -812,6 +825,10 @@ def _contradictions(layout, flags, model):
     """["--flag X (the weights say Y)", ...] for each flag that the weights contradict."""
     super_res = isinstance(model, SuperResModel)
     weights_in, model_in = layout["in_channels"], model.in_channels
+    channels = model_in // 2 if super_res else model_in
+    weights_channels = weights_in / (2 if super_res else 1)
+    if weights_in != model_in and weights_channels in (1, 3):
+        return [_say("image_channels", flags.get("image_channels", 3), int(weights_channels))]
     if weights_in != model_in:
         hint = ""
         if weights_in == 2 * model_in:
@@ -826,8 +843,8 @@ def _contradictions(layout, flags, model):
         "resblock_updown": layout["resblock_updown"],
         "class_cond": layout["num_classes"] is not None,
     }
-    if layout["out_channels"] in (3, 6):
-        found["learn_sigma"] = layout["out_channels"] == 6
+    if layout["out_channels"] in (channels, 2 * channels):
+        found["learn_sigma"] = layout["out_channels"] == 2 * channels
     null_problem = []
     if layout["num_classes"] is not None and flags.get("class_cond"):
         with_null = flags.get("class_dropout_prob", 0) > 0
@@ -895,6 +912,17 @@ def _size_with_default_mult(channel_mult, super_res=False):
 def _format_resolutions(attention_ds, size):
     """Downsampling factors -> the --attention_resolutions string ("16,8"; '""' for none)."""
     return ",".join(str(size // ds) for ds in sorted(attention_ds)) or '""'
+
+
+def _image_channels_of(in_channels):
+    """
+    (super_res, image_channels) read off a UNet's input channels: 1 or 3 for
+    an image model, twice that for a super-resolution model (which also sees
+    the upsampled low-resolution image); image_channels None otherwise.
+    """
+    if in_channels in (2, 6):
+        return True, in_channels // 2
+    return False, in_channels if in_channels in (1, 3) else None
 
 
 def _say(flag, given, found):

@@ -15,6 +15,7 @@ import sys
 from . import dist_util, logger, samplers
 from .evaluation import TrainingEvaluator
 from .image_datasets import load_data
+from .progress import TrainingProgress
 from .resample import create_named_schedule_sampler
 from .run_flags import write_run_flags
 from .script_util import _diffusion_from_flags, add_dict_to_argparser, args_to_dict
@@ -67,6 +68,7 @@ def load_training_data(args, image_size):
         seed=args.seed,
         num_workers=args.num_workers,
         allow_mixed_channels=args.allow_mixed_channels,
+        image_channels=args.image_channels,
     )
 
 
@@ -108,6 +110,7 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
         schedule_sampler=schedule_sampler,
         run_flags=vars(args),
         evaluator=evaluator,
+        progress=TrainingProgress(enabled=dist_util.get_rank() == 0),
         **{k: getattr(args, k) for k in _LOOP_KEYS},
     )
     loop.run_loop()
@@ -146,6 +149,7 @@ def make_evaluator(args, model_keys):
         num_classes=args.num_classes if args.class_cond else 0,
         seed=args.seed,
         weights_path=args.inception_weights,
+        image_channels=args.image_channels,
     )
 
 

@@ -47,6 +47,7 @@ from .checkpointing import CheckpointSet, latest_complete, plan_resume, prune, r
 from .io_util import CheckpointError
 from .nn import update_ema
 from .precision import warn_if_emulated_bf16
+from .progress import TrainingProgress
 from .resample import LossAwareSampler, UniformSampler
 from .script_util import load_model_state_dict
 from .train_state import StepStats, StopRequest, capture_rng, rank_seed, restore_rng
@@ -101,6 +102,7 @@ class TrainLoop:
     :param eval_interval: a multiple of log_interval (0: no evaluation).
     :param class_dropout_prob: replace each label y by the model's null_label
         with this probability (classifier-free guidance training).
+    :param progress: a progress.TrainingProgress told of every step (None: none).
     """
 
     def __init__(
@@ -133,7 +135,9 @@ class TrainLoop:
         evaluator=None,
         eval_interval=0,
         class_dropout_prob=0.0,
+        progress=None,
     ):
+        self.progress = progress or TrainingProgress(enabled=False)
         if class_dropout_prob > 0 and getattr(model, "null_label", None) is None:
             raise ValueError("--class_dropout_prob needs a model built with a null label (the same flag builds it)")
         self.class_dropout_prob = class_dropout_prob
@@ -332,17 +336,25 @@ class TrainLoop:
         finishes its step, the set is saved and the loop returns with
         `stop_signal` set.
         """
+        self.progress.begin(self.step, self._last_step())
         with self.stop.installed():
             while not self._done():
                 batch, cond = next(self.data)
-                self.run_step(batch, cond)
+                loss = self.run_step(batch, cond)
+                self.progress.update(self.step, loss)
                 self._after_step()
                 if self._stop_agreed():
                     break
+            self.progress.close()
             if self.saved_step != self.step:
                 self.save()
         if self.stop_signal is not None:
             logger.log(f"stopped by {signal.Signals(self.stop_signal).name} after saving step {self.step}")
+
+    def _last_step(self):
+        """The step the run ends at (the nearer of lr_anneal_steps and max_steps), or None."""
+        ends = [n for n in (self.lr_anneal_steps, self.max_steps) if n]
+        return min(ends) if ends else None
 
     def _done(self):
         return bool(
@@ -380,12 +392,14 @@ class TrainLoop:
 
         :param batch: [N x C x H x W] images in [-1, 1].
         :param cond: dict of [N x ...] model keyword arguments.
+        :return: the batch's mean loss (0-d, detached, on the device).
         """
         self.opt.zero_grad(set_to_none=True)
         loss = self.forward_backward(batch, cond)
         self._optimize(loss)
         self.step += 1
         self.log_step()
+        return loss
 
     def forward_backward(self, batch, cond):
         """Accumulate the gradient of the batch's mean loss; return that loss (0-d, detached)."""

@@ -92,6 +92,7 @@ def main(argv=None):
             image_size=args.image_size,
             class_cond=args.class_cond,
             deterministic=True,
+            image_channels=args.image_channels,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -1,7 +1,7 @@
 """
 Generate a large batch of image samples from a model (with --sampler, any sampler of
 improved_diffusion/samplers.py; DDPM, or DDIM with --use_ddim True, by default) and save them as one
-npz (arr_0: uint8 [N x H x W x 3], arr_1: class labels when the model is
+npz (arr_0: uint8 [N x H x W x C] with C = --image_channels, arr_1: class labels when the model is
 class-conditional), a PNG grid beside it and, with --save_pngs, one PNG per
 sample. Run on several ranks with mpiexec or torchrun; the output depends only
 on --seed, not on --batch_size or the number of ranks.
@@ -59,7 +59,7 @@ def main(argv=None):
     args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
     check_class_label(args)
     model, diffusion = sample_util.prepare(args, create_model_and_diffusion, model_keys)
-    shape = (3, args.image_size, args.image_size)
+    shape = (args.image_channels, args.image_size, args.image_size)
 
     def draw_batch(indices):
         out = {}

@@ -59,7 +59,7 @@ def main(argv=None):
     device = dist_util.dev()
     indices = range(args.num_samples)
     generators = sample_util.sample_generators(args.seed, indices, device)
-    x_T = samplers.noise_like((args.num_samples, 3, args.image_size, args.image_size), device, generators)
+    x_T = samplers.noise_like((args.num_samples, args.image_channels, args.image_size, args.image_size), device, generators)
     model_kwargs = {}
     if args.class_cond:
         labels = sample_util.draw_labels(args.seed, indices, args.num_classes)

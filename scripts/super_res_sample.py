@@ -3,7 +3,7 @@ Upsample the images of an npz (--base_samples, e.g. the output of
 image_sample.py: arr_0 uint8 [M x small x small x 3], arr_1 labels optional)
 with a super-resolution model. Sample i upsamples base image i (modulo M) and,
 when the model is class-conditional, is conditioned on its label. Writes
-samples_{N}x{large}x{large}x3.npz (with arr_1 labels when the base samples have
+samples_{N}x{large}x{large}x{C}.npz (with arr_1 labels when the base samples have
 them) and a PNG grid; --seed, --batch_size and ranks behave as in image_sample.py.
 """
 
@@ -43,7 +43,7 @@ def load_base_samples(args):
     """
     Read and check --base_samples.
 
-    :return: (images uint8 [M x small_size x small_size x 3], labels int [M] or None).
+    :return: (images uint8 [M x small_size x small_size x C], labels int [M] or None).
     """
     if not args.base_samples:
         raise UsageError("--base_samples is required: an npz of low-resolution images (arr_0)")
@@ -53,11 +53,12 @@ def load_base_samples(args):
         data = np.load(io.BytesIO(f.read()))
         images = data["arr_0"]
         labels = data["arr_1"] if "arr_1" in data.files else None
-    expected = (args.small_size, args.small_size, 3)
+    expected = (args.small_size, args.small_size, args.image_channels)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected or len(images) == 0:
         raise UsageError(
             f"--base_samples {args.base_samples}: arr_0 is {images.dtype} {list(images.shape)}, expected "
-            f"uint8 [M x {args.small_size} x {args.small_size} x 3] (fix --small_size or the file)"
+            f"uint8 [M x {args.small_size} x {args.small_size} x {args.image_channels}] (fix --small_size, "
+            "--image_channels or the file)"
         )
     if args.class_cond and labels is None:
         raise UsageError(
@@ -74,7 +75,7 @@ def main(argv=None):
     model, diffusion = sample_util.prepare(args, sr_create_model_and_diffusion, model_keys)
     if args.num_samples > len(base_images):
         logger.log(f"{args.num_samples} samples from {len(base_images)} base images: reusing them in order")
-    shape = (3, args.large_size, args.large_size)
+    shape = (args.image_channels, args.large_size, args.large_size)
 
     def draw_batch(indices):
         base = np.array(indices) % len(base_images)

@@ -18,8 +18,8 @@ from improved_diffusion.script_util import (
 
 class LowResData:
     """
-    Wraps a load_data iterator: yields (large [N x 3 x L x L], cond + "low_res"
-    [N x 3 x S x S]); state_dict()/load_state_dict() pass through, so resume
+    Wraps a load_data iterator: yields (large [N x C x L x L], cond + "low_res"
+    [N x C x S x S]); state_dict()/load_state_dict() pass through, so resume
     stays exact.
     """
 

@@ -83,7 +83,8 @@ GUIDED_DEFAULTS = dict(num_head_channels=-1, resblock_updown=False, use_new_atte
 
 
 def test_defaults():
-    new = dict(channel_mult="", num_classes=1000, class_dropout_prob=0.0, **OBJECTIVE_DEFAULTS, **GUIDED_DEFAULTS)
+    new = dict(channel_mult="", num_classes=1000, class_dropout_prob=0.0, image_channels=3, **OBJECTIVE_DEFAULTS,
+               **GUIDED_DEFAULTS)
     assert su.model_and_diffusion_defaults() == dict(REFERENCE_DEFAULTS, **new)
     expected_sr = dict(REFERENCE_DEFAULTS, large_size=256, small_size=64, **new)
     del expected_sr["image_size"], expected_sr["sigma_small"]
@@ -248,7 +249,7 @@ def test_infer_model_flags_of_a_custom_model():
     inferred = su.infer_model_flags(build(flags).state_dict())
     assert inferred == {"num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,3", "class_cond": True,
                         "num_classes": 7, "learn_sigma": True, "use_scale_shift_norm": False,
-                        "resblock_updown": False}
+                        "resblock_updown": False, "image_channels": 3}
 
 
 def _load_error(weights_flags, model_flags):
