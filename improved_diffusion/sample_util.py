@@ -319,7 +319,7 @@ def draw_labels(seed, indices, num_classes):
     return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in generators])
 
 
-def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
+def run_sampler(diffusion, model, args, indices, shape, model_kwargs, cond_fn=None):
     """
     Sample one batch with --sampler (see sampler_name), --eta (None: the
     sampler's default) and classifier-free guidance (--guidance_scale,
@@ -327,6 +327,8 @@ def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
 
     :param indices: the global sample indices of the batch (they seed it).
     :param shape: the shape of one sample, (C, H, W).
+    :param cond_fn: classifier guidance (diffusion.sample_loop's); it takes
+        gradients, so the batch then runs under torch.no_grad, not inference_mode.
     :return: float32 [len(indices) x C x H x W], roughly in [-1, 1].
     """
     device = dist_util.dev()
@@ -339,8 +341,9 @@ def run_sampler(diffusion, model, args, indices, shape, model_kwargs):
         "guidance_scale": getattr(args, "guidance_scale", 1.0),
         "guidance_interval": getattr(args, "guidance_interval", "") or None,
     }
-    with torch.inference_mode():
-        return diffusion.sample_loop(model, batch_shape, sampler=sampler_name(args), eta=args.eta, **common)
+    with torch.inference_mode() if cond_fn is None else torch.no_grad():
+        return diffusion.sample_loop(model, batch_shape, sampler=sampler_name(args), eta=args.eta, cond_fn=cond_fn,
+                                     **common)
 
 
 # ---------------------------------------------------------------- sharding and gathering

@@ -435,14 +435,17 @@ def create_classifier(
     classifier_resblock_updown,
     classifier_pool,
     num_classes=NUM_CLASSES,
+    image_channels=3,
 ):
     """
-    An EncoderUNetModel over num_classes classes, with the levels of image_size
-    (default_channel_mult) and attention heads of 64 channels.
+    An EncoderUNetModel over num_classes classes of image_channels-channel
+    images, with the levels of image_size (default_channel_mult) and attention
+    heads of 64 channels.
     """
+    check_image_channels(image_channels)
     return EncoderUNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=image_channels,
         model_channels=classifier_width,
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
@@ -474,9 +477,13 @@ def create_classifier_and_diffusion(
     rescale_timesteps,
     rescale_learned_sigmas,
     num_classes=NUM_CLASSES,
+    image_channels=3,
     **more_diffusion_flags,
 ):
-    """(EncoderUNetModel, SpacedDiffusion) from the flags of classifier_and_diffusion_defaults() and num_classes."""
+    """
+    (EncoderUNetModel, SpacedDiffusion) from the flags of
+    classifier_and_diffusion_defaults(), num_classes and image_channels.
+    """
     flags = {k: v for k, v in locals().items() if k != "more_diffusion_flags"}
     flags.update(more_diffusion_flags)
     return create_classifier(**_arguments_of(create_classifier, flags)), _diffusion_from_flags(flags)

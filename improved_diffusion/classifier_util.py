@@ -1,0 +1,655 @@
+"""
+Classifier guidance with a noisy classifier (Dhariwal & Nichol 2021), as
+guided-diffusion's classifier_train.py and classifier_sample.py run it: the
+loop that trains an EncoderUNetModel on noised images, its flags, the cond_fn
+that turns a classifier into guidance for any sampler, and the loading of a
+classifier for sampling.
+
+Training: each step draws timesteps from the schedule sampler, noises the
+batch with q_sample (t = 0 and clean images without `noised`) and takes one
+AdamW step on the cross-entropy. The classifier sees the timesteps exactly
+as the diffusion model does (mapped to the base process and rescaled with
+--rescale_timesteps, GaussianDiffusion._call_model), which is also how the
+samplers hand them to cond_fn.
+
+Checkpoints (checkpointing.CheckpointSet without EMA files), for step N =
+optimizer updates in the weights: modelNNNNNN.pt (the classifier's state
+dict, guided-diffusion's format), optNNNNNN.pt (AdamW) and stateNNNNNN.pt
+(every rank's random streams and data positions, the flags), each written to
+a temporary name and renamed, the state file last. A run resumed from a set
+continues bitwise as the uninterrupted run would have (CPU, same ranks).
+"""
+
+import contextlib
+import signal
+
+import blobfile as bf
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import dist_util, logger
+from .checkpointing import CheckpointSet, latest_complete, plan_resume
+from .image_datasets import load_data
+from .io_util import CheckpointError
+from .resample import UniformSampler, create_named_schedule_sampler
+from .run_flags import FLAGS_FILENAME, read_run_flags, write_run_flags
+from .sample_util import UsageError
+from .script_util import (
+    NUM_CLASSES,
+    args_to_dict,
+    classifier_and_diffusion_defaults,
+    classifier_defaults,
+    create_classifier,
+    create_classifier_and_diffusion,
+)
+from .train_state import StopRequest, capture_rng, rank_seed, restore_rng, seed_everything
+from .train_util import get_blob_logdir, log_loss_dict
+
+STATE_FORMAT = 1
+_DROPOUT_STREAM, _SAMPLING_STREAM = 0, 1
+
+# classifier_sample.py's flags beyond image_sample.py's: the checkpoint, the
+# guidance scale and the classifier's own flags (its image size is the
+# model's). Flags not given come from the flags.json of the classifier's
+# training run, else these defaults; --classifier_use_fp16 (float16 torso
+# weights, CUDA only) is the sampler's choice.
+CLASSIFIER_SAMPLING_FLAGS = {
+    "classifier_path": "",
+    "classifier_scale": 1.0,
+    **{k: v for k, v in classifier_defaults().items() if k != "image_size"},
+}
+_ARCHITECTURE_FLAGS = [k for k in classifier_defaults() if k not in ("image_size", "classifier_use_fp16")]
+
+# The flags of the classifier's run that fix which noise level a timestep
+# means; a classifier guides only a model trained with the same values.
+NOISE_FLAGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps", "rescale_zero_terminal_snr")
+
+
+# ---------------------------------------------------------------- guidance
+
+
+def classifier_cond_fn(classifier, scale):
+    """
+    A cond_fn for diffusion.sample_loop(..., cond_fn=...) from a noisy classifier.
+
+    :param classifier: forward(x [N x C x H x W], t [N]) -> [N x classes] logits.
+    :param scale: the guidance scale s.
+    :return: cond_fn(x, t, y=None, **kwargs) -> s * grad_x log p(y | x_t),
+        [N x C x H x W]; y [N] holds the requested classes (model_kwargs["y"]),
+        other model kwargs are ignored. It needs autograd: sample under
+        torch.no_grad, not torch.inference_mode.
+    """
+
+    def cond_fn(x, t, y=None, **kwargs):
+        if y is None:
+            raise ValueError("classifier guidance needs the requested classes: pass model_kwargs={'y': labels}")
+        # Dhariwal & Nichol 2021, Algorithms 1 and 2: the sampler adds s * grad log p_phi(y | x_t)
+        # to the mean (scaled by the variance) or subtracts it from eps (scaled by sqrt(1 - abar_t)).
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = classifier(x_in, t)
+            log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            chosen = log_probs[torch.arange(len(y), device=log_probs.device), y]
+            return torch.autograd.grad(chosen.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
+def top_k_accuracy(logits, labels, k):
+    """
+    1.0 where the label is among the k largest logits (among all of them when
+    there are fewer than k classes), else 0.0.
+
+    :param logits: [N x classes]; :param labels: [N] class indices.
+    :return: float [N].
+    """
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    return (top == labels[:, None]).any(dim=-1).float()
+
+
+# ---------------------------------------------------------------- training
+
+
+def classifier_train_defaults():
+    """
+    classifier_train.py's flags and their defaults: guided-diffusion's, then
+    seed, num_classes (the classifier's outputs) and image_channels (3: RGB,
+    1: grayscale, as image_train.py's), then the classifier's and the diffusion's.
+    """
+    return {
+        "data_dir": "",
+        "val_data_dir": "",
+        "noised": True,
+        "iterations": 150000,
+        "lr": 3e-4,
+        "weight_decay": 0.0,
+        "anneal_lr": False,
+        "batch_size": 4,
+        "microbatch": -1,
+        "schedule_sampler": "uniform",
+        "resume_checkpoint": "",
+        "log_interval": 10,
+        "eval_interval": 5,
+        "save_interval": 10000,
+        "seed": 0,
+        "num_classes": NUM_CLASSES,
+        "image_channels": 3,
+        **classifier_and_diffusion_defaults(),
+    }
+
+
+def check_training_flags(args):
+    """ValueError naming the flag for values classifier_train.py cannot train with."""
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: a folder of training images named CLASS_*.png (CLASS: the label)")
+    for flag in ("iterations", "log_interval", "eval_interval", "save_interval", "num_classes", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)} must be at least 1")
+    if args.classifier_use_fp16:
+        raise ValueError(
+            "--classifier_use_fp16 True: classifier_train.py trains in float32 (guided-diffusion's float16 "
+            "training is not implemented); drop the flag (classifier_sample.py takes it on CUDA)"
+        )
+
+
+def train_classifier(args):
+    """
+    classifier_train.py's work: check the flags, set up processes, logger
+    (flags.json in its directory) and seeds, build the classifier and the data, train.
+
+    :return: the finished ClassifierTrainLoop.
+    :raises ValueError: for bad flags, data or checkpoints (the same on every rank).
+    """
+    check_training_flags(args)
+    dist_util.setup_dist()
+    logger.configure()
+    if dist_util.get_rank() == 0:
+        write_run_flags(logger.get_dir(), vars(args))
+    seed_everything(args.seed)
+    logger.log("creating the classifier and diffusion...")
+    keys = [*classifier_and_diffusion_defaults(), "num_classes", "image_channels"]
+    model, diffusion = create_classifier_and_diffusion(**args_to_dict(args, keys))
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    logger.log("creating the data loaders...")
+    data = _labeled_data(args.data_dir, args)
+    val_data = _labeled_data(args.val_data_dir, args) if args.val_data_dir else None
+    _check_classes(args, data, val_data)
+    logger.log("training the classifier...")
+    loop = ClassifierTrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        val_data=val_data,
+        schedule_sampler=schedule_sampler,
+        run_flags=vars(args),
+        **{k: getattr(args, k) for k in _LOOP_KEYS},
+    )
+    loop.run_loop()
+    return loop
+
+
+_LOOP_KEYS = [
+    "batch_size", "microbatch", "lr", "iterations", "log_interval", "save_interval", "resume_checkpoint",
+    "eval_interval", "noised", "weight_decay", "anneal_lr", "seed",
+]
+
+
+def _labeled_data(folder, args):
+    """load_data over `folder` with labels from the file names, images of --image_size."""
+    return load_data(data_dir=folder, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,
+                     seed=args.seed, image_channels=args.image_channels)
+
+
+def _check_classes(args, data, val_data):
+    """The training classes must fit --num_classes, and the validation folder must have the same ones."""
+    names = data.class_names
+    if len(names) > args.num_classes:
+        raise ValueError(
+            f"--data_dir {args.data_dir} has {len(names)} classes ({_some(names)}), more than "
+            f"--num_classes {args.num_classes}: pass --num_classes {len(names)}"
+        )
+    if val_data is not None and val_data.class_names != names:
+        raise ValueError(
+            f"--val_data_dir {args.val_data_dir} has the classes {_some(val_data.class_names)}, --data_dir "
+            f"{args.data_dir} has {_some(names)}: labels are numbered by sorted class name, so both folders "
+            f"need the same classes"
+        )
+    if len(names) < args.num_classes:
+        logger.log(f"note: {len(names)} classes in --data_dir; the classifier has --num_classes {args.num_classes}")
+
+
+def _some(names, shown=5):
+    """'a, b, c' (the first `shown` names, then '...')."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+class ClassifierTrainLoop:
+    """
+    Trains a noisy classifier (guided-diffusion's classifier_train.py) with
+    checkpoints that resume exactly and a clean stop on SIGTERM / SIGINT.
+
+    :param model: an EncoderUNetModel, forward(x, timesteps) -> [N x classes] logits.
+    :param diffusion: the process whose q_sample noises the images.
+    :param data: an iterator of (images [N x C x H x W] in [-1, 1], {"y": [N]
+        labels}); if it has state_dict() and load_state_dict(), its position
+        is saved and restored on resume. `val_data` likewise, or None.
+    :param batch_size: images per rank per step.
+    :param microbatch: split each batch into parts of this many images for
+        gradient accumulation, each weighted by its share of the batch (-1 or 0: no split).
+    :param iterations: train until this many optimizer steps.
+    :param eval_interval: with val_data, log the val_ metrics of one
+        validation batch every this many steps.
+    :param resume_checkpoint: "" (start afresh), a modelNNNNNN.pt path, a log
+        directory (its newest complete set) or "auto" (the newest complete set
+        in `checkpoint_dir`, if any).
+    :param noised: train at timesteps from `schedule_sampler` (default
+        uniform) on q_sample'd images; False: t = 0 on clean images.
+    :param anneal_lr: decay the learning rate linearly to 0 over `iterations`.
+    :param seed: seeds this rank's dropout and sampling streams (mixed with
+        the rank); None: draw them from torch's global generator.
+    :param run_flags: the run's flags (plain data), saved in state files.
+    :param checkpoint_dir: where checkpoints go; default the logger's directory.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        iterations,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        val_data=None,
+        eval_interval=5,
+        noised=True,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        anneal_lr=False,
+        seed=None,
+        run_flags=None,
+        checkpoint_dir=None,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.val_data = val_data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.iterations = iterations
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.eval_interval = eval_interval
+        self.noised = noised
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.anneal_lr = anneal_lr
+        self.seed = seed
+        self.run_flags = dict(run_flags or {})
+        self.checkpoint_dir = checkpoint_dir or get_blob_logdir()
+
+        self.device = next(model.parameters()).device
+        self.rank = dist_util.get_rank() if dist_util.is_initialized() else 0
+        self.world_size = dist_util.get_world_size() if dist_util.is_initialized() else 1
+        self.step = 0
+        self.saved_step = None
+        self.stop = StopRequest()
+        self.stop_signal = None
+        self.generator = torch.Generator(self.device)
+        self._seed_streams()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.ddp_model = model if self.world_size == 1 else DDP(
+            model, device_ids=[self.device] if self.device.type == "cuda" else None
+        )
+        # Stop requests are agreed on the host, through gloo, without waiting on a GPU.
+        multi_nccl = self.world_size > 1 and dist.get_backend() != "gloo"
+        self._control_group = dist.new_group(backend="gloo") if multi_nccl else None
+        self._resume(resume_checkpoint)
+
+    def _seed_streams(self):
+        """Seed dropout (torch's global generator) and timestep/noise sampling (self.generator) for self.step."""
+        if self.seed is None:
+            self.generator.manual_seed(int(torch.randint(2**62, ()).item()))
+            return
+        torch.manual_seed(rank_seed(self.seed, self.rank, _DROPOUT_STREAM, self.step))
+        self.generator.manual_seed(rank_seed(self.seed, self.rank, _SAMPLING_STREAM, self.step))
+
+    # ----- resume ------------------------------------------------------------
+
+    def _resume(self, resume_checkpoint):
+        """Load the checkpoint set that `resume_checkpoint` designates, if any (every rank)."""
+        plan = plan_resume(resume_checkpoint, self.checkpoint_dir, [])
+        if plan is None:
+            return
+        ckpt, missing, _ = plan
+        if missing:
+            latest = latest_complete(ckpt.folder)
+            hint = f"the newest complete set there is {bf.basename(latest)}" if latest else "no set there is complete"
+            raise CheckpointError(
+                f"cannot resume from {ckpt.model}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                f"missing, so the checkpoint set of step {ckpt.step} is incomplete (an interrupted save, or a "
+                f"classifier not written by classifier_train.py); {hint}"
+            )
+        logger.log(f"loading the classifier from checkpoint: {ckpt.model}...")
+        state = dist_util.load_state_dict(ckpt.model)
+        mismatch = state_dict_mismatch(self.model, state)
+        if mismatch:
+            raise CheckpointError(
+                f"{ckpt.model} does not fit this classifier ({mismatch}): give the classifier flags of the "
+                f"run that wrote it (its {FLAGS_FILENAME})"
+            )
+        self.model.load_state_dict(state)
+        try:
+            self.opt.load_state_dict(dist_util.load_state_dict(ckpt.opt))
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt.opt} does not fit this classifier's parameters ({exc})") from exc
+        self.step = self.saved_step = ckpt.step
+        self._load_run_state(ckpt.state, ckpt.step)
+
+    def _load_run_state(self, path, step):
+        """Restore the random streams, data positions and sampler state of the state file of step `step`."""
+        state = dist_util.load_state_dict(path)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("step") != step:
+            raise CheckpointError(f"{path} is not the state file of step {step} written by classifier_train.py")
+        if state["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{path} was written by a run with {state['world_size']} rank(s), this run has {self.world_size}: "
+                f"the random streams and data positions are per rank, resume with {state['world_size']}"
+            )
+        if state["sampler"] and hasattr(self.schedule_sampler, "load_state_dict"):
+            self.schedule_sampler.load_state_dict(state["sampler"])
+        mine = state["ranks"][self.rank]
+        restore_rng(mine["rng"], self.generator)
+        for loader, position in ((self.data, mine["data"]), (self.val_data, mine["val_data"])):
+            if position is not None and hasattr(loader, "load_state_dict"):
+                loader.load_state_dict(position)
+
+    # ----- training ----------------------------------------------------------
+
+    def run_loop(self):
+        """
+        Train until `iterations` steps or a stop signal, logging every
+        log_interval steps and saving every save_interval steps and at the
+        end. After SIGTERM or SIGINT (on any rank) every rank finishes its
+        step, the set is saved and the loop returns with `stop_signal` set.
+        """
+        with self.stop.installed():
+            while self.step < self.iterations:
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                self._after_step()
+                if self._stop_agreed():
+                    break
+            if self.saved_step != self.step:
+                self.save()
+        if self.stop_signal is not None:
+            logger.log(f"stopped by {signal.Signals(self.stop_signal).name} after saving step {self.step}")
+
+    def run_step(self, batch, cond):
+        """
+        One optimizer step on this rank's batch (the gradient is averaged over ranks).
+
+        :param batch: [N x C x H x W] images in [-1, 1]; :param cond: {"y": [N] labels}.
+        """
+        self.opt.zero_grad(set_to_none=True)
+        self.forward_backward(batch, cond["y"])
+        for group in self.opt.param_groups:
+            group["lr"] = self._current_lr()
+        self.opt.step()
+        self.step += 1
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.batch_size * self.world_size)
+
+    def forward_backward(self, batch, labels):
+        """Accumulate the gradient of the batch's mean cross-entropy; log the train_ metrics."""
+        x_t, t, labels = self._noised(batch, labels)
+        for part, is_last in self._parts(len(labels)):
+            with self._no_sync_unless(is_last):
+                loss = self._losses(self.ddp_model, x_t[part], t[part], labels[part], "train")
+                (loss.mean() * (len(loss) / len(labels))).backward()
+
+    def evaluate(self):
+        """Log the val_ metrics of the next validation batch (eval mode, no gradient)."""
+        batch, cond = next(self.val_data)
+        self.model.eval()
+        with torch.no_grad():
+            x_t, t, labels = self._noised(batch, cond["y"])
+            for part, _ in self._parts(len(labels)):
+                self._losses(self.model, x_t[part], t[part], labels[part], "val")
+        self.model.train()
+
+    def _noised(self, batch, labels):
+        """(x_t [N x C x H x W], t [N], labels [N]) on the device: q_sample at sampled t, or t = 0 and x_0."""
+        batch, labels = batch.to(self.device), labels.to(self.device)
+        if not self.noised:
+            return batch, torch.zeros(len(batch), dtype=torch.long, device=self.device), labels
+        t, _ = self.schedule_sampler.sample(len(batch), self.device, generator=self.generator)
+        return self.diffusion.q_sample(batch, t, generator=self.generator), t, labels
+
+    def _parts(self, size):
+        """(slice, is_last) of each microbatch of a batch of `size`."""
+        return [(slice(s, s + self.microbatch), s + self.microbatch >= size) for s in range(0, size, self.microbatch)]
+
+    def _losses(self, model, x_t, t, labels, prefix):
+        """[n] cross-entropy of a microbatch; logs it and the top-1 and top-5 accuracy, per quartile of t too."""
+        logits = self.diffusion._call_model(model, x_t, t, None).float()
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        log_loss_dict(self.diffusion, t, {
+            f"{prefix}_loss": loss,
+            f"{prefix}_acc@1": top_k_accuracy(logits, labels, 1),
+            f"{prefix}_acc@5": top_k_accuracy(logits, labels, 5),
+        })
+        return loss
+
+    def _no_sync_unless(self, is_last):
+        """DDP's no_sync (gradients stay local) for all but the last microbatch."""
+        if is_last or self.world_size == 1:
+            return contextlib.nullcontext()
+        return self.ddp_model.no_sync()
+
+    def _current_lr(self):
+        """The learning rate of the step about to be taken (linear decay to 0 with anneal_lr)."""
+        return self.lr * (1 - self.step / self.iterations) if self.anneal_lr else self.lr
+
+    def _after_step(self):
+        if self.val_data is not None and self.step % self.eval_interval == 0:
+            self.evaluate()
+        if self.step % self.log_interval == 0:
+            logger.dumpkvs()
+        if self.step % self.save_interval == 0:
+            self.save()
+
+    def _stop_agreed(self):
+        """Whether any rank received a stop signal (the same answer on every rank)."""
+        requested = self.stop.signum is not None
+        if self.world_size > 1:
+            flag = torch.tensor([int(requested)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control_group)
+            requested = bool(flag.item())
+        if requested:
+            self.stop_signal = self.stop.signum or signal.SIGTERM
+        return requested
+
+    # ----- saving ------------------------------------------------------------
+
+    def save(self):
+        """
+        Write the checkpoint set of the current step (call on every rank: the
+        per-rank random and data states are gathered; only rank 0 writes).
+        """
+        run_state = self._run_state()
+        error = None
+        if self.rank == 0:
+            logger.log(f"saving the classifier's checkpoint set of step {self.step} in {self.checkpoint_dir}...")
+            try:
+                CheckpointSet(self.checkpoint_dir, self.step, []).save(
+                    self.model.state_dict(), {}, self.opt.state_dict(), run_state
+                )
+            except Exception as exc:
+                dist_util.broadcast_object(f"{type(exc).__name__}: {exc}")
+                raise
+        error = dist_util.broadcast_object(error)
+        if error is not None:
+            raise RuntimeError(f"rank 0 failed to save the checkpoint set of step {self.step}: {error}")
+        self.saved_step = self.step
+
+    def _run_state(self):
+        """Everything beyond weights and AdamW that exact resume needs (gathers every rank's part)."""
+        local = {
+            "rng": capture_rng(self.generator),
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "val_data": self.val_data.state_dict() if hasattr(self.val_data, "state_dict") else None,
+        }
+        sampler = self.schedule_sampler
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "world_size": self.world_size,
+            "flags": self.run_flags,
+            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+            "ranks": dist_util.all_gather_object(local),
+        }
+
+
+def state_dict_mismatch(model, state):
+    """How `state` does not fit `model`'s state dict, in a few words ("" when it fits)."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state dict"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} is {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if isinstance(state.get(k), torch.Tensor) and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) such as {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) such as {unexpected[0]}")
+    if shapes:
+        problems.append(f"{len(shapes)} tensor(s) of another shape, such as {shapes[0]}")
+    return "; ".join(problems)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sampling_classifier_flags(args, explicit):
+    """
+    The create_classifier flags of --classifier_path for classifier_sample.py,
+    or None without a classifier. Classifier flags not given on the command
+    line come from the flags.json beside the checkpoint (written by
+    classifier_train.py), else from classifier_defaults(); the image size,
+    channels and class count are the classifier run's (without flags.json:
+    the model's size and channels, and NUM_CLASSES).
+
+    :param args: the parsed flags, the model's already filled in from its run.
+    :param explicit: the names of the flags given on the command line.
+    :raises UsageError: for --classifier_scale without --classifier_path, a
+        flags.json of another kind of run, flags that contradict it, and a
+        classifier trained on another image size, channel count or noise
+        process than the model.
+    """
+    if not args.classifier_path:
+        if "classifier_scale" in explicit:
+            raise UsageError(
+                "--classifier_scale needs --classifier_path: a classifier checkpoint (modelNNNNNN.pt of a "
+                "classifier_train.py run); drop --classifier_scale to sample without classifier guidance"
+            )
+        return None
+    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "image_size"}
+    flags.update(image_size=args.image_size, image_channels=args.image_channels, num_classes=NUM_CLASSES)
+    try:
+        saved = read_run_flags(args.classifier_path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if saved is not None:
+        _take_saved_classifier_flags(args, explicit, saved, flags)
+    return flags
+
+
+def _take_saved_classifier_flags(args, explicit, saved, flags):
+    """Fill `flags` from the classifier run's flags.json `saved`, checking it against the command line and the model."""
+    path = args.classifier_path
+    flags_path = bf.join(bf.dirname(path), FLAGS_FILENAME)
+    if "classifier_width" not in saved:
+        raise UsageError(
+            f"{flags_path} has no classifier flags: {path} is not a classifier trained by classifier_train.py "
+            f"(a diffusion model goes in --model_path)"
+        )
+    conflicts = [
+        f"--{k} {getattr(args, k)} (trained with {saved[k]!r})"
+        for k in _ARCHITECTURE_FLAGS
+        if k in saved and k in explicit and getattr(args, k) != saved[k]
+    ]
+    if conflicts:
+        raise UsageError(
+            f"flags contradict the training run of the classifier {path} (saved in {flags_path}): "
+            f"{', '.join(conflicts)}. Drop them: --classifier_path alone rebuilds the classifier."
+        )
+    flags.update({k: saved[k] for k in _ARCHITECTURE_FLAGS if k in saved})
+    size = saved.get("image_size", args.image_size)
+    if size != args.image_size:
+        raise UsageError(
+            f"the classifier {path} was trained on {size}x{size} images, the model {args.model_path} makes "
+            f"{args.image_size}x{args.image_size}: use a classifier trained with classifier_train.py "
+            f"--image_size {args.image_size}"
+        )
+    channels = saved.get("image_channels", 3)
+    if channels != args.image_channels:
+        raise UsageError(
+            f"the classifier {path} reads {channels}-channel images, the model {args.model_path} makes "
+            f"{args.image_channels}-channel ones: use a classifier trained with classifier_train.py "
+            f"--image_channels {args.image_channels}"
+        )
+    noise = [
+        f"--{k} {saved[k]!r} (the model's: {getattr(args, k)!r})"
+        for k in NOISE_FLAGS
+        if k in saved and saved[k] != getattr(args, k)
+    ]
+    if noise:
+        raise UsageError(
+            f"the classifier {path} was trained on another noise process than the model {args.model_path}: "
+            f"{', '.join(noise)}; its timesteps would mean other noise levels. Train the classifier with the "
+            f"model's diffusion flags"
+        )
+    flags["num_classes"] = saved.get("num_classes", NUM_CLASSES)
+
+
+def load_classifier(path, flags):
+    """
+    Build the classifier of `flags` (sampling_classifier_flags) and load `path` into it.
+
+    :return: the classifier in eval mode on dist_util.dev() (torso in float16 with classifier_use_fp16).
+    :raises UsageError: when the flags are invalid, the checkpoint does not fit
+        them, or classifier_use_fp16 is asked for without CUDA.
+    """
+    if flags["classifier_use_fp16"] and dist_util.dev().type != "cuda":
+        raise UsageError("--classifier_use_fp16 True needs a CUDA device; on CPU drop it (float32 classifier)")
+    try:
+        classifier = create_classifier(**flags)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    state = dist_util.load_state_dict(path)
+    mismatch = state_dict_mismatch(classifier, state)
+    if mismatch:
+        given = ", ".join(f"--{k} {flags[k]}" for k in _ARCHITECTURE_FLAGS)
+        raise UsageError(
+            f"the classifier checkpoint {path} does not fit the classifier flags ({given}; {flags['num_classes']} "
+            f"classes, {flags['image_channels']}-channel {flags['image_size']}x{flags['image_size']} images): {mismatch}. Give the classifier flags "
+            f"it was trained with, or keep the {FLAGS_FILENAME} of its classifier_train.py run beside it"
+        )
+    classifier.load_state_dict(state)
+    classifier.to(dist_util.dev())
+    if flags["classifier_use_fp16"]:
+        classifier.convert_to_fp16()
+    return classifier.eval()
