@@ -8,25 +8,31 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean-demo
+.PHONY: setup test demo clean-demo
+.PRECIOUS: $(VENV)/.installed-%
 
-setup: $(STAMP)
+# `make demo` installs the package with the demo's extra only, `make test` with
+# the test extras as well; each stamp records one of them.
+setup: $(VENV)/.installed-test
 
-$(STAMP): setup.py
-	@echo "==> setting up $(VENV) (torch: $(TORCH_SPEC))"
+$(VENV)/.installed-%: setup.py
+	@echo "==> setting up $(VENV) for $* (torch: $(TORCH_SPEC))"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,demo]"
-	@touch $(STAMP)
+	$(PY) -m pip install --quiet -e ".[$*]"
+	@touch $@
 	@echo "==> $(VENV) is ready"
 
-test: setup
-	$(PY) -m pytest -q tests
+# The suite runs on every core, at most 8 (pytest-xdist; each test uses one thread);
+# TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
 
-demo: setup
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal tests
+
+demo: $(VENV)/.installed-demo
 	bash scripts/demo.sh $(PY)
 
 clean-demo:
