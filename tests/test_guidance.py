@@ -138,3 +138,54 @@ def test_the_null_label_is_found_through_wrappers_and_only_where_trained():
     plain = create_model_and_diffusion(**flags)[0]
     assert samplers.null_label_of(guided) == 10 and samplers.null_label_of(AutocastModel(guided)) == 10
     assert samplers.null_label_of(plain) is None and samplers.null_label_of(torch.nn.Linear(2, 2)) is None
+
+
+def exact_posterior_cond_fn(mixture, alphas_cumprod):
+    """cond_fn = grad_x log p(y | x_t): the mixture's exact component posterior r_y(x_t) as the classifier."""
+    table = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+
+    def cond_fn(x, t, y):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_r = mixture.posterior_weights(x_in, table[t].view(-1, 1)).log()
+            return torch.autograd.grad(log_r[torch.arange(len(y)), y].sum(), x_in)[0]
+
+    return cond_fn
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_classifier_guidance_with_the_exact_posterior_is_the_class_model(setup, sampler):
+    """Score form at scale 1: eps - sqrt(1 - abar) grad log p(y | x_t) is the class component's eps exactly."""
+    diffusion, model, noise, labels = setup
+    alphas_cumprod = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
+    mixture = GaussianMixture([0.5, 0.5], MEANS, STDS)
+    unconditional = mixture.model(alphas_cumprod)
+    guided = diffusion.sample_loop(unconditional, noise.shape, sampler, noise=noise, clip_denoised=False,
+                                   model_kwargs={"y": labels}, cond_fn=exact_posterior_cond_fn(mixture, alphas_cumprod))
+    conditional = diffusion.sample_loop(model, noise.shape, sampler, noise=noise, clip_denoised=False,
+                                        model_kwargs={"y": labels})
+    torch.testing.assert_close(guided, conditional, rtol=0, atol=1e-7)
+
+
+def test_classifier_guided_ddpm_with_the_exact_posterior_samples_the_class_component():
+    """
+    Mean form (Algorithm 1), all 1000 DDPM steps: each class's samples have its
+    component's share of the right half-plane (0.994), mean and spread (seen:
+    shares 0.99, means within 0.01, stds 0.20 for 0.2).
+    """
+    diffusion = spaced("1000")
+    alphas_cumprod = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
+    mixture = GaussianMixture([0.5, 0.5], MEANS, STDS)
+    noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.arange(1000) % 2
+    out = diffusion.sample_loop(mixture.model(alphas_cumprod), noise.shape, "ddpm", noise=noise, clip_denoised=False,
+                                model_kwargs={"y": labels}, cond_fn=exact_posterior_cond_fn(mixture, alphas_cumprod),
+                                generator=torch.Generator().manual_seed(1))
+    unguided = diffusion.sample_loop(mixture.model(alphas_cumprod), noise.shape, "ddpm", noise=noise,
+                                     clip_denoised=False, generator=torch.Generator().manual_seed(1))
+    for label, (mean, std) in enumerate(zip(MEANS, STDS)):
+        part = out[labels == label]
+        assert ((part[:, 0] > 0).long() == label).double().mean() > 0.975
+        torch.testing.assert_close(part.mean(0), torch.tensor(mean, dtype=torch.float64), rtol=0, atol=0.03)
+        torch.testing.assert_close(part.std(0), torch.full((2,), std, dtype=torch.float64), rtol=0.1, atol=0)
+    assert ((unguided[:, 0] > 0).long() == labels).double().mean() < 0.6, "without guidance the classes are ignored"
