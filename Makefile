@@ -25,12 +25,13 @@ $(VENV)/.installed-%: setup.py
 	@touch $@
 	@echo "==> $(VENV) is ready"
 
-# The suite runs on every core, at most 8 (pytest-xdist; each test uses one thread);
+# The suite runs on every core, at most 8 (pytest-xdist; each test uses one thread; one file
+# per worker at a time, so its trained fixtures are built once);
 # TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= auto
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist loadfile tests
 
 demo: $(VENV)/.installed-demo
 	bash scripts/demo.sh $(PY)

@@ -21,6 +21,7 @@ SMOKE_RUNS = {
                           "--overhead_batch", "2", "--overhead_steps", "4", "--threads", "1"],
     "bench_data.py": ["--num_images", "12", "--source_size", "16", "--image_size", "8", "--batch_size", "4",
                       "--batches", "2", "--workers", "0"],
+    "bench_demo_step.py": ["--steps", "1", "--warmup", "0", "--threads", "1", "--modes", "fp32"],
     "bench_classifier_guidance.py": ["--presets", "digits", "--repeats", "1", "--batch_size", "1", "--threads", "1"],
 }
 
