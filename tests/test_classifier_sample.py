@@ -32,7 +32,7 @@ MODEL = {**IMAGES, "num_channels": 32, "num_res_blocks": 1, "attention_resolutio
 CLASSIFIER = {**IMAGES, "classifier_width": 32, "classifier_depth": 1, "classifier_attention_resolutions": "",
               "num_classes": 10, **NOISE}
 SAMPLING = {"num_samples": 100, "batch_size": 100, "use_ddim": True, "timestep_respacing": "ddim10", "seed": 0}
-GUIDED_SCALE = 8
+GUIDED_SCALES = (2, 8)  # the issue's 2, and a scale where this tiny model's share rises far
 
 
 class LinearClassifier(torch.nn.Module):
@@ -103,17 +103,20 @@ def sample(runs, scale):
 
 
 def test_guidance_raises_the_share_of_requested_digits(runs):
+    """Seen: 0.12 at scale 0, 0.29 at scale 2, 0.59 at scale 8."""
     images, labels, log = sample(runs, 0)
-    guided_images, guided_labels, guided_log = sample(runs, GUIDED_SCALE)
     assert images.shape == (100, 8, 8, 1) and images.dtype == np.uint8
-    np.testing.assert_array_equal(labels, guided_labels)  # one label per sample, drawn from the seed
     assert set(labels.tolist()) <= set(range(10)) and len(set(labels.tolist())) >= 8
-    assert "classifier guidance at scale 8.0" in guided_log and "not evaluated" in log
-    unguided = check_digits.check_samples(images, labels)["share"]
-    guided = check_digits.check_samples(guided_images, guided_labels)["share"]
-    print(f"share of requested digits: scale 0 {unguided:.2f}, scale {GUIDED_SCALE} {guided:.2f}")
-    assert unguided < 0.25, "an unconditional model makes the requested digit by chance only"
-    assert guided >= unguided + 0.2
+    assert "not evaluated" in log
+    shares = [check_digits.check_samples(images, labels)["share"]]
+    for scale in GUIDED_SCALES:
+        guided_images, guided_labels, guided_log = sample(runs, scale)
+        np.testing.assert_array_equal(labels, guided_labels)  # one label per sample, drawn from the seed
+        assert f"classifier guidance at scale {float(scale)}" in guided_log
+        shares.append(check_digits.check_samples(guided_images, guided_labels)["share"])
+    print("share of requested digits at scales 0, 2, 8:", shares)
+    assert shares[0] < 0.25, "an unconditional model makes the requested digit by chance only"
+    assert shares[1] >= shares[0] + 0.1 and shares[2] >= shares[1] + 0.15
 
 
 # ---------------------------------------------------------------- usage errors
