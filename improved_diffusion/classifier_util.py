@@ -25,7 +25,6 @@ import signal
 
 import blobfile as bf
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -44,11 +43,10 @@ from .script_util import (
     create_classifier,
     create_classifier_and_diffusion,
 )
-from .train_state import StopRequest, capture_rng, rank_seed, restore_rng, seed_everything
+from .train_state import StopRequest, capture_rng, control_group, restore_rng, seed_everything, seed_streams
 from .train_util import get_blob_logdir, log_loss_dict
 
 STATE_FORMAT = 1
-_DROPOUT_STREAM, _SAMPLING_STREAM = 0, 1
 
 # classifier_sample.py's flags beyond image_sample.py's: the checkpoint, the
 # guidance scale and the classifier's own flags (its image size is the
@@ -308,18 +306,12 @@ class ClassifierTrainLoop:
         self.ddp_model = model if self.world_size == 1 else DDP(
             model, device_ids=[self.device] if self.device.type == "cuda" else None
         )
-        # Stop requests are agreed on the host, through gloo, without waiting on a GPU.
-        multi_nccl = self.world_size > 1 and dist.get_backend() != "gloo"
-        self._control_group = dist.new_group(backend="gloo") if multi_nccl else None
+        self._control_group = control_group(self.world_size)
         self._resume(resume_checkpoint)
 
     def _seed_streams(self):
         """Seed dropout (torch's global generator) and timestep/noise sampling (self.generator) for self.step."""
-        if self.seed is None:
-            self.generator.manual_seed(int(torch.randint(2**62, ()).item()))
-            return
-        torch.manual_seed(rank_seed(self.seed, self.rank, _DROPOUT_STREAM, self.step))
-        self.generator.manual_seed(rank_seed(self.seed, self.rank, _SAMPLING_STREAM, self.step))
+        seed_streams(self.generator, self.seed, self.rank, self.step)
 
     # ----- resume ------------------------------------------------------------
 
@@ -468,14 +460,8 @@ class ClassifierTrainLoop:
 
     def _stop_agreed(self):
         """Whether any rank received a stop signal (the same answer on every rank)."""
-        requested = self.stop.signum is not None
-        if self.world_size > 1:
-            flag = torch.tensor([int(requested)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control_group)
-            requested = bool(flag.item())
-        if requested:
-            self.stop_signal = self.stop.signum or signal.SIGTERM
-        return requested
+        self.stop_signal = self.stop.agreed(self.world_size, self._control_group)
+        return self.stop_signal is not None
 
     # ----- saving ------------------------------------------------------------
 

@@ -42,6 +42,20 @@ COMMON_FLAGS = {"seed": -1, "use_bf16": False, "use_fp16": False, "compile": Fal
 # --guidance_scale (1: none) and --guidance_interval "lo,hi" apply classifier-free guidance.
 SAMPLER_FLAGS = {"sampler": "", "sample_name": "", "guidance_scale": 1.0, "guidance_interval": ""}
 
+# The flags of image_sample.py beyond the model's (classifier_sample.py adds its own to these).
+IMAGE_SAMPLING_FLAGS = dict(
+    clip_denoised=True,
+    num_samples=10000,
+    batch_size=16,
+    use_ddim=False,
+    model_path="",
+    eta=0.0,
+    class_label=-1,
+    save_pngs=False,
+    **SAMPLER_FLAGS,
+    **COMMON_FLAGS,
+)
+
 # Model and diffusion flags a sampling run may choose freely, whatever the
 # training run used: they change neither the weights nor their meaning.
 SAMPLING_ONLY_FLAGS = frozenset({"timestep_respacing", "use_checkpoint", "dropout", "snr_gamma", "use_fp16"})
@@ -317,6 +331,17 @@ def draw_labels(seed, indices, num_classes):
     """Random class labels, int64 [len(indices)], each from its sample's own label stream."""
     generators = sample_generators(seed, indices, "cpu", stream=LABEL_STREAM)
     return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in generators])
+
+
+def batch_labels(args, indices):
+    """
+    The requested classes of these sample indices, int64 [len(indices)]: all
+    --class_label when it is >= 0, else each drawn from its sample's own label
+    stream among --num_classes.
+    """
+    if args.class_label >= 0:
+        return torch.full((len(indices),), args.class_label, dtype=torch.int64)
+    return draw_labels(args.seed, indices, args.num_classes)
 
 
 def run_sampler(diffusion, model, args, indices, shape, model_kwargs, cond_fn=None):

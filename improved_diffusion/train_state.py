@@ -11,11 +11,32 @@ import threading
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def rank_seed(seed, rank, stream, step=0):
     """A 63-bit seed for random stream number `stream` of `rank` from `step` on, derived from the run's `seed`."""
     return int(np.random.SeedSequence([seed, rank, stream, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_streams(generator, seed, rank, step, dropout_stream=0, sampling_stream=1):
+    """
+    Seed a training loop's two streams for `step`: dropout (torch's global
+    generator) and timestep/noise sampling (`generator`), each from (seed,
+    rank, stream, step); with seed None, `generator` draws from torch's global one.
+    """
+    if seed is None:
+        generator.manual_seed(int(torch.randint(2**62, ()).item()))
+        return
+    torch.manual_seed(rank_seed(seed, rank, dropout_stream, step))
+    generator.manual_seed(rank_seed(seed, rank, sampling_stream, step))
+
+
+def control_group(world_size):
+    """A gloo group for host-side agreement (stop requests) that never waits on a GPU; None where not needed."""
+    if world_size == 1 or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def seed_everything(seed):
@@ -167,6 +188,18 @@ class StopRequest:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def agreed(self, world_size, group=None):
+        """
+        The signal any rank received (SIGTERM when only another rank did), or
+        None: the same answer on every rank (call on all of them).
+        """
+        requested = self.signum is not None
+        if world_size > 1:
+            flag = torch.tensor([int(requested)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            requested = bool(flag.item())
+        return (self.signum or signal.SIGTERM) if requested else None
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:

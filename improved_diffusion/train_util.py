@@ -50,12 +50,11 @@ from .precision import warn_if_emulated_bf16
 from .progress import TrainingProgress
 from .resample import LossAwareSampler, UniformSampler
 from .script_util import load_model_state_dict
-from .train_state import StepStats, StopRequest, capture_rng, rank_seed, restore_rng
+from .train_state import StepStats, StopRequest, capture_rng, control_group, restore_rng, seed_streams
 
 INITIAL_LG_LOSS_SCALE = 20.0
 INITIAL_LOG_LOSS_SCALE = INITIAL_LG_LOSS_SCALE  # the reference's name
 STATE_FORMAT = 1
-_DROPOUT_STREAM, _SAMPLING_STREAM = 0, 1
 
 
 class TrainingError(RuntimeError):
@@ -191,7 +190,7 @@ class TrainLoop:
         self._lg_growth, self._lg_drop = self._f64(fp16_scale_growth), self._f64(-1.0)
         self.stats = StepStats(diffusion.num_timesteps, self.device)
         self.ddp_model = self._wrap_ddp()
-        self._control_group = self._make_control_group()
+        self._control_group = control_group(self.world_size)
         self._resume(resume_checkpoint)
 
     # ----- setup -------------------------------------------------------------
@@ -201,11 +200,7 @@ class TrainLoop:
 
     def _seed_streams(self):
         """Seed dropout (torch's global generator) and timestep/noise sampling (self.generator) for self.step."""
-        if self.seed is None:
-            self.generator.manual_seed(int(torch.randint(2**62, ()).item()))
-            return
-        torch.manual_seed(rank_seed(self.seed, self.rank, _DROPOUT_STREAM, self.step))
-        self.generator.manual_seed(rank_seed(self.seed, self.rank, _SAMPLING_STREAM, self.step))
+        seed_streams(self.generator, self.seed, self.rank, self.step)
 
     def _wrap_ddp(self):
         """The model, wrapped in DistributedDataParallel when there are several ranks."""
@@ -217,12 +212,6 @@ class TrainLoop:
             bucket_cap_mb=128,
             find_unused_parameters=False,
         )
-
-    def _make_control_group(self):
-        """A gloo group for host-side agreement (stop requests) that never waits on a GPU."""
-        if self.world_size == 1:
-            return None
-        return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     # ----- resume ------------------------------------------------------------
 
@@ -377,14 +366,8 @@ class TrainLoop:
 
     def _stop_agreed(self):
         """Whether any rank received a stop signal (the same answer on every rank)."""
-        requested = self.stop.signum is not None
-        if self.world_size > 1:
-            flag = torch.tensor([int(requested)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control_group)
-            requested = bool(flag.item())
-        if requested:
-            self.stop_signal = self.stop.signum or signal.SIGTERM
-        return requested
+        self.stop_signal = self.stop.agreed(self.world_size, self._control_group)
+        return self.stop_signal is not None
 
     def run_step(self, batch, cond):
         """

@@ -15,8 +15,6 @@ classifier but samples without it. Works with every --sampler, on several
 ranks with mpiexec or torchrun.
 """
 
-import torch
-
 from improved_diffusion import classifier_util, dist_util, logger, sample_util
 from improved_diffusion.sample_util import UsageError
 from improved_diffusion.script_util import NUM_CLASSES, create_model_and_diffusion, model_and_diffusion_defaults
@@ -26,20 +24,8 @@ MODEL_KEYS = list(model_and_diffusion_defaults())
 
 def flag_defaults():
     """Every flag of the script with its default (classifier flags, then model flags, last)."""
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        model_path="",
-        eta=0.0,
-        class_label=-1,
-        save_pngs=False,
-        **sample_util.SAMPLER_FLAGS,
-        **sample_util.COMMON_FLAGS,
-        **classifier_util.CLASSIFIER_SAMPLING_FLAGS,
-    )
-    defaults.update(model_and_diffusion_defaults())
+    defaults = {**sample_util.IMAGE_SAMPLING_FLAGS, **classifier_util.CLASSIFIER_SAMPLING_FLAGS,
+                **model_and_diffusion_defaults()}
     # -1: a class-conditional model's own count, else the classifier's.
     defaults["num_classes"] = -1
     return defaults
@@ -89,13 +75,6 @@ def check_class_label(args):
         raise UsageError(f"--class_label {args.class_label} is not below the {args.num_classes} classes")
 
 
-def batch_labels(args, indices):
-    """Class labels for these sample indices: int64 [len(indices)] (all --class_label, or random per sample)."""
-    if args.class_label >= 0:
-        return torch.full((len(indices),), args.class_label, dtype=torch.int64)
-    return sample_util.draw_labels(args.seed, indices, args.num_classes)
-
-
 def without_labels(model):
     """An unconditional `model` as a function that takes (and ignores) the labels y that cond_fn reads."""
 
@@ -130,7 +109,7 @@ def main(argv=None):
     shape = (args.image_channels, args.image_size, args.image_size)
 
     def draw_batch(indices):
-        labels = batch_labels(args, indices)
+        labels = sample_util.batch_labels(args, indices)
         model_kwargs = {"y": labels.to(dist_util.dev())}
         sample = sample_util.run_sampler(diffusion, model_fn, args, indices, shape, model_kwargs, cond_fn=cond_fn)
         return {"images": sample_util.to_uint8_images(sample), "labels": labels.numpy()}

@@ -7,8 +7,6 @@ sample. Run on several ranks with mpiexec or torchrun; the output depends only
 on --seed, not on --batch_size or the number of ranks.
 """
 
-import torch
-
 from improved_diffusion import dist_util, sample_util
 from improved_diffusion.sample_util import UsageError
 from improved_diffusion.script_util import (
@@ -19,20 +17,7 @@ from improved_diffusion.script_util import (
 
 def flag_defaults():
     """Every flag of the script with its default (model flags last)."""
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        model_path="",
-        eta=0.0,
-        class_label=-1,
-        save_pngs=False,
-        **sample_util.SAMPLER_FLAGS,
-        **sample_util.COMMON_FLAGS,
-    )
-    defaults.update(model_and_diffusion_defaults())
-    return defaults
+    return {**sample_util.IMAGE_SAMPLING_FLAGS, **model_and_diffusion_defaults()}
 
 
 def check_class_label(args):
@@ -44,13 +29,6 @@ def check_class_label(args):
     num_classes = args.num_classes
     if args.class_label >= num_classes:
         raise UsageError(f"--class_label {args.class_label} is not below --num_classes {num_classes}")
-
-
-def batch_labels(args, indices):
-    """Class labels for these sample indices: int64 [len(indices)] (all --class_label, or random per sample)."""
-    if args.class_label >= 0:
-        return torch.full((len(indices),), args.class_label, dtype=torch.int64)
-    return sample_util.draw_labels(args.seed, indices, args.num_classes)
 
 
 def main(argv=None):
@@ -65,7 +43,7 @@ def main(argv=None):
         out = {}
         model_kwargs = {}
         if args.class_cond:
-            labels = batch_labels(args, indices)
+            labels = sample_util.batch_labels(args, indices)
             model_kwargs["y"] = labels.to(dist_util.dev())
             out["labels"] = labels.numpy()
         sample = sample_util.run_sampler(diffusion, model, args, indices, shape, model_kwargs)

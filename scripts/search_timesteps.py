@@ -62,10 +62,7 @@ def main(argv=None):
     x_T = samplers.noise_like((args.num_samples, args.image_channels, args.image_size, args.image_size), device, generators)
     model_kwargs = {}
     if args.class_cond:
-        labels = sample_util.draw_labels(args.seed, indices, args.num_classes)
-        if args.class_label >= 0:
-            labels.fill_(args.class_label)
-        model_kwargs["y"] = labels.to(device)
+        model_kwargs["y"] = sample_util.batch_labels(args, indices).to(device)
     logger.log(f"searching {args.steps} timesteps for {args.sampler} on {args.num_samples} samples")
     with torch.inference_mode():
         timesteps, errors = search_timesteps(
