@@ -2,6 +2,7 @@
 Forward+backward speed and memory of the CIFAR-10 UNet (the published configuration).
 
     python benchmarks/bench_unet.py [--device cpu|cuda] [--iters 3] [--batch 8] [--threads N] [--compile]
+                                    [--precisions float32,bfloat16,float16]
 
 Prints markdown tables: seconds per training iteration (forward, mean loss,
 backward; wall clock and the process's CPU time) in float32 and under
@@ -191,11 +192,19 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument("--precisions", default="", help="comma-separated of float32, bfloat16, float16 "
+                        "(default: float32 and bfloat16, and float16 on CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device.type == "cuda" else [])
+    if args.precisions:
+        names = args.precisions.split(",")
+        unknown = [n for n in names if n not in ("float32", "bfloat16", "float16")]
+        if unknown:
+            parser.error(f"unknown --precisions {','.join(unknown)}: use float32, bfloat16 or float16")
+        dtypes = [getattr(torch, n) for n in names]
     plain, ckpt = build(device, False, args.compile), build(device, True, args.compile)
     settings = {}
     for dtype in dtypes:

@@ -272,7 +272,8 @@ def load_model(args, create_fn, model_keys):
     :param create_fn: create_model_and_diffusion or sr_create_model_and_diffusion.
     :return: (model, diffusion); the model in eval mode on dist_util.dev(),
         converted to float16 with --use_fp16, wrapped in bfloat16 autocast
-        with --use_bf16, and torch.compile'd with --compile.
+        with --use_bf16, and torch.compile'd with --compile (then wrapped in
+        CompiledBatches, so a run compiles once).
     """
     flags = args_to_dict(args, model_keys)
     try:
@@ -292,8 +293,39 @@ def load_model(args, create_fn, model_keys):
         warn_if_emulated_bf16(dist_util.dev())
         model = AutocastModel(model)
     if args.compile:
-        model = torch.compile(model)
+        model = CompiledBatches(torch.compile(model))
     return model, diffusion
+
+
+class CompiledBatches(torch.nn.Module):
+    """
+    Runs each batch at the smallest batch size the model has already run that
+    holds it, padding with copies of the last row and returning only the real
+    rows; a batch larger than any before runs as it is. A torch.compile'd
+    model is then not compiled again for a run's shorter last batch (or
+    half-batch, under --guidance_interval). The rows of a UNet do not depend
+    on each other, so the padding changes no sample.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.sizes = set()
+
+    def forward(self, x, timesteps, **kwargs):
+        """x: [N x C x ...], timesteps: [N], kwargs of [N x ...] tensors -> the model's [N x ...] output."""
+        n = x.shape[0]
+        size = min((s for s in self.sizes if s >= n), default=n)
+        self.sizes.add(size)
+        if size == n:
+            return self.model(x, timesteps, **kwargs)
+
+        def pad(value):
+            if not (torch.is_tensor(value) and value.shape[:1] == (n,)):
+                return value
+            return torch.cat([value, value[-1:].expand(size - n, *value.shape[1:])])
+
+        return self.model(pad(x), pad(timesteps), **{k: pad(v) for k, v in kwargs.items()})[:n]
 
 
 class AutocastModel(torch.nn.Module):

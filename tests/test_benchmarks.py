@@ -14,8 +14,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SMOKE_RUNS = {
     "bench_diffusion.py": ["--repeats", "1", "--batch_size", "2"],
-    "bench_unet.py": ["--iters", "1", "--warmup", "0", "--batch", "1", "--skip_memory", "--threads", "1"],
-    "bench_train.py": ["--steps", "1", "--warmup", "0", "--threads", "1"],
+    "bench_unet.py": ["--iters", "1", "--warmup", "0", "--batch", "1", "--skip_memory", "--threads", "1",
+                     "--precisions", "float32"],
+    "bench_train.py": ["--steps", "1", "--warmup", "0", "--threads", "1", "--modes", "fp32"],
     "bench_sample.py": ["--batch_size", "1", "--repeats", "1", "--threads", "1", "--precisions", "float32"],
     "bench_samplers.py": ["--budgets", "5,8", "--num_points", "200", "--mixtures", "smooth", "--repeats", "1",
                           "--overhead_batch", "2", "--overhead_steps", "4", "--threads", "1"],

@@ -306,3 +306,31 @@ def test_outputs_get_the_usual_permissions_not_owner_only(tmp_path):
     for path in (npz_path, grid_path, tmp_path / "model000001.pt", tmp_path / "samples_2x4x4x3_pngs" / "000000.png"):
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
     assert os.stat(tmp_path / "samples_2x4x4x3_pngs").st_mode & 0o777 == 0o777 & ~umask
+
+
+class RecordingModel(torch.nn.Module):
+    """out = x * t + y, as [N x 1 x 1 x 1] rows, recording the batch size of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, timesteps, y=None, scale=1.0):
+        self.calls.append(x.shape[0])
+        return (x * timesteps[:, None, None, None] + y[:, None, None, None]) * scale
+
+
+def test_compiled_batches_run_short_batches_at_a_size_already_run():
+    inner = RecordingModel()
+    model = sample_util.CompiledBatches(inner)
+
+    def call(n):
+        x, t, y = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n) + 1.0, torch.arange(n) * 10.0
+        out = model(x, t, y=y, scale=2.0)
+        torch.testing.assert_close(out, inner(x, t, y=y, scale=2.0), rtol=0, atol=0)
+        inner.calls.pop()  # the direct call above
+
+    for n in (4, 8, 4, 3, 6, 1, 9, 9, 5):
+        call(n)
+    # 3 runs at 4 and 6 at 8 (the smallest size already run that holds them); 9 is new.
+    assert inner.calls == [4, 8, 4, 4, 8, 4, 9, 9, 8]
