@@ -1,10 +1,11 @@
 """
 Costs of evaluation.py: FID Inception-v3 feature extraction (images/s),
 precision and recall of two sets of random feature vectors (time and peak
-memory), and one Fréchet distance of 2048-wide statistics.
+memory), one Fréchet distance of 2048-wide statistics, and one of a few
+samples' features against such statistics (as during training).
 
     python benchmarks/bench_eval.py [--batch_size 32] [--batches 3] [--image_size 32]
-        [--num_vectors 50000] [--width 2048] [--device cpu|cuda]
+        [--num_vectors 50000] [--width 2048] [--fid_samples 1000] [--device cpu|cuda]
 
 Each measurement runs in a fresh process (spawned), so its peak resident
 memory (ru_maxrss) is its own; the table gives it beside the process's
@@ -60,6 +61,16 @@ def time_frechet(args):
     return f"{time.perf_counter() - start:.2f} s", "-"
 
 
+def time_frechet_to_features(args):
+    """Seconds of one frechet_distance_to_features of fid_samples vectors against width-wide statistics."""
+    rng = np.random.default_rng(0)
+    stats = evaluation.feature_statistics(rng.standard_normal((args.width + 10, args.width)))
+    features = rng.standard_normal((args.fid_samples, args.width))
+    start = time.perf_counter()
+    evaluation.frechet_distance_to_features(*stats, features)
+    return f"{time.perf_counter() - start:.2f} s", "-"
+
+
 def run_measurement(queue, name, args):
     before = rss_mib()
     queue.put((*MEASUREMENTS[name][1](args), before, rss_mib()))
@@ -70,6 +81,8 @@ MEASUREMENTS = {
     "precision_recall": ("precision_recall, 2 x {num_vectors} vectors of width {width}, k = 3",
                          time_precision_recall),
     "frechet": ("frechet_distance of {width}-wide statistics", time_frechet),
+    "frechet_to_features": ("frechet_distance_to_features, {fid_samples} samples against {width}-wide statistics",
+                            time_frechet_to_features),
 }
 
 
@@ -80,6 +93,7 @@ def main():
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--num_vectors", type=int, default=50000)
     parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--fid_samples", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")

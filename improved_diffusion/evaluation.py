@@ -3,7 +3,8 @@ Sample-quality metrics as openai/guided-diffusion's evaluations/evaluator.py
 defines them (SPEC §14), in PyTorch.
 
 The metrics are plain functions of features, usable with any network:
-`frechet_distance` (FID, sFID), `inception_score` and `precision_recall`.
+`frechet_distance` (FID, sFID; `frechet_distance_to_features` for few samples),
+`inception_score` and `precision_recall`.
 The features come from the FID Inception-v3 (`FIDInceptionV3`), written here
 in plain torch with the module names of pytorch-fid's network, so that its
 weights file (WEIGHTS_FILENAME) loads unchanged: pytorch-fid itself builds on
@@ -100,17 +101,46 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
     :param mu1, mu2: float [D]; sigma1, sigma2: float [D x D] covariances.
     """
-    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    mu1, mu2, sigma1, sigma2 = _float64(mu1, mu2, sigma1, sigma2)
+    _check_statistics(mu1, sigma1, mu2, sigma2.shape)
+    root1 = _psd_sqrt(sigma1)
+    return _frechet(mu1, mu2, sigma1.trace() + sigma2.trace(), root1 @ sigma2 @ root1)
+
+
+def frechet_distance_to_features(mu1, sigma1, features):
+    """
+    frechet_distance of N(mu1, sigma1) and the Gaussian fit (feature_statistics)
+    of `features` [N x D]. For N <= D it works in N x N: with sigma2 = B B^T,
+    B the centred features over sqrt(N - 1) [D x N], the matrix B^T sigma1 B
+    has the nonzero eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2), so the
+    cost is O(D^2 N) instead of O(D^3) (a few samples against D = 2048).
+    """
+    mu2, sigma2 = feature_statistics(features)
+    if len(features) > len(mu2):
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+    mu1, mu2, sigma1 = _float64(mu1, mu2, sigma1)
+    _check_statistics(mu1, sigma1, mu2, sigma2.shape)
+    b = (torch.as_tensor(np.asarray(features), dtype=torch.float64) - mu2).T / (len(features) - 1) ** 0.5
+    return _frechet(mu1, mu2, sigma1.trace() + b.square().sum(), b.T @ sigma1 @ b)
+
+
+def _float64(*arrays):
+    return [torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in arrays]
+
+
+def _check_statistics(mu1, sigma1, mu2, sigma2_shape):
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2_shape or sigma1.shape != mu1.shape * 2:
         raise EvaluationError(
             f"Fréchet distance of mismatched statistics: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
-            f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2.shape)} (they must come from the same features)"
+            f"sigma {tuple(sigma1.shape)} vs {tuple(sigma2_shape)} (they must come from the same features)"
         )
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
+
+
+def _frechet(mu1, mu2, trace_sum, middle):
+    """d^2 from tr(sigma1) + tr(sigma2) and a symmetric PSD matrix whose eigenvalues are those of sigma1 sigma2."""
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     # d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
-    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
+    return float((mu1 - mu2).square().sum() + trace_sum - 2 * trace_sqrt)
 
 
 def inception_score(logits, split_size=5000):
@@ -656,16 +686,14 @@ def score(ref_stats, sample_features, split_size=5000):
     :param sample_features: dict of the samples' "pool", "logits" and "spatial" features.
     :return: dict of floats: inception_score (and _std), fid, sfid, precision, recall.
     """
-    mu, sigma = feature_statistics(sample_features["pool"])
-    mu_s, sigma_s = feature_statistics(sample_features["spatial"])
     inception_mean, inception_std = inception_score(sample_features["logits"], split_size)
     precision, recall = precision_recall(ref_stats["pool"], sample_features["pool"], NEAREST_K,
                                          device=dist_util.dev())
     return {
         "inception_score": inception_mean,
         "inception_score_std": inception_std,
-        "fid": frechet_distance(ref_stats["mu"], ref_stats["sigma"], mu, sigma),
-        "sfid": frechet_distance(ref_stats["mu_s"], ref_stats["sigma_s"], mu_s, sigma_s),
+        "fid": frechet_distance_to_features(ref_stats["mu"], ref_stats["sigma"], sample_features["pool"]),
+        "sfid": frechet_distance_to_features(ref_stats["mu_s"], ref_stats["sigma_s"], sample_features["spatial"]),
         "precision": precision,
         "recall": recall,
     }

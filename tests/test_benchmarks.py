@@ -48,9 +48,10 @@ def test_compare_reference_names_a_folder_without_the_reference(tmp_path):
 
 
 def test_bench_eval_runs_at_tiny_sizes():
-    args = ["--batch_size", "1", "--batches", "1", "--num_vectors", "50", "--width", "8", "--device", "cpu"]
+    args = ["--batch_size", "1", "--batches", "1", "--num_vectors", "50", "--width", "8", "--fid_samples", "5",
+            "--device", "cpu"]
     result = run_benchmark("bench_eval.py", args)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 5, result.stdout
+    assert len(rows) == 6, result.stdout
     assert "precision_recall, 2 x 50 vectors of width 8" in result.stdout

@@ -55,6 +55,33 @@ def test_frechet_distance_is_symmetric_zero_on_itself_and_finite_for_singular_co
     assert forward == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("samples", [2, 5, 12, 30])
+def test_frechet_distance_to_features_has_the_closed_form_of_commuting_covariances(samples):
+    """
+    Features whose covariance shares sigma1's eigenbasis: d^2 = |mu1 - mu2|^2 +
+    sum (sqrt(a_i) - sqrt(b_i))^2, with b_i = 0 past the samples' rank. The
+    N x N route (N <= D) is exact; the D x D one adds square roots of rounding
+    errors for each zero eigenvalue.
+    """
+    dim, rng = 12, np.random.default_rng(samples)
+    rank = min(samples - 1, dim)
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    centred, _ = np.linalg.qr(np.column_stack([np.ones(samples), rng.normal(size=(samples, samples - 1))]))
+    spread = rng.uniform(0.5, 3.0, size=rank)
+    # Orthonormal columns orthogonal to the ones vector: the samples' mean is mu2, their covariance diagonal.
+    offsets = centred[:, 1 : rank + 1] * spread @ basis[:, :rank].T * (samples - 1) ** 0.5
+    a, b = rng.uniform(0.1, 4.0, dim), np.concatenate([spread**2, np.zeros(dim - rank)])
+    mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+    sigma1 = basis @ np.diag(a) @ basis.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = evaluation.frechet_distance_to_features(mu1, sigma1, mu2 + offsets)
+    assert got == pytest.approx(expected, rel=1e-10)
+    full = evaluation.frechet_distance(mu1, sigma1, *evaluation.feature_statistics(mu2 + offsets))
+    assert full == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(EvaluationError, match="mismatched statistics"):
+        evaluation.frechet_distance_to_features(mu1[:4], sigma1[:4, :4], mu2 + offsets)
+
+
 def test_feature_statistics_are_mean_and_unbiased_covariance_in_float64():
     features = np.random.default_rng(3).normal(size=(50, 3)).astype(np.float32)
     mu, sigma = evaluation.feature_statistics(features)
