@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _zygote import run_python
 from PIL import Image
 
 from improved_diffusion import logger, script_util
@@ -212,6 +213,13 @@ def start_script(script, flags, log_dir, kind="python", ranks=1):
 
 def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):
     """Run scripts/`script` to the end; returns (returncode, stdout, stderr)."""
+    if kind == "python":
+        try:
+            result = run_python([ROOT / "scripts" / script, *cli_flags(flags)], env=script_env(log_dir), cwd=ROOT,
+                                timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"{script} did not finish in {timeout}s\n{exc.output}\n{exc.stderr}") from None
+        return result.returncode, result.stdout, result.stderr
     proc = start_script(script, flags, log_dir, kind, ranks)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -5,10 +5,9 @@ checks that they work, not how fast anything is: timings are never asserted).
 
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+from _zygote import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -29,8 +28,7 @@ SMOKE_RUNS = {
 
 def run_benchmark(script, args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return run_python([ROOT / "benchmarks" / script, *args], cwd=ROOT, env=env, timeout=300)
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE_RUNS))

@@ -7,16 +7,15 @@ guidance. This checks that they work; nothing is timed or scored.
 
 import os
 import pathlib
-import subprocess
-import sys
+
+from _zygote import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_benchmark(script, args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)]
-    result = subprocess.run(command, cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600)
+    result = run_python([ROOT / "benchmarks" / script, *args], cwd=ROOT / "benchmarks", env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) >= 3, f"expected a markdown table:\n{result.stdout}"

@@ -1,11 +1,11 @@
 """Tests for datasets/check_digits.py, the recognizability check for digit samples."""
 
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from _zygote import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -25,13 +25,7 @@ def real_samples():
 
 
 def run_check(*args):
-    return subprocess.run(
-        [sys.executable, "datasets/check_digits.py", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python(["datasets/check_digits.py", *args], cwd=ROOT, timeout=120)
 
 
 def test_real_digits_score_high(real_samples):

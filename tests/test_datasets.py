@@ -6,12 +6,12 @@ import pathlib
 import pickle
 import re
 import struct
-import subprocess
 import sys
 import tarfile
 
 import numpy as np
 import pytest
+from _zygote import run_python
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -25,13 +25,7 @@ CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 
 def run_script(name, *args):
     """Run datasets/NAME.py from the repository root as a user would."""
-    return subprocess.run(
-        [sys.executable, f"datasets/{name}.py", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python([f"datasets/{name}.py", *args], cwd=ROOT, timeout=120)
 
 
 def read_rgb(path):

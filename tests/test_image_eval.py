@@ -7,12 +7,12 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from _train_helpers import ROOT, launcher, script_env
+from _zygote import run_python
 from PIL import Image
 from test_evaluation import random_inception
 
@@ -61,7 +61,11 @@ def write_folder(path, images):
 def run_eval(ref, samples, weights, output, kind="python", ranks=1, extra=()):
     cmd = launcher(kind, ranks) + [str(SCRIPT), str(ref), str(samples), "--inception_weights", str(weights),
                                    "--batch_size", str(BATCH), "--output", str(output), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(output.parent), capture_output=True, text=True, timeout=180)
+    if kind == "python":
+        proc = run_python(cmd[1:], cwd=ROOT, env=script_env(output.parent), timeout=180)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, env=script_env(output.parent), capture_output=True, text=True,
+                              timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(output.read_text()), proc.stdout
 
@@ -170,7 +174,7 @@ def test_bad_inputs_fail_before_any_work(script, weights, tmp_path, ref, samples
 
 def test_errors_print_one_line_without_a_traceback(tmp_path):
     np.savez(tmp_path / "r.npz", images=np.zeros((6, 8, 8, 3), np.uint8))
-    cmd = [sys.executable, str(SCRIPT), str(tmp_path / "r.npz"), str(tmp_path / "r.npz")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = run_python([SCRIPT, tmp_path / "r.npz", tmp_path / "r.npz"], cwd=ROOT, env=script_env(tmp_path),
+                      timeout=120)
     assert proc.returncode == 1
     assert "error: " in proc.stderr and "has no arr_0" in proc.stderr and "Traceback" not in proc.stderr

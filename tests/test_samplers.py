@@ -14,7 +14,6 @@ import torch
 from improved_diffusion import samplers
 from improved_diffusion.evaluation import feature_statistics, frechet_distance
 from improved_diffusion.gaussian_diffusion import (
-    GaussianDiffusion,
     LossType,
     ModelMeanType,
     ModelVarType,

@@ -1,0 +1,65 @@
+"""The suite's forked launcher (_zygote.run_python) runs a script as a fresh interpreter does."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from _zygote import run_python
+
+PROBE = """
+import json, os, sys
+import torch
+print(json.dumps({
+    "name": __name__, "argv": sys.argv, "path0": sys.path[0], "extra": [p for p in sys.path if p.startswith("/x")],
+    "cwd": os.getcwd(), "var": os.environ.get("PROBE_VAR"), "threads": torch.get_num_threads(),
+    "mpi_loaded": "mpi4py" in sys.modules, "ours_loaded": any(m.startswith("improved_diffusion") for m in sys.modules),
+    "session_leader": os.getsid(0) == os.getpid(),
+}))
+print("to stderr", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def fresh(args, env, cwd):
+    return subprocess.run([sys.executable, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_forked_launch_sees_what_a_fresh_interpreter_sees(tmp_path, threads):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = dict(os.environ, PROBE_VAR="42", OMP_NUM_THREADS=threads, PYTHONPATH="/x/one")
+    forked = run_python([script, 3, "--flag"], env=env, cwd=tmp_path)
+    expected = fresh([script, 3, "--flag"], env, tmp_path)
+    assert (forked.returncode, forked.stderr) == (3, "to stderr\n")
+    assert (forked.returncode, forked.stdout, forked.stderr) == (expected.returncode, expected.stdout.replace(
+        '"session_leader": false', '"session_leader": true'), expected.stderr)
+    assert '"session_leader": true' in forked.stdout
+
+
+def test_exceptions_and_relative_script_paths_behave_as_in_python(tmp_path):
+    (tmp_path / "boom.py").write_text("raise ValueError('boom')\n")
+    result = run_python(["boom.py"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith("ValueError: boom") and "Traceback" in result.stderr
+
+
+def test_a_launch_past_its_timeout_is_killed(tmp_path):
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        run_python([script], timeout=1)
+    assert time.monotonic() - start < 30
+    assert "started" in caught.value.output
+    assert run_python([script.with_name("missing.py")]).returncode == 2  # a fresh interpreter's "can't open file"
+
+
+def test_variables_read_when_torch_loads_get_a_fresh_interpreter(tmp_path):
+    script = tmp_path / "pid.py"
+    script.write_text("import os\nprint(os.getppid())\n")
+    # The forked child's parent is the launch server, a fresh one's is this process.
+    assert int(run_python([script]).stdout) != os.getpid()
+    assert int(run_python([script], env=dict(os.environ, TORCH_LOGS="recompiles")).stdout) == os.getpid()
