@@ -9,11 +9,11 @@ the script as `python script.py args` would: its own environment, working
 folder, sys.argv, sys.path[0], stdout and stderr, a new session, and its exit
 status; improved_diffusion is imported afresh in each.
 
-A launch whose environment changes what Python, torch or the C libraries read
-when they load (TORCH*, ATEN_*, ONEDNN_*, PYTHON*, MALLOC_*, ...) starts a
-real interpreter instead, as does anything that is not a script path (`-c`,
-`-m`). Tests that signal a running script, or start mpiexec or torchrun, use
-subprocess themselves.
+What Python, torch and the C libraries read from the environment when they
+load (TORCH*, ATEN_*, ONEDNN_*, PYTHON*, MALLOC_*, ...) is the server's: each
+set of those variables gets its own server. `fresh=True`, or anything that is
+not a script path (`-c`, `-m`), starts a real interpreter. Tests that signal a
+running script, or start mpiexec or torchrun, use subprocess themselves.
 """
 
 import atexit
@@ -39,10 +39,10 @@ def _load_time_vars(env):
 
 
 class _Server:
-    """A forking server process and the pipe to it."""
+    """A forking server process, started with `env` less APPLIED, and the pipe to it."""
 
-    def __init__(self):
-        self.env = {k: v for k, v in os.environ.items() if k not in APPLIED}
+    def __init__(self, env):
+        self.env = {k: v for k, v in env.items() if k not in APPLIED}
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
         self.pending = b""
@@ -86,28 +86,31 @@ class _Server:
         return subprocess.CompletedProcess(args, reply["returncode"], stdout, stderr)
 
 
-_server = None
+# One server per set of load-time variables (libraries such as scikit-learn and torch.compile add some to
+# os.environ as the suite runs).
+_servers = {}
 
 
-def run_python(args, env=None, cwd=None, timeout=300):
+def run_python(args, env=None, cwd=None, timeout=300, fresh=False):
     """
     Run `python *args` (args[0] a script path) to the end with `env` (default:
     this process's) in `cwd`; returns a subprocess.CompletedProcess with text
     stdout and stderr, as subprocess.run(capture_output=True, text=True) would.
     Raises subprocess.TimeoutExpired after killing the script's session.
+
+    :param fresh: start a real interpreter (for a variable read at start-up,
+        such as TORCH_LOGS, that a one-off launch sets).
     """
-    global _server
     env = dict(os.environ if env is None else env)
     cwd = os.getcwd() if cwd is None else cwd
     script = str(args[0])
-    if not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
+    if fresh or not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
         return _run_fresh(args, env, cwd, timeout)
-    if _server is None or not _server.alive():
-        _server = _Server()
-        atexit.register(_server.close)
-    if _load_time_vars(env) != _load_time_vars(_server.env):
-        return _run_fresh(args, env, cwd, timeout)
-    return _server.run(args, env, cwd, timeout)
+    key = tuple(sorted(_load_time_vars(env).items()))
+    if key not in _servers or not _servers[key].alive():
+        _servers[key] = _Server(env)
+        atexit.register(_servers[key].close)
+    return _servers[key].run(args, env, cwd, timeout)
 
 
 def _run_fresh(args, env, cwd, timeout):

@@ -57,9 +57,13 @@ def test_a_launch_past_its_timeout_is_killed(tmp_path):
     assert run_python([script.with_name("missing.py")]).returncode == 2  # a fresh interpreter's "can't open file"
 
 
-def test_variables_read_when_torch_loads_get_a_fresh_interpreter(tmp_path):
-    script = tmp_path / "pid.py"
-    script.write_text("import os\nprint(os.getppid())\n")
-    # The forked child's parent is the launch server, a fresh one's is this process.
-    assert int(run_python([script]).stdout) != os.getpid()
-    assert int(run_python([script], env=dict(os.environ, TORCH_LOGS="recompiles")).stdout) == os.getpid()
+def test_variables_read_when_torch_loads_take_effect(tmp_path):
+    script = tmp_path / "logs.py"
+    script.write_text("import os\nimport torch._logging._internal as logs\n"
+                      "print(os.getppid(), logs.log_state.is_artifact_enabled('recompiles'))\n")
+    plain, logged = (run_python([script], env=dict(os.environ, **extra)).stdout.split() for extra in
+                     ({}, {"TORCH_LOGS": "recompiles"}))
+    assert plain[1] == "False" and logged[1] == "True"
+    # Each is forked from a server of its own; fresh=True starts a child of this process.
+    assert len({plain[0], logged[0], str(os.getpid())}) == 3
+    assert run_python([script], fresh=True).stdout.split() == [str(os.getpid()), "False"]
