@@ -4,10 +4,11 @@ Run Python scripts to the end in fresh processes that skip the import of torch.
 Every script launch of the suite spends about 2 s importing torch before it
 does any work. `run_python` starts each script instead in a child forked from
 a server process (one per test process, started on first use) that has
-imported torch, NumPy and Pillow and done nothing else. The child then runs
-the script as `python script.py args` would: its own environment, working
-folder, sys.argv, sys.path[0], stdout and stderr, a new session, and its exit
-status; improved_diffusion is imported afresh in each.
+imported torch (with torch._dynamo, which torch.optim loads), NumPy and
+Pillow and done nothing else. The child then runs the script as
+`python script.py args` would: its own environment, working folder,
+sys.argv, sys.path[0], stdout and stderr, a new session, and its exit status;
+improved_diffusion is imported afresh in each.
 
 What Python, torch and the C libraries read from the environment when they
 load (TORCH*, ATEN_*, ONEDNN_*, PYTHON*, MALLOC_*, ...) is the server's: each
@@ -126,6 +127,7 @@ def _serve():
     import numpy  # noqa: F401  (the imports every launch would repeat)
     import PIL.Image  # noqa: F401
     import torch
+    import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it: 1.4 s)
 
     default_threads = torch.get_num_threads()
     for line in sys.stdin:
