@@ -29,7 +29,7 @@ def fresh(args, env, cwd):
 def test_a_forked_launch_sees_what_a_fresh_interpreter_sees(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = dict(os.environ, PROBE_VAR="42", OMP_NUM_THREADS="3", PYTHONPATH="/x/one")
+    env = dict(os.environ, PROBE_VAR="42", OMP_NUM_THREADS="1", PYTHONPATH="/x/one")
     forked = run_python([script, 3, "--flag"], env=env, cwd=tmp_path)
     expected = fresh([script, 3, "--flag"], env, tmp_path)
     assert (forked.returncode, forked.stderr) == (3, "to stderr\n")
