@@ -8,6 +8,7 @@ from _train_helpers import (
     kill_group,
     make_loop,
     set_names,
+    run_script,
     start_script,
     tiny_flags,
     train_env,  # noqa: F401 (fixture)
@@ -56,18 +57,14 @@ def test_kill_9_then_resume_matches_the_uninterrupted_script_run(tmp_path):
         TINY_MODEL, data_dir=images, batch_size=2, microbatch=1, dropout=0.1, random_flip=True,
         ema_rate=",".join(RATES), save_interval=2, log_interval=2,
     )
-    whole = start_script("image_train.py", dict(flags, max_steps=8), tmp_path / "whole")
     killed = start_script("image_train.py", dict(flags, max_steps=100000), tmp_path / "killed")
+    status, _, err = run_script("image_train.py", dict(flags, max_steps=8), tmp_path / "whole")
+    assert status == 0, err
     wait_for(tmp_path / "killed" / "state000004.pt", killed)
     kill_group(killed)
-    resumed = start_script(
-        "image_train.py",
-        dict(flags, max_steps=8, resume_checkpoint=tmp_path / "killed" / "model000004.pt"),
-        tmp_path / "resumed",
-    )
-    for proc in (whole, resumed):
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err
+    resume = dict(flags, max_steps=8, resume_checkpoint=tmp_path / "killed" / "model000004.pt")
+    status, _, err = run_script("image_train.py", resume, tmp_path / "resumed")
+    assert status == 0, err
     for step in (6, 8):
         assert_same_files(tmp_path / "whole", tmp_path / "resumed", set_names(step, RATES))
     assert not (tmp_path / "resumed" / "model000004.pt").exists()
