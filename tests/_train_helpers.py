@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _zygote import run_python
+from _zygote import start_python
 from PIL import Image
 
 from improved_diffusion import logger, script_util
@@ -198,7 +198,13 @@ def launcher(kind, ranks):
 
 
 def start_script(script, flags, log_dir, kind="python", ranks=1):
-    """Start scripts/`script` in its own process group; returns the Popen (stdout+stderr piped)."""
+    """
+    Start scripts/`script` in its own process group; returns a Popen (stdout+stderr
+    piped), or for kind "python" a _zygote.Launch (forked, with the same poll, wait
+    and communicate).
+    """
+    if kind == "python":
+        return start_python([ROOT / "scripts" / script, *cli_flags(flags)], env=script_env(log_dir), cwd=ROOT)
     cmd = launcher(kind, ranks) + [str(ROOT / "scripts" / script)] + cli_flags(flags)
     return subprocess.Popen(
         cmd,
@@ -213,13 +219,6 @@ def start_script(script, flags, log_dir, kind="python", ranks=1):
 
 def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):
     """Run scripts/`script` to the end; returns (returncode, stdout, stderr)."""
-    if kind == "python":
-        try:
-            result = run_python([ROOT / "scripts" / script, *cli_flags(flags)], env=script_env(log_dir), cwd=ROOT,
-                                timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise AssertionError(f"{script} did not finish in {timeout}s\n{exc.output}\n{exc.stderr}") from None
-        return result.returncode, result.stdout, result.stderr
     proc = start_script(script, flags, log_dir, kind, ranks)
     try:
         out, err = proc.communicate(timeout=timeout)

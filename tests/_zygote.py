@@ -28,15 +28,50 @@ import tempfile
 import time
 
 # What an interpreter, torch or a C library reads once, at start-up: a launch that sets these differently needs
-# a fresh interpreter.
-LOAD_TIME_PREFIXES = ("TORCH", "ATEN_", "ONEDNN_", "DNNL_", "MKL", "KMP_", "GOMP_", "OMP_PROC_BIND", "OMP_PLACES",
+# a server of its own. (KMP_*, which scikit-learn sets on import, is Intel OpenMP's; torch's Linux wheels use
+# GNU OpenMP.)
+LOAD_TIME_PREFIXES = ("TORCH", "ATEN_", "ONEDNN_", "DNNL_", "MKL", "GOMP_", "OMP_PROC_BIND", "OMP_PLACES",
                       "PYTHON", "MALLOC_", "LD_", "CUDA_LAUNCH_BLOCKING", "NCCL_")
-# Environment variables the child applies itself.
-APPLIED = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS")
+# Environment variables the child applies itself, or that are read when used (the cache folder torch.compile
+# exports on first use).
+APPLIED = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def _load_time_vars(env):
     return {k: v for k, v in env.items() if k.startswith(LOAD_TIME_PREFIXES) and k not in APPLIED}
+
+
+class Launch:
+    """
+    A script running in a forked child, with the parts of subprocess.Popen
+    the tests use: pid (also its process group), poll(), wait() and
+    communicate(), whose stdout and stderr are text read from files.
+    """
+
+    def __init__(self, server, args, pid, folder):
+        self.server, self.args, self.pid, self.folder = server, args, pid, folder
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            self.returncode = self.server.returncode(self.pid, deadline=time.monotonic())
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            self.returncode = self.server.returncode(self.pid, None if timeout is None else time.monotonic() + timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout, *self._outputs())
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        outputs = self._outputs()
+        self.folder.cleanup()
+        return outputs
+
+    def _outputs(self):
+        return tuple(open(os.path.join(self.folder.name, name), errors="replace").read() for name in ("out", "err"))
 
 
 class _Server:
@@ -47,6 +82,7 @@ class _Server:
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
         self.pending = b""
+        self.ended = {}  # pid -> exit status of children whose end was reported
 
     def alive(self):
         return self.proc.poll() is None
@@ -56,7 +92,7 @@ class _Server:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
 
-    def read_message(self, deadline=None):
+    def _read_message(self, deadline=None):
         """The next JSON line from the server; None if `deadline` (time.monotonic) passes first."""
         while b"\n" not in self.pending:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -69,22 +105,29 @@ class _Server:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, args, env, cwd, timeout):
-        with tempfile.TemporaryDirectory(prefix="zygote_") as folder:
-            out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-            request = {"argv": [str(a) for a in args], "env": env, "cwd": str(cwd), "stdout": out, "stderr": err}
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            self.proc.stdin.flush()
-            pid = self.read_message()["pid"]
-            deadline = None if timeout is None else time.monotonic() + timeout
-            reply = self.read_message(deadline)
-            if reply is None:
-                os.killpg(pid, signal.SIGKILL)
-                self.read_message()
-            stdout, stderr = (open(path, errors="replace").read() for path in (out, err))
-        if reply is None:
-            raise subprocess.TimeoutExpired(args, timeout, output=stdout, stderr=stderr)
-        return subprocess.CompletedProcess(args, reply["returncode"], stdout, stderr)
+    def _next(self, deadline=None):
+        """Read one message, keeping an exit status; returns the message (None at the deadline)."""
+        message = self._read_message(deadline)
+        if message is not None and "returncode" in message:
+            self.ended[message["pid"]] = message["returncode"]
+        return message
+
+    def start(self, args, env, cwd):
+        folder = tempfile.TemporaryDirectory(prefix="zygote_")
+        request = {"argv": [str(a) for a in args], "env": env, "cwd": str(cwd),
+                   "stdout": os.path.join(folder.name, "out"), "stderr": os.path.join(folder.name, "err")}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        while "started" not in (message := self._next()):
+            pass
+        return Launch(self, args, message["started"], folder)
+
+    def returncode(self, pid, deadline):
+        """The exit status of child `pid`, waiting until `deadline` (None: for ever); None if still running."""
+        while pid not in self.ended:
+            if self._next(deadline) is None:
+                return None
+        return self.ended.pop(pid)
 
 
 # One server per set of load-time variables (libraries such as scikit-learn and torch.compile add some to
@@ -92,26 +135,41 @@ class _Server:
 _servers = {}
 
 
-def run_python(args, env=None, cwd=None, timeout=300, fresh=False):
+def start_python(args, env=None, cwd=None):
     """
-    Run `python *args` (args[0] a script path) to the end with `env` (default:
-    this process's) in `cwd`; returns a subprocess.CompletedProcess with text
-    stdout and stderr, as subprocess.run(capture_output=True, text=True) would.
-    Raises subprocess.TimeoutExpired after killing the script's session.
-
-    :param fresh: start a real interpreter (for a variable read at start-up,
-        such as TORCH_LOGS, that a one-off launch sets).
+    Start `python *args` (args[0] a script path) with `env` (default: this
+    process's) in `cwd`, in a new session; returns a Launch (Popen-like).
     """
     env = dict(os.environ if env is None else env)
-    cwd = os.getcwd() if cwd is None else cwd
-    script = str(args[0])
-    if fresh or not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
-        return _run_fresh(args, env, cwd, timeout)
     key = tuple(sorted(_load_time_vars(env).items()))
     if key not in _servers or not _servers[key].alive():
         _servers[key] = _Server(env)
         atexit.register(_servers[key].close)
-    return _servers[key].run(args, env, cwd, timeout)
+    return _servers[key].start(args, env, os.getcwd() if cwd is None else cwd)
+
+
+def run_python(args, env=None, cwd=None, timeout=300, fresh=False):
+    """
+    Run `python *args` to the end as start_python does; returns a
+    subprocess.CompletedProcess with text stdout and stderr, as
+    subprocess.run(capture_output=True, text=True) would. Raises
+    subprocess.TimeoutExpired after killing the script's session.
+
+    :param fresh: start a real interpreter (for a variable read at start-up,
+        such as TORCH_LOGS, that a one-off launch sets).
+    """
+    cwd = os.getcwd() if cwd is None else cwd
+    script = str(args[0])
+    if fresh or not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
+        return _run_fresh(args, dict(os.environ if env is None else env), cwd, timeout)
+    launch = start_python(args, env, cwd)
+    try:
+        stdout, stderr = launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        stdout, stderr = launch.communicate()
+        raise subprocess.TimeoutExpired(args, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(args, launch.returncode, stdout, stderr)
 
 
 def _run_fresh(args, env, cwd, timeout):
@@ -123,23 +181,38 @@ def _run_fresh(args, env, cwd, timeout):
 
 
 def _serve():
-    """Fork one child per request line on stdin; reply {"pid"} at once and {"returncode"} when it ends."""
+    """
+    Fork one child per request line on stdin, replying {"started": pid} at
+    once and {"pid", "returncode"} when a child ends; exit at end of input.
+    """
     import numpy  # noqa: F401  (the imports every launch would repeat)
     import PIL.Image  # noqa: F401
     import torch
     import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it: 1.4 s)
 
     default_threads = torch.get_num_threads()
-    for line in sys.stdin:
-        request = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            _become_script(request, torch, default_threads)
-            return
-        _reply({"pid": pid})
-        _, status = os.waitpid(pid, 0)
-        _reply({"returncode": os.waitstatus_to_exitcode(status)})
+    pending, running, open_input = b"", set(), True
+    while open_input or running:
+        if open_input and select.select([0], [], [], 0.02 if running else None)[0]:
+            chunk = os.read(0, 65536)
+            open_input = bool(chunk)
+            pending += chunk
+        elif not open_input:
+            time.sleep(0.02)
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                _become_script(json.loads(line), torch, default_threads)
+                return
+            running.add(pid)
+            _reply({"started": pid})
+        for pid in list(running):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                running.discard(pid)
+                _reply({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
 
 
 def _reply(message):

@@ -1,12 +1,13 @@
 """The suite's forked launcher (_zygote.run_python) runs a script as a fresh interpreter does."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from _zygote import run_python
+from _zygote import run_python, start_python
 
 PROBE = """
 import json, os, sys
@@ -54,6 +55,16 @@ def test_a_launch_past_its_timeout_is_killed(tmp_path):
     assert time.monotonic() - start < 30
     assert "started" in caught.value.output
     assert run_python([script.with_name("missing.py")]).returncode == 2  # a fresh interpreter's "can't open file"
+
+
+def test_started_launches_run_side_by_side_and_take_signals(tmp_path):
+    script = tmp_path / "wait.py"
+    script.write_text("import sys, time\nprint('up', flush=True)\ntime.sleep(float(sys.argv[1]))\nsys.exit(int(sys.argv[2]))\n")
+    slow, quick = start_python([script, 60, 0]), start_python([script, 0.2, 7])
+    assert slow.poll() is None
+    assert quick.wait(timeout=30) == 7 and quick.communicate() == ("up\n", "")
+    os.killpg(slow.pid, signal.SIGTERM)
+    assert slow.communicate(timeout=30) == ("up\n", "") and slow.returncode == -signal.SIGTERM
 
 
 def test_variables_read_when_torch_loads_take_effect(tmp_path):
