@@ -12,9 +12,9 @@ improved_diffusion is imported afresh in each.
 
 What Python, torch and the C libraries read from the environment when they
 load (TORCH*, ATEN_*, ONEDNN_*, PYTHON*, MALLOC_*, ...) is the server's: each
-set of those variables gets its own server. `fresh=True`, or anything that is
-not a script path (`-c`, `-m`), starts a real interpreter. Tests that signal a
-running script, or start mpiexec or torchrun, use subprocess themselves.
+set of those variables gets its own server. Anything that is not a script
+path (`-c`, `-m`) starts a real interpreter; launches under mpiexec or
+torchrun use subprocess.
 """
 
 import atexit
@@ -148,19 +148,16 @@ def start_python(args, env=None, cwd=None):
     return _servers[key].start(args, env, os.getcwd() if cwd is None else cwd)
 
 
-def run_python(args, env=None, cwd=None, timeout=300, fresh=False):
+def run_python(args, env=None, cwd=None, timeout=300):
     """
     Run `python *args` to the end as start_python does; returns a
     subprocess.CompletedProcess with text stdout and stderr, as
     subprocess.run(capture_output=True, text=True) would. Raises
     subprocess.TimeoutExpired after killing the script's session.
-
-    :param fresh: start a real interpreter (for a variable read at start-up,
-        such as TORCH_LOGS, that a one-off launch sets).
     """
     cwd = os.getcwd() if cwd is None else cwd
     script = str(args[0])
-    if fresh or not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
+    if not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
         return _run_fresh(args, dict(os.environ if env is None else env), cwd, timeout)
     launch = start_python(args, env, cwd)
     try:
