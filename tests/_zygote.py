@@ -2,10 +2,10 @@
 Run Python scripts to the end in fresh processes that skip the import of torch.
 
 Every script launch of the suite spends about 2 s importing torch before it
-does any work. `run_python` starts each script instead in a child forked from
-a server process (one per test process, started on first use) that has
-imported torch (with torch._dynamo, which torch.optim loads), NumPy and
-Pillow and done nothing else. The child then runs the script as
+does any work. `run_python` and `start_python` start each script in a child
+forked from a server process (one per test process, started on first use)
+that has imported torch (with torch._dynamo, which torch.optim loads), NumPy
+and Pillow and done nothing else. The child then runs the script as
 `python script.py args` would: its own environment, working folder,
 sys.argv, sys.path[0], stdout and stderr, a new session, and its exit status;
 improved_diffusion is imported afresh in each.
