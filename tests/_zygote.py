@@ -88,9 +88,13 @@ class _Server:
         return self.proc.poll() is None
 
     def close(self):
+        """End the server once its children have ended (killing it after 30 s)."""
         if self.alive():
             self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
     def _read_message(self, deadline=None):
         """The next JSON line from the server; None if `deadline` (time.monotonic) passes first."""
