@@ -302,9 +302,9 @@ class CompiledBatches(torch.nn.Module):
     Runs each batch at the smallest batch size the model has already run that
     holds it, padding with copies of the last row and returning only the real
     rows; a batch larger than any before runs as it is. A torch.compile'd
-    model is then not compiled again for a run's shorter last batch (or
-    half-batch, under --guidance_interval). The rows of a UNet do not depend
-    on each other, so the padding changes no sample.
+    model is then not compiled again for a run's shorter last batch (nor for
+    its doubled classifier-free guidance batch). The rows of a UNet do not
+    depend on each other, so the padding changes no sample.
     """
 
     def __init__(self, model):
