@@ -18,6 +18,7 @@ from improved_diffusion import dist_util, io_util, logger, sample_util
 from improved_diffusion.sample_util import UsageError
 from improved_diffusion.script_util import (
     create_gaussian_diffusion,
+    create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
 
@@ -334,3 +335,24 @@ def test_compiled_batches_run_short_batches_at_a_size_already_run():
         call(n)
     # 3 runs at 4 and 6 at 8 (the smallest size already run that holds them); 9 is new.
     assert inner.calls == [4, 8, 4, 4, 8, 4, 9, 9, 8]
+
+
+def test_load_model_takes_every_weight_from_the_checkpoint_and_draws_no_random_numbers(tmp_path):
+    flags = {**model_and_diffusion_defaults(), "image_size": 8, "num_channels": 32, "num_res_blocks": 1,
+             "attention_resolutions": "4", "class_cond": True, "num_classes": 3}
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**flags)
+    for p in model.parameters():  # the zero-initialized layers too
+        p.data.normal_()
+    torch.save(model.state_dict(), tmp_path / "model000001.pt")
+    args = argparse.Namespace(**{**flags, "use_fp16": False}, model_path=str(tmp_path / "model000001.pt"),
+                              use_bf16=False, compile=False)
+    rng = torch.random.get_rng_state()
+    loaded, diffusion = sample_util.load_model(args, create_model_and_diffusion, flags.keys())
+    assert torch.equal(torch.random.get_rng_state(), rng), "the weights were randomly initialized before loading"
+    assert not loaded.training and diffusion.num_timesteps == flags["diffusion_steps"]
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert b.device.type == "cpu" and torch.equal(a, b), name
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 500]), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y=y), model.eval()(x, t, y=y), rtol=0, atol=0)
