@@ -613,7 +613,8 @@ def _take_saved_classifier_flags(args, explicit, saved, flags):
 
 def load_classifier(path, flags):
     """
-    Build the classifier of `flags` (sampling_classifier_flags) and load `path` into it.
+    Build the classifier of `flags` (sampling_classifier_flags) on the meta
+    device and load `path` into it (no random initialization of its weights).
 
     :return: the classifier in eval mode on dist_util.dev() (torso in float16 with classifier_use_fp16).
     :raises UsageError: when the flags are invalid, the checkpoint does not fit
@@ -622,7 +623,8 @@ def load_classifier(path, flags):
     if flags["classifier_use_fp16"] and dist_util.dev().type != "cuda":
         raise UsageError("--classifier_use_fp16 True needs a CUDA device; on CPU drop it (float32 classifier)")
     try:
-        classifier = create_classifier(**flags)
+        with torch.device("meta"):
+            classifier = create_classifier(**flags)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     state = dist_util.load_state_dict(path)
@@ -634,8 +636,8 @@ def load_classifier(path, flags):
             f"classes, {flags['image_channels']}-channel {flags['image_size']}x{flags['image_size']} images): {mismatch}. Give the classifier flags "
             f"it was trained with, or keep the {FLAGS_FILENAME} of its classifier_train.py run beside it"
         )
+    classifier.to_empty(device=dist_util.dev())
     classifier.load_state_dict(state)
-    classifier.to(dist_util.dev())
     if flags["classifier_use_fp16"]:
         classifier.convert_to_fp16()
     return classifier.eval()

@@ -230,3 +230,23 @@ def test_resuming_an_incomplete_set_names_the_missing_file(tmp_path, capsys, dat
     assert train(tmp_path / "log", iterations=6, resume_checkpoint=folder / "model000003.pt", **data, **RUN_FLAGS) == 1
     err = capsys.readouterr().err
     assert f"{folder / 'state000003.pt'} is missing" in err and "no set there is complete" in err, err
+
+
+def test_load_classifier_takes_every_weight_from_the_checkpoint_and_draws_no_random_numbers(tmp_path):
+    from improved_diffusion.classifier_util import load_classifier
+    from improved_diffusion.script_util import classifier_defaults, create_classifier
+
+    flags = {**classifier_defaults(), "image_size": 8, "image_channels": 1, "num_classes": 10,
+             "classifier_width": 32, "classifier_depth": 1, "classifier_attention_resolutions": "4"}
+    torch.manual_seed(0)
+    classifier = create_classifier(**flags)
+    for p in classifier.parameters():  # the zero-initialized layers too
+        p.data.normal_()
+    torch.save(classifier.state_dict(), tmp_path / "model000001.pt")
+    rng = torch.random.get_rng_state()
+    loaded = load_classifier(str(tmp_path / "model000001.pt"), flags)
+    assert torch.equal(torch.random.get_rng_state(), rng), "the weights were randomly initialized before loading"
+    assert not loaded.training
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), classifier.eval()(x, t), rtol=0, atol=0)
