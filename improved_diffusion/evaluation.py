@@ -77,10 +77,16 @@ class EvaluationError(ValueError):
 
 def feature_statistics(features):
     """float [N x D] -> (mu [D], sigma [D x D]): the Gaussian fit of FID, in float64."""
+    features = _feature_matrix(features)
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
+
+
+def _feature_matrix(features):
+    """float64 [N x D] with N >= 2, or an EvaluationError."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
         raise EvaluationError(f"feature statistics need at least 2 feature vectors [N x D], got shape {features.shape}")
-    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
+    return features
 
 
 def _psd_sqrt(sigma):
@@ -115,12 +121,14 @@ def frechet_distance_to_features(mu1, sigma1, features):
     has the nonzero eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2), so the
     cost is O(D^2 N) instead of O(D^3) (a few samples against D = 2048).
     """
-    mu2, sigma2 = feature_statistics(features)
-    if len(features) > len(mu2):
-        return frechet_distance(mu1, sigma1, mu2, sigma2)
-    mu1, mu2, sigma1 = _float64(mu1, mu2, sigma1)
-    _check_statistics(mu1, sigma1, mu2, sigma2.shape)
-    b = (torch.as_tensor(np.asarray(features), dtype=torch.float64) - mu2).T / (len(features) - 1) ** 0.5
+    features = _feature_matrix(features)
+    count, dim = features.shape
+    if count > dim:
+        return frechet_distance(mu1, sigma1, *feature_statistics(features))
+    mu1, sigma1, features = _float64(mu1, sigma1, features)
+    mu2 = features.mean(dim=0)
+    _check_statistics(mu1, sigma1, mu2, (dim, dim))
+    b = (features - mu2).T / (count - 1) ** 0.5
     return _frechet(mu1, mu2, sigma1.trace() + b.square().sum(), b.T @ sigma1 @ b)
 
 
