@@ -162,7 +162,7 @@ def run_python(args, env=None, cwd=None, timeout=300):
     cwd = os.getcwd() if cwd is None else cwd
     script = str(args[0])
     if not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
-        return _run_fresh(args, dict(os.environ if env is None else env), cwd, timeout)
+        return _run_fresh([sys.executable, *args], env, cwd, timeout)
     launch = start_python(args, env, cwd)
     try:
         stdout, stderr = launch.communicate(timeout=timeout)
@@ -173,9 +173,19 @@ def run_python(args, env=None, cwd=None, timeout=300):
     return subprocess.CompletedProcess(args, launch.returncode, stdout, stderr)
 
 
-def _run_fresh(args, env, cwd, timeout):
-    command = [sys.executable, *map(str, args)]
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+def run_command(command, env=None, cwd=None, timeout=300):
+    """
+    subprocess.run(command, capture_output=True, text=True) for any command
+    line; one that starts with this interpreter runs through run_python.
+    """
+    if str(command[0]) == sys.executable:
+        return run_python(command[1:], env, cwd, timeout)
+    return _run_fresh(command, env, cwd, timeout)
+
+
+def _run_fresh(command, env, cwd, timeout):
+    return subprocess.run([str(c) for c in command], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 # ---------------------------------------------------------------- the server

@@ -12,12 +12,11 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from _zygote import run_python
+from _zygote import run_command
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -48,10 +47,7 @@ def run_script(script, args, log_dir, launcher=(sys.executable,), expect_ok=True
     """Run scripts/`script` with `args` logging to `log_dir` (`env`: more variables); return the CompletedProcess."""
     env = dict(os.environ, OPENAI_LOGDIR=str(log_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     command = [*launcher, str(ROOT / "scripts" / script), *map(str, args)]
-    if launcher == (sys.executable,):
-        result = run_python(command[1:], env=env, timeout=300)
-    else:
-        result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command(command, env=env, timeout=300)
     if expect_ok and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

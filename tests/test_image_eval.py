@@ -6,13 +6,12 @@ outputs, caching, inputs, ranks, errors.
 import importlib.util
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 from _train_helpers import ROOT, launcher, script_env
-from _zygote import run_python
+from _zygote import run_command, run_python
 from PIL import Image
 from test_evaluation import random_inception
 
@@ -61,11 +60,7 @@ def write_folder(path, images):
 def run_eval(ref, samples, weights, output, kind="python", ranks=1, extra=()):
     cmd = launcher(kind, ranks) + [str(SCRIPT), str(ref), str(samples), "--inception_weights", str(weights),
                                    "--batch_size", str(BATCH), "--output", str(output), *extra]
-    if kind == "python":
-        proc = run_python(cmd[1:], cwd=ROOT, env=script_env(output.parent), timeout=180)
-    else:
-        proc = subprocess.run(cmd, cwd=ROOT, env=script_env(output.parent), capture_output=True, text=True,
-                              timeout=180)
+    proc = run_command(cmd, cwd=ROOT, env=script_env(output.parent), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(output.read_text()), proc.stdout
 
