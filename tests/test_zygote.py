@@ -41,9 +41,9 @@ def test_a_forked_launch_sees_what_a_fresh_interpreter_sees(tmp_path):
 
 def test_exceptions_and_relative_script_paths_behave_as_in_python(tmp_path):
     (tmp_path / "boom.py").write_text("raise ValueError('boom')\n")
-    result = run_python(["boom.py"], cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.rstrip().endswith("ValueError: boom") and "Traceback" in result.stderr
+    result, expected = run_python(["boom.py"], cwd=tmp_path), fresh(["boom.py"], None, tmp_path)
+    assert (result.returncode, result.stderr) == (expected.returncode, expected.stderr)
+    assert result.returncode == 1 and result.stderr.rstrip().endswith("ValueError: boom")
 
 
 def test_a_launch_past_its_timeout_is_killed(tmp_path):
@@ -76,3 +76,20 @@ def test_variables_read_when_torch_loads_take_effect(tmp_path):
     assert plain[1] == "False" and logged[1] == "True"
     # Each is forked from a server of its own.
     assert len({plain[0], logged[0], str(os.getpid())}) == 3
+
+
+ENDINGS = {
+    "atexit": "import atexit, sys\natexit.register(print, 'at exit')\nsys.stdout.write('buffered')\n",
+    "thread": "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), print('joined'))).start()\n",
+    "message": "import sys\nprint('out')\nsys.exit('a message')\n",
+    "interrupt": "raise KeyboardInterrupt\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENDINGS))
+def test_a_launch_ends_as_python_ends(tmp_path, name):
+    """Exit handlers, running threads, buffered output and the exit status: as in a real interpreter."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(ENDINGS[name])
+    forked, expected = run_python([script], cwd=tmp_path), fresh([script], None, tmp_path)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (expected.returncode, expected.stdout, expected.stderr)
