@@ -294,7 +294,9 @@ def _end(status):
     run, streams flushed) but skip the heap's teardown: in a forked child
     that touches every object inherited from the server and copies its
     pages, about 1.3 s per launch. None ends by SIGINT, as Python does after
-    an uncaught KeyboardInterrupt.
+    an uncaught KeyboardInterrupt. C-level exit hooks (Py_AtExit) are
+    skipped with the teardown: mpi4py's MPI_Finalize is one, which is why
+    ranks under mpiexec or torchrun start fresh interpreters instead.
     """
     threading._shutdown()
     atexit._run_exitfuncs()
