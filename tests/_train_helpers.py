@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _zygote import start_python
+from _zygote import start_command
 from PIL import Image
 
 from improved_diffusion import logger, script_util
@@ -193,28 +193,18 @@ def launcher(kind, ranks):
             pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
         return [mpiexec, "-n", str(ranks), sys.executable]
     if kind == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
     raise ValueError(kind)
 
 
 def start_script(script, flags, log_dir, kind="python", ranks=1):
     """
     Start scripts/`script` in its own process group; returns a Popen (stdout+stderr
-    piped), or for kind "python" a _zygote.Launch (forked, with the same poll, wait
-    and communicate).
+    piped), or where _zygote forks it (plain python, torchrun's agent) a
+    _zygote.Launch with the same poll, wait, send_signal and communicate.
     """
-    if kind == "python":
-        return start_python([ROOT / "scripts" / script, *cli_flags(flags)], env=script_env(log_dir), cwd=ROOT)
     cmd = launcher(kind, ranks) + [str(ROOT / "scripts" / script)] + cli_flags(flags)
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=script_env(log_dir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return start_command(cmd, env=script_env(log_dir), cwd=ROOT)
 
 
 def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):

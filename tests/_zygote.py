@@ -15,8 +15,10 @@ costs more than the import it saved.
 What Python, torch and the C libraries read from the environment when they
 load (TORCH*, ATEN_*, ONEDNN_*, PYTHON*, MALLOC_*, ...) is the server's: each
 set of those variables gets its own server. Anything that is not a script
-path (`-c`, `-m`) starts a real interpreter; launches under mpiexec or
-torchrun use subprocess.
+path (`-c`, `-m`) starts a real interpreter. A console script of this
+interpreter (its `#!` line names sys.executable: torchrun) forks like a
+script, and the fresh ranks it starts are its children; mpiexec and the
+ranks it starts use subprocess.
 """
 
 import atexit
@@ -66,6 +68,10 @@ class Launch:
         if self.returncode is None:
             raise subprocess.TimeoutExpired(self.args, timeout, *self._outputs())
         return self.returncode
+
+    def send_signal(self, signum):
+        if self.poll() is None:
+            os.kill(self.pid, signum)
 
     def communicate(self, timeout=None):
         self.wait(timeout)
@@ -162,9 +168,7 @@ def run_python(args, env=None, cwd=None, timeout=300):
     subprocess.run(capture_output=True, text=True) would. Raises
     subprocess.TimeoutExpired after killing the script's session.
     """
-    cwd = os.getcwd() if cwd is None else cwd
-    script = str(args[0])
-    if not hasattr(os, "fork") or script.startswith("-") or not os.path.isfile(os.path.join(cwd, script)):
+    if not _forks(args, cwd):
         return _run_fresh([sys.executable, *args], env, cwd, timeout)
     launch = start_python(args, env, cwd)
     try:
@@ -179,11 +183,46 @@ def run_python(args, env=None, cwd=None, timeout=300):
 def run_command(command, env=None, cwd=None, timeout=300):
     """
     subprocess.run(command, capture_output=True, text=True) for any command
-    line; one that starts with this interpreter runs through run_python.
+    line; one that starts with this interpreter or one of its console
+    scripts runs through run_python.
     """
-    if str(command[0]) == sys.executable:
-        return run_python(command[1:], env, cwd, timeout)
+    args = _python_args(command)
+    if args is not None:
+        return run_python(args, env, cwd, timeout)
     return _run_fresh(command, env, cwd, timeout)
+
+
+def start_command(command, env=None, cwd=None):
+    """
+    subprocess.Popen(command, stdout=PIPE, stderr=PIPE, text=True,
+    start_new_session=True) for any command line, or a Launch where
+    run_command would fork.
+    """
+    args = _python_args(command)
+    if args is not None and _forks(args, cwd):
+        return start_python(args, env, cwd)
+    return subprocess.Popen([str(c) for c in command], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _forks(args, cwd):
+    """Whether `python *args` can run forked: args[0] is a script file, not -c or -m."""
+    script = str(args[0]) if args else "-"
+    cwd = os.getcwd() if cwd is None else cwd
+    return hasattr(os, "fork") and not script.startswith("-") and os.path.isfile(os.path.join(cwd, script))
+
+
+def _python_args(command):
+    """The arguments of `python ...` that `command` amounts to, or None for another program."""
+    program = str(command[0])
+    if program == sys.executable:
+        return list(command[1:])
+    try:
+        with open(program, "rb") as f:
+            first_line = f.readline(4096)
+    except OSError:
+        return None
+    return list(command) if first_line.split() == [f"#!{sys.executable}".encode()] else None
 
 
 def _run_fresh(command, env, cwd, timeout):

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from _launch import BIN, LAUNCH_VARS, MPIEXEC, ROOT, launch_env
+from _zygote import run_command
 
 from improved_diffusion import dist_util
 from improved_diffusion.io_util import CheckpointError
@@ -25,8 +26,8 @@ def checkpoints(tmp_path):
 
 def run_workers(launcher, tmp_path, checkpoints, world_size, gpu=False):
     """Run the worker under `launcher` and return each rank's observations, by rank."""
-    out = subprocess.run(launcher + [sys.executable, str(WORKER), str(tmp_path)] + checkpoints,
-                         env=launch_env(gpu), capture_output=True, text=True, timeout=120)
+    out = run_command(launcher + [sys.executable, str(WORKER), str(tmp_path)] + checkpoints, env=launch_env(gpu),
+                      timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
 

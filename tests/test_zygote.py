@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from _zygote import run_python, start_python
+from _zygote import run_command, run_python, start_command, start_python
 
 PROBE = """
 import json, os, sys
@@ -37,6 +37,36 @@ def test_a_forked_launch_sees_what_a_fresh_interpreter_sees(tmp_path):
     assert (forked.returncode, forked.stdout, forked.stderr) == (expected.returncode, expected.stdout.replace(
         '"session_leader": false', '"session_leader": true'), expected.stderr)
     assert '"session_leader": true' in forked.stdout
+
+
+def test_console_scripts_of_this_interpreter_fork_and_other_programs_run_as_they_are(tmp_path):
+    """A script whose #! line is this interpreter (as pip writes torchrun) runs as `python script` does, forked."""
+    console, shell = tmp_path / "probe", tmp_path / "shell"
+    console.write_text(f"#!{sys.executable}\n{PROBE}")
+    shell.write_text('#!/bin/sh\necho "$0 $1"\nexit 4\n')
+    for program in (console, shell):
+        program.chmod(0o755)
+    env = dict(os.environ, PROBE_VAR="7", OMP_NUM_THREADS="1")
+    forked = run_command([console, 5, "--flag"], env=env, cwd=tmp_path)
+    expected = subprocess.run([str(console), "5", "--flag"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert '"session_leader": true' in forked.stdout
+    assert (forked.returncode, forked.stdout, forked.stderr) == (expected.returncode, expected.stdout.replace(
+        '"session_leader": false', '"session_leader": true'), expected.stderr)
+    other = run_command([shell, "x"])
+    assert (other.returncode, other.stdout) == (4, f"{shell} x\n")
+
+
+def test_started_console_scripts_take_signals(tmp_path):
+    console = tmp_path / "wait"
+    console.write_text(f"#!{sys.executable}\nimport pathlib, time\nprint('up', flush=True)\n"
+                       f"pathlib.Path({str(tmp_path / 'up')!r}).touch()\ntime.sleep(60)\n")
+    console.chmod(0o755)
+    started = start_command([console])
+    while not (tmp_path / "up").exists():
+        assert started.poll() is None
+        time.sleep(0.02)
+    started.send_signal(signal.SIGTERM)
+    assert started.communicate(timeout=30) == ("up\n", "") and started.returncode == -signal.SIGTERM
 
 
 def test_exceptions_and_relative_script_paths_behave_as_in_python(tmp_path):
