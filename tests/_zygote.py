@@ -80,7 +80,16 @@ class Launch:
         return outputs
 
     def _outputs(self):
-        return tuple(open(os.path.join(self.folder.name, name), errors="replace").read() for name in ("out", "err"))
+        """(stdout, stderr) so far; empty for a child stopped before it took its streams."""
+        return tuple(_read_if_there(os.path.join(self.folder.name, name)) for name in ("out", "err"))
+
+
+def _read_if_there(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
 
 
 class _Server:

@@ -87,6 +87,14 @@ def test_a_launch_past_its_timeout_is_killed(tmp_path):
     assert run_python([script.with_name("missing.py")]).returncode == 2  # a fresh interpreter's "can't open file"
 
 
+def test_a_launch_signalled_as_it_starts_ends_by_the_signal_without_output(tmp_path):
+    script = tmp_path / "quiet.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    launch = start_python([script])
+    launch.send_signal(signal.SIGKILL)
+    assert launch.communicate(timeout=30) == ("", "") and launch.returncode == -signal.SIGKILL
+
+
 def test_started_launches_run_side_by_side_and_take_signals(tmp_path):
     script = tmp_path / "wait.py"
     script.write_text("import sys, time\nprint('up', flush=True)\ntime.sleep(float(sys.argv[1]))\nsys.exit(int(sys.argv[2]))\n")
