@@ -7,7 +7,8 @@ samples' features against such statistics (as during training).
     python benchmarks/bench_eval.py [--batch_size 32] [--batches 3] [--image_size 32]
         [--num_vectors 50000] [--width 2048] [--fid_samples 1000] [--device cpu|cuda]
 
-Each measurement runs in a fresh process (spawned), so its peak resident
+Each measurement runs in a fresh process (forked from a server that has
+imported torch and evaluation.py, and nothing else), so its peak resident
 memory (ru_maxrss) is its own; the table gives it beside the process's
 resident memory before the measured call. The network has random weights:
 the speed does not depend on them. Prints a Markdown table.
@@ -96,7 +97,8 @@ def main():
     parser.add_argument("--fid_samples", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "improved_diffusion.evaluation"])
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| measurement | time | result | RSS before (MiB) | peak RSS (MiB) |")
     print("| --- | --- | --- | --- | --- |")
