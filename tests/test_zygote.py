@@ -62,6 +62,7 @@ def test_started_console_scripts_take_signals(tmp_path):
                        f"pathlib.Path({str(tmp_path / 'up')!r}).touch()\ntime.sleep(60)\n")
     console.chmod(0o755)
     started = start_command([console])
+    assert not isinstance(started, subprocess.Popen), "a console script of this interpreter forks"
     while not (tmp_path / "up").exists():
         assert started.poll() is None
         time.sleep(0.02)
