@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _zygote import start_command
+from _zygote import run_command, start_command
 from PIL import Image
 
 from improved_diffusion import logger, script_util
@@ -209,14 +209,12 @@ def start_script(script, flags, log_dir, kind="python", ranks=1):
 
 def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):
     """Run scripts/`script` to the end; returns (returncode, stdout, stderr)."""
-    proc = start_script(script, flags, log_dir, kind, ranks)
+    cmd = launcher(kind, ranks) + [str(ROOT / "scripts" / script)] + cli_flags(flags)
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{script} did not finish in {timeout}s\n{out}\n{err}")
-    return proc.returncode, out, err
+        result = run_command(cmd, env=script_env(log_dir), cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired as late:
+        raise AssertionError(f"{script} did not finish in {timeout}s\n{late.output}\n{late.stderr}") from None
+    return result.returncode, result.stdout, result.stderr
 
 
 def wait_for(path, proc, min_lines=0, timeout=120):

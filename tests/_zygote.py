@@ -171,41 +171,32 @@ def start_python(args, env=None, cwd=None):
 
 
 def run_python(args, env=None, cwd=None, timeout=300):
-    """
-    Run `python *args` to the end as start_python does; returns a
-    subprocess.CompletedProcess with text stdout and stderr, as
-    subprocess.run(capture_output=True, text=True) would. Raises
-    subprocess.TimeoutExpired after killing the script's session.
-    """
-    if not _forks(args, cwd):
-        return _run_fresh([sys.executable, *args], env, cwd, timeout)
-    launch = start_python(args, env, cwd)
-    try:
-        stdout, stderr = launch.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)
-        stdout, stderr = launch.communicate()
-        raise subprocess.TimeoutExpired(args, timeout, output=stdout, stderr=stderr) from None
-    return subprocess.CompletedProcess(args, launch.returncode, stdout, stderr)
+    """Run `python *args` to the end as run_command does (forked where args[0] is a script)."""
+    return run_command([sys.executable, *args], env, cwd, timeout)
 
 
 def run_command(command, env=None, cwd=None, timeout=300):
     """
     subprocess.run(command, capture_output=True, text=True) for any command
-    line; one that starts with this interpreter or one of its console
-    scripts runs through run_python.
+    line, started as start_command starts it; returns a
+    subprocess.CompletedProcess. Raises subprocess.TimeoutExpired after
+    killing the command's session.
     """
-    args = _python_args(command)
-    if args is not None:
-        return run_python(args, env, cwd, timeout)
-    return _run_fresh(command, env, cwd, timeout)
+    proc = start_command(command, env, cwd)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def start_command(command, env=None, cwd=None):
     """
     subprocess.Popen(command, stdout=PIPE, stderr=PIPE, text=True,
-    start_new_session=True) for any command line, or a Launch where
-    run_command would fork.
+    start_new_session=True) for any command line; a Launch (forked) where
+    it starts this interpreter or one of its console scripts on a script.
     """
     args = _python_args(command)
     if args is not None and _forks(args, cwd):
@@ -232,11 +223,6 @@ def _python_args(command):
     except OSError:
         return None
     return list(command) if first_line.split() == [f"#!{sys.executable}".encode()] else None
-
-
-def _run_fresh(command, env, cwd, timeout):
-    return subprocess.run([str(c) for c in command], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 # ---------------------------------------------------------------- the server
