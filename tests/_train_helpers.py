@@ -197,21 +197,25 @@ def launcher(kind, ranks):
     raise ValueError(kind)
 
 
+def script_command(script, flags, kind, ranks):
+    """The command line of scripts/`script` with `flags` under launcher `kind` with `ranks` processes."""
+    return launcher(kind, ranks) + [str(ROOT / "scripts" / script)] + cli_flags(flags)
+
+
 def start_script(script, flags, log_dir, kind="python", ranks=1):
     """
     Start scripts/`script` in its own process group; returns a Popen (stdout+stderr
     piped), or where _zygote forks it (plain python, torchrun's agent) a
     _zygote.Launch with the same poll, wait, send_signal and communicate.
     """
-    cmd = launcher(kind, ranks) + [str(ROOT / "scripts" / script)] + cli_flags(flags)
-    return start_command(cmd, env=script_env(log_dir), cwd=ROOT)
+    return start_command(script_command(script, flags, kind, ranks), env=script_env(log_dir), cwd=ROOT)
 
 
 def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):
     """Run scripts/`script` to the end; returns (returncode, stdout, stderr)."""
-    cmd = launcher(kind, ranks) + [str(ROOT / "scripts" / script)] + cli_flags(flags)
     try:
-        result = run_command(cmd, env=script_env(log_dir), cwd=ROOT, timeout=timeout)
+        result = run_command(script_command(script, flags, kind, ranks), env=script_env(log_dir), cwd=ROOT,
+                             timeout=timeout)
     except subprocess.TimeoutExpired as late:
         raise AssertionError(f"{script} did not finish in {timeout}s\n{late.output}\n{late.stderr}") from None
     return result.returncode, result.stdout, result.stderr
