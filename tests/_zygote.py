@@ -17,8 +17,10 @@ load (TORCH*, ATEN_*, ONEDNN_*, PYTHON*, MALLOC_*, ...) is the server's: each
 set of those variables gets its own server. Anything that is not a script
 path (`-c`, `-m`) starts a real interpreter. A console script of this
 interpreter (its `#!` line names sys.executable: torchrun) forks like a
-script, and the fresh ranks it starts are its children; mpiexec and the
-ranks it starts use subprocess.
+script; mpiexec starts as a subprocess. The ranks either starts are
+interpreters that hand their script to the server at once and stand in for
+the forked child that runs it (_rank_site/sitecustomize.py), which saves
+each the 2.5 CPU-s of imports.
 """
 
 import atexit
@@ -26,6 +28,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,10 @@ LOAD_TIME_PREFIXES = ("TORCH", "ATEN_", "ONEDNN_", "DNNL_", "MKL", "GOMP_", "OMP
 # Environment variables the child applies itself, or that are read when used (the cache folder torch.compile
 # exports on first use).
 APPLIED = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR")
+# Launchers whose ranks hand their scripts to a server through the stand-in in RANK_SITE.
+RANK_LAUNCHERS = ("mpiexec", "mpirun", "torchrun")
+RANK_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rank_site")
+RANK_SERVER_VAR = "ZYGOTE_RANK_SERVER"
 
 
 def _load_time_vars(env):
@@ -101,6 +108,7 @@ class _Server:
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
         self.pending = b""
         self.ended = {}  # pid -> exit status of children whose end was reported
+        self.socket = self._read_message()["socket"]  # where the stand-ins of ranks connect
 
     def alive(self):
         return self.proc.poll() is None
@@ -137,6 +145,7 @@ class _Server:
     def start(self, args, env, cwd):
         folder = tempfile.TemporaryDirectory(prefix="zygote_")
         request = {"argv": [str(a) for a in args], "env": env, "cwd": str(cwd),
+                   "unbuffered": bool(env.get("PYTHONUNBUFFERED")),
                    "stdout": os.path.join(folder.name, "out"), "stderr": os.path.join(folder.name, "err")}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
@@ -163,11 +172,16 @@ def start_python(args, env=None, cwd=None):
     process's) in `cwd`, in a new session; returns a Launch (Popen-like).
     """
     env = dict(os.environ if env is None else env)
+    return _server_for(env).start(args, env, os.getcwd() if cwd is None else cwd)
+
+
+def _server_for(env):
+    """The running server for the load-time variables of `env`, started if there is none."""
     key = tuple(sorted(_load_time_vars(env).items()))
     if key not in _servers or not _servers[key].alive():
         _servers[key] = _Server(env)
         atexit.register(_servers[key].close)
-    return _servers[key].start(args, env, os.getcwd() if cwd is None else cwd)
+    return _servers[key]
 
 
 def run_python(args, env=None, cwd=None, timeout=300):
@@ -197,12 +211,23 @@ def start_command(command, env=None, cwd=None):
     subprocess.Popen(command, stdout=PIPE, stderr=PIPE, text=True,
     start_new_session=True) for any command line; a Launch (forked) where
     it starts this interpreter or one of its console scripts on a script.
+    Under mpiexec or torchrun, the ranks that run a script are forked too
+    (see _rank_site/sitecustomize.py).
     """
+    if os.path.basename(str(command[0])) in RANK_LAUNCHERS:
+        env = _with_rank_server(dict(os.environ if env is None else env))
     args = _python_args(command)
     if args is not None and _forks(args, cwd):
         return start_python(args, env, cwd)
     return subprocess.Popen([str(c) for c in command], env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _with_rank_server(env):
+    """`env` with the stand-in of _rank_site on PYTHONPATH and the socket of its server in RANK_SERVER_VAR."""
+    env[RANK_SERVER_VAR] = _server_for(env).socket
+    env["PYTHONPATH"] = os.pathsep.join([RANK_SITE, *[p for p in [env.get("PYTHONPATH")] if p]])
+    return env
 
 
 def _forks(args, cwd):
@@ -231,7 +256,10 @@ def _python_args(command):
 def _serve():
     """
     Fork one child per request line on stdin, replying {"started": pid} at
-    once and {"pid", "returncode"} when a child ends; exit at end of input.
+    once and {"pid", "returncode"} when a child ends. The first reply,
+    {"socket": path}, names where the stand-ins of ranks (_rank_site) connect:
+    each gets its child's {"started"} and {"returncode"} on its connection.
+    Exit at end of input once every child has ended.
     """
     import numpy  # noqa: F401  (the imports every launch would repeat)
     import PIL.Image  # noqa: F401
@@ -239,28 +267,55 @@ def _serve():
     import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it: 1.4 s)
 
     default_threads = torch.get_num_threads()
-    pending, running, open_input = b"", set(), True
-    while open_input or running:
-        if open_input and select.select([0], [], [], 0.02 if running else None)[0]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(tempfile.mkdtemp(prefix="zygote_ranks_"), "socket"))
+    listener.listen(64)
+    _reply({"socket": listener.getsockname()})
+    pending, open_input = b"", True
+    launches, ranks = set(), {}  # pids of children started from stdin; pid -> connection of a rank's stand-in
+    while open_input or launches or ranks:
+        ready = select.select([listener, 0] if open_input else [listener], [], [], 0.02 if launches or ranks else None)[0]
+        if 0 in ready:
             chunk = os.read(0, 65536)
             open_input = bool(chunk)
             pending += chunk
-        elif not open_input:
-            time.sleep(0.02)
+        if listener in ready and (rank := _receive_rank(listener)) is not None:
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                _become_rank(*rank, [listener, *ranks.values()], torch, default_threads)
+                return
+            for fd in rank[2]:
+                os.close(fd)
+            ranks[pid] = rank[0]
+            _send(rank[0], {"started": pid})
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
+                _close_sockets([listener, *ranks.values()])
                 _become_script(json.loads(line), torch, default_threads)
                 return
-            running.add(pid)
+            launches.add(pid)
             _reply({"started": pid})
-        for pid in list(running):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                running.discard(pid)
-                _reply({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+        for pid, code in _ended(launches):
+            launches.discard(pid)
+            _reply({"pid": pid, "returncode": code})
+        for pid, code in _ended(ranks):
+            conn = ranks.pop(pid)
+            _send(conn, {"returncode": code})
+            conn.close()
+
+
+def _ended(pids):
+    """(pid, exit status) of each child in `pids` that has ended."""
+    ended = []
+    for pid in list(pids):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            ended.append((pid, os.waitstatus_to_exitcode(status)))
+    return ended
 
 
 def _reply(message):
@@ -268,10 +323,69 @@ def _reply(message):
     sys.stdout.flush()
 
 
-def _become_script(request, torch, default_threads):
-    """In the forked child: take the request's streams, folder, environment and argv, then run the script."""
-    import runpy
+def _send(conn, message):
+    """Send a JSON line to a rank's stand-in; one that has gone (kill -9) is not an error."""
+    try:
+        conn.sendall((json.dumps(message) + "\n").encode())
+    except OSError:
+        pass
 
+
+def _receive_rank(listener):
+    """
+    Accept a stand-in: (its connection, its request, the descriptors it sent,
+    in the order of request["fds"]); None if it went before sending it all.
+    """
+    conn, _ = listener.accept()
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 256)
+    while data and not data.endswith(b"\n"):
+        chunk = conn.recv(1 << 20)
+        data = data + chunk if chunk else b""
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return None
+    return conn, json.loads(data), fds
+
+
+def _close_sockets(sockets):
+    """Close the server's sockets in a child, leaving no Python object that could close the numbers again."""
+    for sock in sockets:
+        os.close(sock.detach())
+
+
+def _become_rank(conn, request, fds, server_sockets, torch, default_threads):
+    """
+    In the forked child of a rank: take the stand-in's descriptors at its
+    numbers, die when the stand-in goes, then run the script.
+    """
+    import fcntl
+
+    _close_sockets(server_sockets)
+    high = max([*request["fds"], *fds, conn.fileno()]) + 1
+    watched = socket.socket(fileno=fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD, high))
+    _close_sockets([conn])
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, high) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for target, fd in zip(request["fds"], moved):
+        os.dup2(fd, target)
+        os.close(fd)
+    threading.Thread(target=_die_with, args=(watched,), daemon=True).start()
+    os.setsid()
+    _run_script(request, torch, default_threads)
+
+
+def _die_with(conn):
+    """SIGKILL this process when the stand-in at the other end of `conn` ends (it sends nothing after its request)."""
+    while conn.recv(1):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _become_script(request, torch, default_threads):
+    """In the forked child: take the request's streams (files), then run the script."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -280,10 +394,16 @@ def _become_script(request, torch, default_threads):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)
         os.close(target)
+    _run_script(request, torch, default_threads)
+
+
+def _run_script(request, torch, default_threads):
+    """Take the request's folder, environment and argv, then run the script as `python script.py` would."""
+    import runpy
+
     env = request["env"]
-    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
     sys.stdin = open(0, closefd=False)
-    sys.stdout = open(1, "w", buffering=1 if unbuffered else -1, closefd=False)
+    sys.stdout = open(1, "w", buffering=1 if request["unbuffered"] else -1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -328,17 +448,27 @@ def _end(status):
     run, streams flushed) but skip the heap's teardown: in a forked child
     that touches every object inherited from the server and copies its
     pages, about 1.3 s per launch. None ends by SIGINT, as Python does after
-    an uncaught KeyboardInterrupt. C-level exit hooks (Py_AtExit) are
-    skipped with the teardown: mpi4py's MPI_Finalize is one, which is why
-    ranks under mpiexec or torchrun start fresh interpreters instead.
+    an uncaught KeyboardInterrupt. Python's C-level exit hooks (Py_AtExit)
+    go with the teardown; the one a script here relies on, mpi4py's
+    MPI_Finalize, is called as it would be. An MPI rank then leaves through
+    the C library's exit(), whose handlers include MPICH's goodbye to its
+    launcher (a rank that ends without it has the launcher kill the others).
     """
     threading._shutdown()
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")
+    mpi_rank = mpi is not None and mpi.Is_initialized()
+    if mpi_rank and not mpi.Is_finalized():
+        mpi.Finalize()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     if status is None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
+    if mpi_rank:
+        import ctypes
+
+        ctypes.CDLL(None).exit(status)
     os._exit(status)
 
 

@@ -1,5 +1,6 @@
-"""The suite's forked launcher (_zygote.run_python) runs a script as a fresh interpreter does."""
+"""The suite's forked launcher (_zygote.run_python) runs a script, or a rank of one, as a fresh interpreter does."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 
 import pytest
+from _launch import BIN, MPIEXEC, launch_env
 from _zygote import run_command, run_python, start_command, start_python
 
 PROBE = """
@@ -132,3 +134,71 @@ def test_a_launch_ends_as_python_ends(tmp_path, name):
     script.write_text(ENDINGS[name])
     forked, expected = run_python([script], cwd=tmp_path), fresh([script], None, tmp_path)
     assert (forked.returncode, forked.stdout, forked.stderr) == (expected.returncode, expected.stdout, expected.stderr)
+
+
+RANK_PROBE = """
+import json, os, sys
+print(json.dumps({
+    "rank": os.environ.get("RANK") or os.environ.get("PMI_RANK"), "argv": sys.argv, "path0": sys.path[0],
+    "cwd": os.getcwd(), "var": os.environ.get("PROBE_VAR"), "pythonpath": os.environ.get("PYTHONPATH"),
+    "server_var": "ZYGOTE_RANK_SERVER" in os.environ,
+}), flush=True)
+print("forked" if "torch" in sys.modules else "fresh", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def rank_launcher(kind):
+    if kind == "mpiexec":
+        if MPIEXEC is None:
+            pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
+        return [MPIEXEC, "-n", "2", sys.executable]
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--monitor-interval", "0.1"]
+
+
+@pytest.mark.parametrize("kind, status", [("mpiexec", 3), ("torchrun", 0)])
+def test_ranks_are_forked_and_see_what_fresh_ranks_see(tmp_path, kind, status):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_PROBE)
+    command = [*rank_launcher(kind), str(script), str(status)]
+    env = dict(launch_env(), PROBE_VAR="9", PYTHONPATH="/x/one")
+    forked = run_command(command, env=env, cwd=tmp_path)
+    expected = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert forked.returncode == expected.returncode == (status if kind == "mpiexec" else 0)
+    assert sorted(forked.stdout.splitlines()) == sorted(expected.stdout.splitlines())
+    assert [json.loads(line)["rank"] for line in sorted(forked.stdout.splitlines())] == ["0", "1"]
+    assert '"server_var": false' in forked.stdout and '"pythonpath": "/x/one"' in forked.stdout
+    assert forked.stderr.count("forked") == 2 and expected.stderr.count("fresh") == 2
+
+
+def test_a_forked_mpi_rank_ending_after_another_is_not_killed(tmp_path):
+    """MPICH's launcher kills the ranks still running when one ends without telling it (at C exit)."""
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
+    script = tmp_path / "late.py"
+    script.write_text("import time\nfrom mpi4py import MPI\nrank = MPI.COMM_WORLD.Get_rank()\nMPI.Finalize()\n"
+                      "time.sleep(0.5 * rank)\nprint('rank', rank, 'done', flush=True)\n")
+    result = run_command([MPIEXEC, "-n", "2", sys.executable, str(script)], env=launch_env(), cwd=tmp_path)
+    assert result.returncode == 0 and sorted(result.stdout.splitlines()) == ["rank 0 done", "rank 1 done"], result
+
+
+def test_forked_ranks_end_with_a_launcher_killed_by_sigkill(tmp_path):
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, pathlib, sys, time\n"
+                      "pathlib.Path(sys.argv[1], str(os.getpid())).write_text(os.environ['PMI_RANK'])\n"
+                      "time.sleep(120)\n")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    launcher = start_command([MPIEXEC, "-n", "2", sys.executable, str(script), str(pids)], env=launch_env())
+    deadline = time.monotonic() + 60
+    while len(list(pids.iterdir())) < 2:
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.communicate()
+    ranks = [int(p.name) for p in pids.iterdir()]
+    while any(os.path.exists(f"/proc/{pid}") for pid in ranks):
+        assert time.monotonic() < deadline, f"ranks {ranks} outlived their launcher"
+        time.sleep(0.05)
