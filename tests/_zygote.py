@@ -19,8 +19,8 @@ path (`-c`, `-m`) starts a real interpreter. A console script of this
 interpreter (its `#!` line names sys.executable: torchrun) forks like a
 script; mpiexec starts as a subprocess. The ranks either starts are
 interpreters that hand their script to the server at once and stand in for
-the forked child that runs it (_rank_site/sitecustomize.py), which saves
-each the 2.5 CPU-s of imports.
+the forked child that runs it (forking_env), which saves each the 2.5
+CPU-s of imports.
 """
 
 import atexit
@@ -43,10 +43,10 @@ LOAD_TIME_PREFIXES = ("TORCH", "ATEN_", "ONEDNN_", "DNNL_", "MKL", "GOMP_", "OMP
 # Environment variables the child applies itself, or that are read when used (the cache folder torch.compile
 # exports on first use).
 APPLIED = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "TORCHINDUCTOR_CACHE_DIR")
-# Launchers whose ranks hand their scripts to a server through the stand-in in RANK_SITE.
+# Launchers whose ranks hand their scripts to a server through the stand-in in FORKING_SITE.
 RANK_LAUNCHERS = ("mpiexec", "mpirun", "torchrun")
-RANK_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rank_site")
-RANK_SERVER_VAR = "ZYGOTE_RANK_SERVER"
+FORKING_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote_site")
+SERVER_VAR = "ZYGOTE_SERVER"
 
 
 def _load_time_vars(env):
@@ -212,10 +212,10 @@ def start_command(command, env=None, cwd=None):
     start_new_session=True) for any command line; a Launch (forked) where
     it starts this interpreter or one of its console scripts on a script.
     Under mpiexec or torchrun, the ranks that run a script are forked too
-    (see _rank_site/sitecustomize.py).
+    (see forking_env).
     """
     if os.path.basename(str(command[0])) in RANK_LAUNCHERS:
-        env = _with_rank_server(dict(os.environ if env is None else env))
+        env = forking_env(env)
     args = _python_args(command)
     if args is not None and _forks(args, cwd):
         return start_python(args, env, cwd)
@@ -223,10 +223,16 @@ def start_command(command, env=None, cwd=None):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _with_rank_server(env):
-    """`env` with the stand-in of _rank_site on PYTHONPATH and the socket of its server in RANK_SERVER_VAR."""
-    env[RANK_SERVER_VAR] = _server_for(env).socket
-    env["PYTHONPATH"] = os.pathsep.join([RANK_SITE, *[p for p in [env.get("PYTHONPATH")] if p]])
+def forking_env(env=None):
+    """
+    `env` (default: this process's) made so that an interpreter any program
+    starts in it on a script (a rank of mpiexec or torchrun, a benchmark's
+    launch) hands the script to a server and stands in for the forked child
+    that runs it (_zygote_site/sitecustomize.py).
+    """
+    env = dict(os.environ if env is None else env)
+    env[SERVER_VAR] = _server_for(env).socket
+    env["PYTHONPATH"] = os.pathsep.join([FORKING_SITE, *[p for p in [env.get("PYTHONPATH")] if p]])
     return env
 
 
@@ -257,7 +263,7 @@ def _serve():
     """
     Fork one child per request line on stdin, replying {"started": pid} at
     once and {"pid", "returncode"} when a child ends. The first reply,
-    {"socket": path}, names where the stand-ins of ranks (_rank_site) connect:
+    {"socket": path}, names where the stand-ins (_zygote_site) connect:
     each gets its child's {"started"} and {"returncode"} on its connection.
     Exit at end of input once every child has ended.
     """

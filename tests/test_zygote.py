@@ -141,7 +141,7 @@ import json, os, sys
 print(json.dumps({
     "rank": os.environ.get("RANK") or os.environ.get("PMI_RANK"), "argv": sys.argv, "path0": sys.path[0],
     "cwd": os.getcwd(), "var": os.environ.get("PROBE_VAR"), "pythonpath": os.environ.get("PYTHONPATH"),
-    "server_var": "ZYGOTE_RANK_SERVER" in os.environ,
+    "server_var": "ZYGOTE_SERVER" in os.environ,
 }), flush=True)
 print("forked" if "torch" in sys.modules else "fresh", file=sys.stderr)
 sys.exit(int(sys.argv[1]))

@@ -1,13 +1,14 @@
 """
-A rank that mpiexec or torchrun starts under the suite hands its script to
-the suite's launch server, which runs it in a child forked with torch
-already imported (about 2.5 CPU-s saved per rank); this interpreter stands in
-for that child until it ends.
+An interpreter that another program starts under the suite (a rank of
+mpiexec or torchrun, a script a benchmark runs) hands its script to the
+suite's launch server, which runs it in a child forked with torch already
+imported (about 2.5 CPU-s saved each); this interpreter stands in for that
+child until it ends.
 
-tests/_zygote puts this folder on PYTHONPATH of a launch under mpiexec or
-torchrun and names the server's socket in ZYGOTE_RANK_SERVER. Only an
-interpreter started as `python [-u] script.py ...` with a rank variable set
-hands off; any other goes on as usual. The stand-in passes the child its
+tests/_zygote.forking_env puts this folder on PYTHONPATH and names the
+server's socket in ZYGOTE_SERVER. Only an interpreter started as
+`python [-u] script.py ...` hands off; any other goes on as usual. The
+stand-in passes the child its
 environment, folder, argv and every open file descriptor (its stdio, and the
 PMI socket MPICH's ranks inherit), forwards the signals a launcher sends,
 and exits with the child's status. The child kills itself if the stand-in
@@ -18,8 +19,7 @@ runs before anything is imported.
 import os
 import sys
 
-SERVER_VAR = "ZYGOTE_RANK_SERVER"
-RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+SERVER_VAR = "ZYGOTE_SERVER"
 FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
@@ -28,9 +28,9 @@ def _options():
     return sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
 
 
-def _runs_a_rank_script():
-    """Whether this interpreter was started as a rank, as `python [-u] script.py ...`, with a server to go to."""
-    if not os.environ.get(SERVER_VAR) or not any(v in os.environ for v in RANK_VARS):
+def _runs_a_script():
+    """Whether this interpreter was started as `python [-u] script.py ...` with a server to go to."""
+    if not os.environ.get(SERVER_VAR):
         return False
     script = sys.argv[0] if sys.argv else ""
     return _options() in ([], ["-u"]) and not script.startswith("-") and os.path.isfile(script)
@@ -102,5 +102,5 @@ def _stand_in():
     os._exit(code)
 
 
-if _runs_a_rank_script():
+if _runs_a_script():
     _stand_in()
