@@ -10,9 +10,9 @@ sigmas) over the cosine schedule of 4000 steps respaced to ddim50, one batch.
 bf16 is image_sample.py --use_bf16 True (bfloat16 autocast around the model),
 fp16 is --use_fp16 True (float16 convolutions, CUDA). Weights are random (the
 zero-initialized layers too, so no path is trivially zero). The precisions
-are timed in turns, one whole sampling loop each, after one warm-up loop
-each, so a machine shared with other jobs slows them alike. Prints a
-Markdown table: median and best wall time, the median CPU time of the
+are timed in turns, one whole sampling loop each, after --warmup untimed
+loops each (default 1), so a machine shared with other jobs slows them
+alike. Prints a Markdown table: median and best wall time, the median CPU time of the
 process (all threads), the model's arithmetic per CPU second, and the median
 wall time over --reference_s. On a machine shared with other jobs the wall
 time measures the contention; with --threads 1 the CPU time is disturbed far
@@ -97,6 +97,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed loops of each precision first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--precisions", default="float32,bf16", help="comma-separated: float32, bf16, fp16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -107,10 +108,10 @@ def main():
     precisions = args.precisions.split(",")
     models = {p: build(args.device, p, args.compile) for p in precisions}
     times = {p: [] for p in precisions}
-    for repeat in range(args.repeats + 1):
+    for repeat in range(args.warmup + args.repeats):
         for precision, (model, diffusion) in models.items():
             measured = time_sampling(model, diffusion, args.batch_size, args.device)
-            if repeat:
+            if repeat >= args.warmup:
                 times[precision].append(measured)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
     gflop = loop_gflop(*models[precisions[0]], args.batch_size, args.device)
