@@ -12,9 +12,9 @@ fp16 is --use_fp16 True (float16 convolutions, CUDA). Weights are random (the
 zero-initialized layers too, so no path is trivially zero). The precisions
 are timed in turns, one whole sampling loop each, after --warmup untimed
 loops each (default 1), so a machine shared with other jobs slows them
-alike. Prints a Markdown table: median and best wall time, the median CPU time of the
-process (all threads), the model's arithmetic per CPU second, and the median
-wall time over --reference_s. On a machine shared with other jobs the wall
+alike. Prints a Markdown table: median and best wall time, the median CPU
+time of the process (all threads), the model's arithmetic per CPU second,
+and the median wall time over --reference_s. On a machine shared with other jobs the wall
 time measures the contention; with --threads 1 the CPU time is disturbed far
 less and GFLOP per CPU second is the per-core throughput.
 """
