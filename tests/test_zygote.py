@@ -138,11 +138,11 @@ def test_a_launch_ends_as_python_ends(tmp_path, name):
 
 RANK_PROBE = """
 import json, os, sys
-print(json.dumps({
+sys.stdout.write(json.dumps({
     "rank": os.environ.get("RANK") or os.environ.get("PMI_RANK"), "argv": sys.argv, "path0": sys.path[0],
     "cwd": os.getcwd(), "var": os.environ.get("PROBE_VAR"), "pythonpath": os.environ.get("PYTHONPATH"),
     "server_var": "ZYGOTE_SERVER" in os.environ,
-}), flush=True)
+}) + "\\n")  # one write: the ranks share the pipe, and torchrun's run unbuffered
 print("forked" if "torch" in sys.modules else "fresh", file=sys.stderr)
 sys.exit(int(sys.argv[1]))
 """
