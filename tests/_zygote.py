@@ -108,7 +108,7 @@ class _Server:
                                      env=self.env, cwd=os.path.dirname(os.path.abspath(__file__)))
         self.pending = b""
         self.ended = {}  # pid -> exit status of children whose end was reported
-        self.socket = self._read_message()["socket"]  # where the stand-ins of ranks connect
+        self.socket = self._read_message()["socket"]  # where stand-ins (forking_env) connect
 
     def alive(self):
         return self.proc.poll() is None
@@ -274,33 +274,34 @@ def _serve():
 
     default_threads = torch.get_num_threads()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(os.path.join(tempfile.mkdtemp(prefix="zygote_ranks_"), "socket"))
+    listener.bind(os.path.join(tempfile.mkdtemp(prefix="zygote_"), "socket"))
     listener.listen(64)
     _reply({"socket": listener.getsockname()})
     pending, open_input = b"", True
-    launches, ranks = set(), {}  # pids of children started from stdin; pid -> connection of a rank's stand-in
-    while open_input or launches or ranks:
-        ready = select.select([listener, 0] if open_input else [listener], [], [], 0.02 if launches or ranks else None)[0]
+    launches, stand_ins = set(), {}  # pids of children started from stdin; pid -> connection of its stand-in
+    while open_input or launches or stand_ins:
+        waiting = 0.02 if launches or stand_ins else None
+        ready = select.select([listener, 0] if open_input else [listener], [], [], waiting)[0]
         if 0 in ready:
             chunk = os.read(0, 65536)
             open_input = bool(chunk)
             pending += chunk
-        if listener in ready and (rank := _receive_rank(listener)) is not None:
+        if listener in ready and (stand_in := _receive_stand_in(listener)) is not None:
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                _become_rank(*rank, [listener, *ranks.values()], torch, default_threads)
+                _become_handed_script(*stand_in, [listener, *stand_ins.values()], torch, default_threads)
                 return
-            for fd in rank[2]:
+            for fd in stand_in[2]:
                 os.close(fd)
-            ranks[pid] = rank[0]
-            _send(rank[0], {"started": pid})
+            stand_ins[pid] = stand_in[0]
+            _send(stand_in[0], {"started": pid})
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                _close_sockets([listener, *ranks.values()])
+                _close_sockets([listener, *stand_ins.values()])
                 _become_script(json.loads(line), torch, default_threads)
                 return
             launches.add(pid)
@@ -308,10 +309,12 @@ def _serve():
         for pid, code in _ended(launches):
             launches.discard(pid)
             _reply({"pid": pid, "returncode": code})
-        for pid, code in _ended(ranks):
-            conn = ranks.pop(pid)
+        for pid, code in _ended(stand_ins):
+            conn = stand_ins.pop(pid)
             _send(conn, {"returncode": code})
             conn.close()
+    os.unlink(listener.getsockname())
+    os.rmdir(os.path.dirname(listener.getsockname()))
 
 
 def _ended(pids):
@@ -330,14 +333,14 @@ def _reply(message):
 
 
 def _send(conn, message):
-    """Send a JSON line to a rank's stand-in; one that has gone (kill -9) is not an error."""
+    """Send a JSON line to a stand-in; one that has gone (kill -9) is not an error."""
     try:
         conn.sendall((json.dumps(message) + "\n").encode())
     except OSError:
         pass
 
 
-def _receive_rank(listener):
+def _receive_stand_in(listener):
     """
     Accept a stand-in: (its connection, its request, the descriptors it sent,
     in the order of request["fds"]); None if it went before sending it all.
@@ -361,9 +364,9 @@ def _close_sockets(sockets):
         os.close(sock.detach())
 
 
-def _become_rank(conn, request, fds, server_sockets, torch, default_threads):
+def _become_handed_script(conn, request, fds, server_sockets, torch, default_threads):
     """
-    In the forked child of a rank: take the stand-in's descriptors at its
+    In the forked child of a stand-in: take its descriptors at its
     numbers, die when the stand-in goes, then run the script.
     """
     import fcntl
