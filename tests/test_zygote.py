@@ -9,7 +9,7 @@ import time
 
 import pytest
 from _launch import BIN, MPIEXEC, launch_env
-from _zygote import run_command, run_python, start_command, start_python
+from _zygote import forking_env, run_command, run_python, start_command, start_python
 
 PROBE = """
 import json, os, sys
@@ -202,3 +202,16 @@ def test_forked_ranks_end_with_a_launcher_killed_by_sigkill(tmp_path):
     while any(os.path.exists(f"/proc/{pid}") for pid in ranks):
         assert time.monotonic() < deadline, f"ranks {ranks} outlived their launcher"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ending", ["sys.exit(5)", "os.kill(os.getpid(), signal.SIGTERM)",
+                                    "os.kill(os.getpid(), signal.SIGKILL)"])
+def test_a_handed_off_script_ends_as_a_fresh_one_does(tmp_path, ending):
+    """A script any program starts in forking_env runs forked, and its stand-in ends with its status."""
+    script = tmp_path / "end.py"
+    script.write_text(f"import os, signal, sys\nprint('torch' in sys.modules, flush=True)\n{ending}\n")
+    run = [sys.executable, str(script)]
+    handed_off = subprocess.run(run, env=forking_env(), capture_output=True, text=True, timeout=60)
+    expected = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert (handed_off.returncode, handed_off.stdout) == (expected.returncode, "True\n")
+    assert expected.stdout == "False\n" and expected.returncode in (5, -signal.SIGTERM, -signal.SIGKILL)

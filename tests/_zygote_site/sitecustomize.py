@@ -8,12 +8,11 @@ child until it ends.
 tests/_zygote.forking_env puts this folder on PYTHONPATH and names the
 server's socket in ZYGOTE_SERVER. Only an interpreter started as
 `python [-u] script.py ...` hands off; any other goes on as usual. The
-stand-in passes the child its
-environment, folder, argv and every open file descriptor (its stdio, and the
-PMI socket MPICH's ranks inherit), forwards the signals a launcher sends,
-and exits with the child's status. The child kills itself if the stand-in
-dies (kill -9), so no rank outlives its launcher. Standard library only: it
-runs before anything is imported.
+stand-in passes the child its environment, folder, argv and every open file
+descriptor (its stdio, and the PMI socket MPICH's ranks inherit), forwards
+the signals a launcher sends, and exits with the child's status. The child
+kills itself if the stand-in dies (kill -9), so no rank outlives its
+launcher. Standard library only: it runs before anything is imported.
 """
 
 import os
@@ -36,7 +35,7 @@ def _runs_a_script():
     return _options() in ([], ["-u"]) and not script.startswith("-") and os.path.isfile(script)
 
 
-def _rank_env():
+def _script_env():
     """This process's environment less what the suite added to reach the server."""
     env = dict(os.environ)
     del env[SERVER_VAR]
@@ -83,21 +82,22 @@ def _stand_in():
     forwarded = [getattr(signal, name) for name in FORWARDED]
     signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
     fds = _open_fds()
-    request = {"argv": sys.argv, "env": _rank_env(), "cwd": os.getcwd(), "unbuffered": _options() == ["-u"] or bool(os.environ.get("PYTHONUNBUFFERED")),
-               "fds": fds}
+    unbuffered = _options() == ["-u"] or bool(os.environ.get("PYTHONUNBUFFERED"))
+    request = {"argv": sys.argv, "env": _script_env(), "cwd": os.getcwd(), "unbuffered": unbuffered, "fds": fds}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(os.environ[SERVER_VAR])
     socket.send_fds(conn, [(json.dumps(request) + "\n").encode()], fds)
     started, pending = _read_line(conn, b"")
     if started is None:
-        sys.exit("the suite's launch server closed before starting the rank")
+        sys.exit("the suite's launch server closed before starting the script")
     for signum in forwarded:
         signal.signal(signum, lambda signum, frame: os.kill(started["started"], signum))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
     ended, _ = _read_line(conn, pending)
     code = 1 if ended is None else ended["returncode"]
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+    if code < 0:  # end by the child's signal
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code)
 
