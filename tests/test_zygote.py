@@ -215,3 +215,12 @@ def test_a_handed_off_script_ends_as_a_fresh_one_does(tmp_path, ending):
     expected = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert (handed_off.returncode, handed_off.stdout) == (expected.returncode, "True\n")
     assert expected.stdout == "False\n" and expected.returncode in (5, -signal.SIGTERM, -signal.SIGKILL)
+
+
+def test_an_interpreter_that_cannot_reach_the_server_runs_the_script_itself(tmp_path):
+    script = tmp_path / "alone.py"
+    script.write_text("import signal, sys\nprint('torch' in sys.modules, signal.pthread_sigmask(signal.SIG_BLOCK, []))\n")
+    env = dict(forking_env(), ZYGOTE_SERVER=str(tmp_path / "no_server"))
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "False set()\n")
+    assert "Error in sitecustomize" in result.stderr and "No such file" in result.stderr

@@ -74,27 +74,38 @@ def _read_line(conn, pending):
 
 
 def _stand_in():
-    """Hand the script to the server, forward signals to its child, and exit as the child exits."""
+    """
+    Hand the script to the server, forward signals to its child, and exit as
+    the child exits. Where the server cannot be reached, the error is printed
+    and this interpreter runs the script itself; once it has the script, a
+    failure ends this one (status 1), so the script never runs twice.
+    """
     import json
     import signal
     import socket
 
-    forwarded = [getattr(signal, name) for name in FORWARDED]
-    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
     fds = _open_fds()
-    unbuffered = _options() == ["-u"] or bool(os.environ.get("PYTHONUNBUFFERED"))
-    request = {"argv": sys.argv, "env": _script_env(), "cwd": os.getcwd(), "unbuffered": unbuffered, "fds": fds}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(os.environ[SERVER_VAR])
-    socket.send_fds(conn, [(json.dumps(request) + "\n").encode()], fds)
-    started, pending = _read_line(conn, b"")
-    if started is None:
-        sys.exit("the suite's launch server closed before starting the script")
-    for signum in forwarded:
-        signal.signal(signum, lambda signum, frame: os.kill(started["started"], signum))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
-    ended, _ = _read_line(conn, pending)
-    code = 1 if ended is None else ended["returncode"]
+    forwarded = [getattr(signal, name) for name in FORWARDED]
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+    unbuffered = _options() == ["-u"] or bool(os.environ.get("PYTHONUNBUFFERED"))
+    request = {"argv": sys.argv, "env": _script_env(), "cwd": os.getcwd(), "unbuffered": unbuffered, "fds": fds}
+    ended = None
+    try:
+        socket.send_fds(conn, [(json.dumps(request) + "\n").encode()], fds)
+        started, pending = _read_line(conn, b"")
+        if started is not None:
+            for signum in forwarded:
+                signal.signal(signum, lambda signum, frame: os.kill(started["started"], signum))
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+            ended, _ = _read_line(conn, pending)
+    except OSError as error:
+        sys.stderr.write(f"the suite's launch server failed: {error}\n")
+    if ended is None:
+        sys.stderr.write("the suite's launch server ended before the script did\n")
+        os._exit(1)
+    code = ended["returncode"]
     if code < 0:  # end by the child's signal
         if -code not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(-code, signal.SIG_DFL)
