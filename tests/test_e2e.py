@@ -114,11 +114,15 @@ def sr_model(workspace, data_dir):
     return train(workspace, "train_sr", "super_res_train.py", data_dir, TINY_SR_MODEL)
 
 
+def ddim_b2_args(model):
+    """image_sample.py's flags for 5 DDIM samples in batches of 2 from --model_path alone."""
+    return ["--model_path", model, *DDIM, "--num_samples", 5, "--batch_size", 2, "--seed", 1]
+
+
 @pytest.fixture(scope="module")
 def ddim_run(workspace, uncond_model):
-    """5 DDIM samples in batches of 2 from --model_path alone."""
     log_dir = workspace / "ddim_b2"
-    args = ["--model_path", uncond_model, *DDIM, "--num_samples", 5, "--batch_size", 2, "--seed", 1]
+    args = ddim_b2_args(uncond_model)
     result = run_script("image_sample.py", args, log_dir)
     return log_dir, result, args
 
@@ -158,7 +162,7 @@ def test_compiled_model_gives_the_eager_samples(workspace, data_dir):
     one_level = [*TINY_MODEL, "--channel_mult", "1", "--attention_resolutions", ""]
     model = train(workspace, "train_one_level", "image_train.py", data_dir, one_level)
     log_dir = workspace / "ddim_one_level"
-    args = ["--model_path", model, *DDIM, "--num_samples", 5, "--batch_size", 2, "--seed", 1]
+    args = ddim_b2_args(model)
     run_script("image_sample.py", args, log_dir)
     expected = load_only(log_dir, "samples_*.npz")["arr_0"].astype(np.int16)
     result = run_script("image_sample.py", [*args, "--compile", "True"], workspace / "ddim_compiled",
