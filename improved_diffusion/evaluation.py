@@ -128,8 +128,19 @@ def frechet_distance_to_features(mu1, sigma1, features):
     mu1, sigma1, features = _float64(mu1, sigma1, features)
     mu2 = features.mean(dim=0)
     _check_statistics(mu1, sigma1, mu2, (dim, dim))
-    b = (features - mu2).T / (count - 1) ** 0.5
+    # The centred features span at most N - 1 directions: in an orthonormal basis of the vectors orthogonal
+    # to (1, ..., 1) (Helmert's), B^T sigma1 B loses the zero eigenvalue whose rounding error a square root
+    # would magnify.
+    b = (features - mu2).T @ _helmert_basis(count, features.dtype) / (count - 1) ** 0.5
     return _frechet(mu1, mu2, sigma1.trace() + b.square().sum(), b.T @ sigma1 @ b)
+
+
+def _helmert_basis(count, dtype):
+    """[N x N-1] orthonormal columns orthogonal to (1, ..., 1): column k is (1, ..., 1, -k, 0, ...) / sqrt(k (k + 1))."""
+    k = torch.arange(1, count, dtype=dtype)
+    rows = torch.arange(count, dtype=dtype)[:, None]
+    basis = torch.where(rows < k, 1.0, torch.where(rows == k, -k, 0.0))
+    return basis / (k * (k + 1)).sqrt()
 
 
 def _float64(*arrays):
