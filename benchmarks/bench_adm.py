@@ -19,7 +19,7 @@ import contextlib
 import torch
 from bench_unet import time_settings
 
-from improved_diffusion import script_util
+from improved_diffusion import checkpoint_layout, script_util
 from improved_diffusion.precision import cpu_bf16_is_native
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,7 +39,7 @@ class _Labelled(torch.nn.Module):
 
 def build(num_channels, num_head_channels, use_checkpoint, device, labels):
     """The ADM-64 layout at width `num_channels`, in training mode on `device`."""
-    flags = script_util.guided_checkpoint_flags("64x64_diffusion.pt")
+    flags = checkpoint_layout.guided_checkpoint_flags("64x64_diffusion.pt")
     flags.update(num_channels=num_channels, num_head_channels=num_head_channels, use_checkpoint=use_checkpoint,
                  use_fp16=False)
     model, _ = script_util.create_model_and_diffusion(**flags)

@@ -28,7 +28,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from improved_diffusion.sample_util import AutocastModel
+from improved_diffusion.model_loading import AutocastModel
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,

@@ -1,9 +1,10 @@
 """
 Classifier guidance with a noisy classifier (Dhariwal & Nichol 2021), as
 guided-diffusion's classifier_train.py and classifier_sample.py run it: the
-loop that trains an EncoderUNetModel on noised images, its flags, the cond_fn
-that turns a classifier into guidance for any sampler, and the loading of a
-classifier for sampling.
+loop that trains an EncoderUNetModel on noised images, the cond_fn that turns
+a classifier into guidance for any sampler, and the loading of a classifier
+for sampling. (Their flags are turned into calls by train_cli.py and
+scripts/classifier_sample.py.)
 
 Training: each step draws timesteps from the schedule sampler, noises the
 batch with q_sample (t = 0 and clean images without `noised`) and takes one
@@ -29,41 +30,20 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from . import flags as flag_table
 from .checkpointing import CheckpointSet, latest_complete, plan_resume
-from .image_datasets import load_data
+from .errors import InputError, UsageError
 from .io_util import CheckpointError
-from .resample import UniformSampler, create_named_schedule_sampler
-from .run_flags import FLAGS_FILENAME, read_run_flags, write_run_flags
-from .sample_util import UsageError
-from .script_util import (
-    NUM_CLASSES,
-    args_to_dict,
-    classifier_and_diffusion_defaults,
-    classifier_defaults,
-    create_classifier,
-    create_classifier_and_diffusion,
-)
-from .train_state import StopRequest, capture_rng, control_group, restore_rng, seed_everything, seed_streams
+from .resample import UniformSampler
+from .run_flags import FLAGS_FILENAME
+from .script_util import create_classifier
+from .train_state import StopRequest, capture_rng, control_group, restore_rng, seed_streams
 from .train_util import get_blob_logdir, log_loss_dict
 
 STATE_FORMAT = 1
 
-# classifier_sample.py's flags beyond image_sample.py's: the checkpoint, the
-# guidance scale and the classifier's own flags (its image size is the
-# model's). Flags not given come from the flags.json of the classifier's
-# training run, else these defaults; --classifier_use_fp16 (float16 torso
-# weights, CUDA only) is the sampler's choice.
-CLASSIFIER_SAMPLING_FLAGS = {
-    "classifier_path": "",
-    "classifier_scale": 1.0,
-    **{k: v for k, v in classifier_defaults().items() if k != "image_size"},
-}
-_ARCHITECTURE_FLAGS = [k for k in classifier_defaults() if k not in ("image_size", "classifier_use_fp16")]
-
-# The flags of the classifier's run that fix which noise level a timestep
-# means; a classifier guides only a model trained with the same values.
-NOISE_FLAGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps", "rescale_zero_terminal_snr")
-
+# The classifier flags its weights' layout depends on.
+CLASSIFIER_ARCHITECTURE = flag_table.names_of_kind(flag_table.CLASSIFIER[1:], flag_table.ARCHITECTURE)
 
 # ---------------------------------------------------------------- guidance
 
@@ -108,120 +88,6 @@ def top_k_accuracy(logits, labels, k):
 
 
 # ---------------------------------------------------------------- training
-
-
-def classifier_train_defaults():
-    """
-    classifier_train.py's flags and their defaults: guided-diffusion's, then
-    seed, num_classes (the classifier's outputs) and image_channels (3: RGB,
-    1: grayscale, as image_train.py's), then the classifier's and the diffusion's.
-    """
-    return {
-        "data_dir": "",
-        "val_data_dir": "",
-        "noised": True,
-        "iterations": 150000,
-        "lr": 3e-4,
-        "weight_decay": 0.0,
-        "anneal_lr": False,
-        "batch_size": 4,
-        "microbatch": -1,
-        "schedule_sampler": "uniform",
-        "resume_checkpoint": "",
-        "log_interval": 10,
-        "eval_interval": 5,
-        "save_interval": 10000,
-        "seed": 0,
-        "num_classes": NUM_CLASSES,
-        "image_channels": 3,
-        **classifier_and_diffusion_defaults(),
-    }
-
-
-def check_training_flags(args):
-    """ValueError naming the flag for values classifier_train.py cannot train with."""
-    if not args.data_dir:
-        raise ValueError("--data_dir is required: a folder of training images named CLASS_*.png (CLASS: the label)")
-    for flag in ("iterations", "log_interval", "eval_interval", "save_interval", "num_classes", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} {getattr(args, flag)} must be at least 1")
-    if args.classifier_use_fp16:
-        raise ValueError(
-            "--classifier_use_fp16 True: classifier_train.py trains in float32 (guided-diffusion's float16 "
-            "training is not implemented); drop the flag (classifier_sample.py takes it on CUDA)"
-        )
-
-
-def train_classifier(args):
-    """
-    classifier_train.py's work: check the flags, set up processes, logger
-    (flags.json in its directory) and seeds, build the classifier and the data, train.
-
-    :return: the finished ClassifierTrainLoop.
-    :raises ValueError: for bad flags, data or checkpoints (the same on every rank).
-    """
-    check_training_flags(args)
-    dist_util.setup_dist()
-    logger.configure()
-    if dist_util.get_rank() == 0:
-        write_run_flags(logger.get_dir(), vars(args))
-    seed_everything(args.seed)
-    logger.log("creating the classifier and diffusion...")
-    keys = [*classifier_and_diffusion_defaults(), "num_classes", "image_channels"]
-    model, diffusion = create_classifier_and_diffusion(**args_to_dict(args, keys))
-    model.to(dist_util.dev())
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-    logger.log("creating the data loaders...")
-    data = _labeled_data(args.data_dir, args)
-    val_data = _labeled_data(args.val_data_dir, args) if args.val_data_dir else None
-    _check_classes(args, data, val_data)
-    logger.log("training the classifier...")
-    loop = ClassifierTrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        val_data=val_data,
-        schedule_sampler=schedule_sampler,
-        run_flags=vars(args),
-        **{k: getattr(args, k) for k in _LOOP_KEYS},
-    )
-    loop.run_loop()
-    return loop
-
-
-_LOOP_KEYS = [
-    "batch_size", "microbatch", "lr", "iterations", "log_interval", "save_interval", "resume_checkpoint",
-    "eval_interval", "noised", "weight_decay", "anneal_lr", "seed",
-]
-
-
-def _labeled_data(folder, args):
-    """load_data over `folder` with labels from the file names, images of --image_size."""
-    return load_data(data_dir=folder, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,
-                     seed=args.seed, image_channels=args.image_channels)
-
-
-def _check_classes(args, data, val_data):
-    """The training classes must fit --num_classes, and the validation folder must have the same ones."""
-    names = data.class_names
-    if len(names) > args.num_classes:
-        raise ValueError(
-            f"--data_dir {args.data_dir} has {len(names)} classes ({_some(names)}), more than "
-            f"--num_classes {args.num_classes}: pass --num_classes {len(names)}"
-        )
-    if val_data is not None and val_data.class_names != names:
-        raise ValueError(
-            f"--val_data_dir {args.val_data_dir} has the classes {_some(val_data.class_names)}, --data_dir "
-            f"{args.data_dir} has {_some(names)}: labels are numbered by sorted class name, so both folders "
-            f"need the same classes"
-        )
-    if len(names) < args.num_classes:
-        logger.log(f"note: {len(names)} classes in --data_dir; the classifier has --num_classes {args.num_classes}")
-
-
-def _some(names, shown=5):
-    """'a, b, c' (the first `shown` names, then '...')."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 class ClassifierTrainLoop:
@@ -529,96 +395,14 @@ def state_dict_mismatch(model, state):
 # ---------------------------------------------------------------- sampling
 
 
-def sampling_classifier_flags(args, explicit):
-    """
-    The create_classifier flags of --classifier_path for classifier_sample.py,
-    or None without a classifier. Classifier flags not given on the command
-    line come from the flags.json beside the checkpoint (written by
-    classifier_train.py), else from classifier_defaults(); the image size,
-    channels and class count are the classifier run's (without flags.json:
-    the model's size and channels, and NUM_CLASSES).
-
-    :param args: the parsed flags, the model's already filled in from its run.
-    :param explicit: the names of the flags given on the command line.
-    :raises UsageError: for --classifier_scale without --classifier_path, a
-        flags.json of another kind of run, flags that contradict it, and a
-        classifier trained on another image size, channel count or noise
-        process than the model.
-    """
-    if not args.classifier_path:
-        if "classifier_scale" in explicit:
-            raise UsageError(
-                "--classifier_scale needs --classifier_path: a classifier checkpoint (modelNNNNNN.pt of a "
-                "classifier_train.py run); drop --classifier_scale to sample without classifier guidance"
-            )
-        return None
-    flags = {k: getattr(args, k) for k in classifier_defaults() if k != "image_size"}
-    flags.update(image_size=args.image_size, image_channels=args.image_channels, num_classes=NUM_CLASSES)
-    try:
-        saved = read_run_flags(args.classifier_path)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    if saved is not None:
-        _take_saved_classifier_flags(args, explicit, saved, flags)
-    return flags
-
-
-def _take_saved_classifier_flags(args, explicit, saved, flags):
-    """Fill `flags` from the classifier run's flags.json `saved`, checking it against the command line and the model."""
-    path = args.classifier_path
-    flags_path = bf.join(bf.dirname(path), FLAGS_FILENAME)
-    if "classifier_width" not in saved:
-        raise UsageError(
-            f"{flags_path} has no classifier flags: {path} is not a classifier trained by classifier_train.py "
-            f"(a diffusion model goes in --model_path)"
-        )
-    conflicts = [
-        f"--{k} {getattr(args, k)} (trained with {saved[k]!r})"
-        for k in _ARCHITECTURE_FLAGS
-        if k in saved and k in explicit and getattr(args, k) != saved[k]
-    ]
-    if conflicts:
-        raise UsageError(
-            f"flags contradict the training run of the classifier {path} (saved in {flags_path}): "
-            f"{', '.join(conflicts)}. Drop them: --classifier_path alone rebuilds the classifier."
-        )
-    flags.update({k: saved[k] for k in _ARCHITECTURE_FLAGS if k in saved})
-    size = saved.get("image_size", args.image_size)
-    if size != args.image_size:
-        raise UsageError(
-            f"the classifier {path} was trained on {size}x{size} images, the model {args.model_path} makes "
-            f"{args.image_size}x{args.image_size}: use a classifier trained with classifier_train.py "
-            f"--image_size {args.image_size}"
-        )
-    channels = saved.get("image_channels", 3)
-    if channels != args.image_channels:
-        raise UsageError(
-            f"the classifier {path} reads {channels}-channel images, the model {args.model_path} makes "
-            f"{args.image_channels}-channel ones: use a classifier trained with classifier_train.py "
-            f"--image_channels {args.image_channels}"
-        )
-    noise = [
-        f"--{k} {saved[k]!r} (the model's: {getattr(args, k)!r})"
-        for k in NOISE_FLAGS
-        if k in saved and saved[k] != getattr(args, k)
-    ]
-    if noise:
-        raise UsageError(
-            f"the classifier {path} was trained on another noise process than the model {args.model_path}: "
-            f"{', '.join(noise)}; its timesteps would mean other noise levels. Train the classifier with the "
-            f"model's diffusion flags"
-        )
-    flags["num_classes"] = saved.get("num_classes", NUM_CLASSES)
-
-
 def load_classifier(path, flags):
     """
-    Build the classifier of `flags` (sampling_classifier_flags) on the meta
-    device and load `path` into it (no random initialization of its weights).
+    Build the classifier of `flags` (create_classifier's keyword arguments) on
+    the meta device and load `path` into it (no random initialization of its weights).
 
     :return: the classifier in eval mode on dist_util.dev() (torso in float16 with classifier_use_fp16).
-    :raises UsageError: when the flags are invalid, the checkpoint does not fit
-        them, or classifier_use_fp16 is asked for without CUDA.
+    :raises UsageError: when the flags are invalid or classifier_use_fp16 is
+        asked for without CUDA; InputError when the checkpoint does not fit them.
     """
     if flags["classifier_use_fp16"] and dist_util.dev().type != "cuda":
         raise UsageError("--classifier_use_fp16 True needs a CUDA device; on CPU drop it (float32 classifier)")
@@ -630,8 +414,8 @@ def load_classifier(path, flags):
     state = dist_util.load_state_dict(path)
     mismatch = state_dict_mismatch(classifier, state)
     if mismatch:
-        given = ", ".join(f"--{k} {flags[k]}" for k in _ARCHITECTURE_FLAGS)
-        raise UsageError(
+        given = ", ".join(f"--{k} {flags[k]}" for k in CLASSIFIER_ARCHITECTURE)
+        raise InputError(
             f"the classifier checkpoint {path} does not fit the classifier flags ({given}; {flags['num_classes']} "
             f"classes, {flags['image_channels']}-channel {flags['image_size']}x{flags['image_size']} images): {mismatch}. Give the classifier flags "
             f"it was trained with, or keep the {FLAGS_FILENAME} of its classifier_train.py run beside it"

@@ -39,18 +39,9 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .image_datasets import list_image_files, load_image
 from .io_util import atomic_open
-from .sample_util import (
-    GRID_MAX_IMAGES,
-    GRID_MIN_SIDE,
-    chunks,
-    draw_labels,
-    enlarge,
-    image_grid,
-    rank_indices,
-    sample_generators,
-    to_uint8_images,
-    write_png,
-)
+from .image_output import GRID_MAX_IMAGES, GRID_MIN_SIDE, enlarge, image_grid, to_uint8_images, write_png
+from .sample_seeds import draw_labels, sample_generators
+from .sharding import chunks, rank_indices
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
@@ -746,7 +737,7 @@ class TrainingImages:
 class TrainingEvaluator:
     """
     Scores `num_samples` samples of a model against its training data (SPEC
-    §14): sample i starts from the noise of sample_util's generator (seed, i),
+    §14): sample i starts from the noise of sample_seeds' generator (seed, i),
     so every evaluation of a run draws the same noise, whatever the ranks.
     The training data's statistics are computed at construction, on all
     ranks, and cached in `log_dir` (reused by a run resumed there).

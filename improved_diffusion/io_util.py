@@ -17,8 +17,10 @@ import tempfile
 import blobfile as bf
 import torch
 
+from .errors import InputError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(InputError):
     """A file that should hold a checkpoint is missing, truncated or not one."""
 
 

@@ -10,6 +10,7 @@ import blobfile as bf
 import numpy as np
 import torch
 
+from .errors import InputError
 from .gaussian_diffusion import GaussianDiffusion
 
 # Spellings "<name>N" that place N steps by a rule over the whole process.
@@ -143,12 +144,12 @@ def _nearest_unused(grid, targets):
 def _json_timesteps(num_timesteps, path):
     """The timesteps listed in a JSON file: a non-empty list of increasing ints in [0, T - 1]."""
     if not bf.exists(path):
-        raise ValueError(f"timestep respacing file {path} does not exist")
+        raise InputError(f"timestep respacing file {path} does not exist")
     with bf.BlobFile(path, "r") as f:
         try:
             steps = json.load(f)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"timestep respacing file {path} is not valid JSON: {exc}") from None
+            raise InputError(f"timestep respacing file {path} is not valid JSON: {exc}") from None
     valid = (
         isinstance(steps, list)
         and steps
@@ -158,7 +159,7 @@ def _json_timesteps(num_timesteps, path):
         and steps[-1] < num_timesteps
     )
     if not valid:
-        raise ValueError(
+        raise InputError(
             f"timestep respacing file {path} must hold a non-empty JSON list of strictly increasing "
             f"integer timesteps in [0, {num_timesteps - 1}] (as search_timesteps.py writes), got "
             f"{json.dumps(steps)[:200]}"

@@ -1,9 +1,9 @@
 """
 The resolved flags of a training run, saved beside its checkpoints.
 
-image_train.py and super_res_train.py write `flags.json` in the log directory
-before the first step; sampling scripts read it from the folder of
-`--model_path`, so the path alone is enough to rebuild the model.
+The training scripts write `flags.json` in the log directory before the first
+step (every flag of the script, as parsed); sampling scripts read it from the
+folder of `--model_path`, so the path alone is enough to rebuild the model.
 """
 
 import json
@@ -11,6 +11,7 @@ import os
 
 import blobfile as bf
 
+from .errors import InputError
 from .io_util import atomic_write_json
 
 FLAGS_FILENAME = "flags.json"
@@ -22,12 +23,24 @@ def write_run_flags(log_dir, flags):
 
 
 def read_run_flags(model_path):
-    """The flags saved by the run that wrote `model_path`, or None if it saved none."""
+    """
+    The flags saved by the run that wrote `model_path` (from the flags.json
+    in its folder), or None if it saved none. Files written before
+    --null_label existed get it from their --class_dropout_prob, which
+    decided the null label then.
+
+    :raises InputError: naming the file when it is not a JSON object.
+    """
     path = bf.join(bf.dirname(model_path), FLAGS_FILENAME)
     if not bf.exists(path):
         return None
     with bf.BlobFile(path, "r") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); delete or fix it") from exc
+            flags = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path} is not valid JSON ({exc}); delete or fix it") from None
+    if not isinstance(flags, dict):
+        raise InputError(f"{path} holds a JSON {type(flags).__name__}, not the object of flags a training run writes")
+    if "class_dropout_prob" in flags and "null_label" not in flags:
+        flags["null_label"] = flags["class_dropout_prob"] > 0
+    return flags

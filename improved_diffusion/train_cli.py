@@ -1,65 +1,108 @@
 """
-What the training scripts (image_train.py, super_res_train.py) share: the
-training flags, the setup of processes, logger and seeds, and a clean exit.
+The training scripts' flags turned into a run (image_train.py,
+super_res_train.py, classifier_train.py): one run setup for all of them
+(`start_run`: the checks against a checkpoint being resumed, the process
+group, the logger, flags.json and the seeds), then the model, the data and
+the loop, built from the parsed flags with explicit arguments.
 
-Exit status: 0 when training ends or stops after SIGTERM (the checkpoint set
-of the last step is saved first); 130 after SIGINT (also saved); 1 with a
-one-line "error: ..." on stderr, from every rank, for a user error (bad
-flags, data or checkpoint files, too many non-finite steps).
+Exit status (see cli.script): 0 when training ends or stops after SIGTERM
+(the checkpoint set of the last step is saved first); 130 after SIGINT (also
+saved); 2 with one "error: ..." line for flags that cannot work; 1 with one
+"error: ..." line, from every rank, for bad data or checkpoint files and
+too many non-finite steps.
 """
 
-import argparse
 import signal
-import sys
+
+import blobfile as bf
+import torch
 
 from . import dist_util, logger, samplers
+from . import flags as flag_table
+from .checkpointing import resolve_resume
+from .classifier_util import ClassifierTrainLoop
+from .errors import InputError, UsageError
 from .evaluation import TrainingEvaluator
 from .image_datasets import load_data
 from .progress import TrainingProgress
 from .resample import create_named_schedule_sampler
-from .run_flags import write_run_flags
-from .script_util import _diffusion_from_flags, add_dict_to_argparser, args_to_dict
+from .run_flags import FLAGS_FILENAME, read_run_flags, write_run_flags
+from .script_util import create_classifier, diffusion_from_flags, model_from_flags
 from .train_state import seed_everything
-from .train_util import TrainingError, TrainLoop, check_eval_interval
+from .train_util import TrainLoop, check_eval_interval, get_blob_logdir
 
 
-def training_defaults():
-    """The training flags and their defaults (the reference's, then the new ones)."""
-    return {
-        "data_dir": "",
-        "schedule_sampler": "uniform",
-        "lr": 1e-4,
-        "weight_decay": 0.0,
-        "lr_anneal_steps": 0,
-        "batch_size": 1,
-        "microbatch": -1,
-        "ema_rate": "0.9999",
-        "log_interval": 10,
-        "save_interval": 10000,
-        "resume_checkpoint": "",
-        "use_fp16": False,
-        "fp16_scale_growth": 1e-3,
-        "seed": 0,
-        "max_steps": 0,
-        "use_bf16": False,
-        "random_flip": False,
-        "keep_checkpoints": 0,
-        "max_bad_steps": 20,
-        "allow_partial_resume": False,
-        "check_replicas": False,
-        "num_workers": 1,
-        "allow_mixed_channels": False,
-        "eval_interval": 0,
-        "eval_num_samples": 1000,
-        "eval_sampler": "ddim",
-        "eval_timestep_respacing": "ddim25",
-        "inception_weights": "",
-    }
+def exit_status(loop):
+    """The exit status of a finished loop: 128 + SIGINT after Ctrl-C, else 0."""
+    return 128 + signal.SIGINT if loop.stop_signal == signal.SIGINT else 0
 
 
-def load_training_data(args, image_size):
+def start_run(script, args):
+    """
+    What every training script does before building anything: set up the
+    process group and the logger, check the flags against the run being
+    resumed (an architecture or process flag that differs from the
+    checkpoint's run is an InputError naming it, before flags.json is
+    overwritten), write flags.json and seed the global generators.
+    """
+    dist_util.setup_dist()
+    logger.configure()
+    check_resume_flags(script, args)
+    if dist_util.get_rank() == 0:
+        write_run_flags(logger.get_dir(), vars(args))
+    seed_everything(args.seed)
+
+
+def check_resume_flags(script, args):
+    """InputError naming each architecture or process flag of `args` that the resumed run had otherwise."""
+    if not args.resume_checkpoint:
+        return
+    model_path = resolve_resume(args.resume_checkpoint, get_blob_logdir())
+    saved = read_run_flags(model_path) if model_path else None
+    if saved is None:
+        return
+    names = [flag.name for flag in flag_table.script_flags(script)]
+    conflicts = flag_table.contradictions(vars(args), saved, names)
+    if conflicts:
+        raise InputError(
+            f"--resume_checkpoint {args.resume_checkpoint}: its run was trained with other flags "
+            f"({bf.join(bf.dirname(model_path), FLAGS_FILENAME)}): {', '.join(conflicts)}. Give the run's flags "
+            "to continue it, or start a new run in another folder"
+        )
+
+
+def resolve_null_label(args, explicit):
+    """--class_dropout_prob > 0 trains the null label: it implies --null_label True unless that was refused."""
+    if args.class_dropout_prob > 0 and not args.null_label:
+        if "null_label" in explicit:
+            raise UsageError(
+                f"--class_dropout_prob {args.class_dropout_prob} trains the null label, which --null_label False "
+                "leaves out: drop --null_label False"
+            )
+        args.null_label = True
+
+
+def build(factory, *arguments):
+    """factory(*arguments), its ValueError (flags that cannot work) as a UsageError."""
+    try:
+        return factory(*arguments)
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def read_data(**kwargs):
+    """load_data(**kwargs), its ValueError (an empty folder, an undecodable file) as an InputError."""
+    try:
+        return load_data(**kwargs)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+
+
+def training_data(args, image_size):
     """load_data over --data_dir with the training flags, images of `image_size`."""
-    return load_data(
+    return read_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
         image_size=image_size,
@@ -72,33 +115,28 @@ def load_training_data(args, image_size):
     )
 
 
-def create_argparser(model_defaults, description):
-    """An argparse parser with the training flags and `model_defaults`."""
-    parser = argparse.ArgumentParser(description=description)
-    add_dict_to_argparser(parser, {**training_defaults(), **model_defaults})
-    return parser
-
-
-def train(args, model_keys, create_model_and_diffusion, make_data):
+def train_diffusion(script, args, explicit, make_data):
     """
-    Set up processes, logger and seeds, build the model and data, and train.
+    image_train.py's and super_res_train.py's run: check the flags, start
+    the run, build the model, diffusion and data, and train.
 
-    :param model_keys: the flags create_model_and_diffusion takes.
-    :param make_data: args -> the data iterator (load_data checks every
-        rank's files before training and raises the same ValueError on every rank).
+    :param script: the key of improved_diffusion.flags.SCRIPTS.
+    :param make_data: args -> the data iterator.
     :return: the finished TrainLoop.
     """
     if not args.data_dir:
-        raise ValueError("--data_dir is required: a folder of training images")
-    dist_util.setup_dist()
-    logger.configure()
-    if dist_util.get_rank() == 0:
-        write_run_flags(logger.get_dir(), vars(args))
-    seed_everything(args.seed)
+        raise UsageError("--data_dir is required: a folder of training images")
+    resolve_null_label(args, explicit)
+    flags = vars(args)
+    with torch.device("meta"):  # flags that build no model fail before any work, without allocating it
+        build(model_from_flags, flags)
+    diffusion = build(diffusion_from_flags, flags)
+    if args.eval_interval:
+        check_evaluation_flags(args, super_res="large_size" in flags)
+    start_run(script, args)
     logger.log("creating model and diffusion...")
-    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_keys))
-    model.to(dist_util.dev())
-    evaluator = make_evaluator(args, model_keys) if args.eval_interval else None
+    model = model_from_flags(flags).to(dist_util.dev())
+    evaluator = make_evaluator(args) if args.eval_interval else None
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     logger.log("creating data loader...")
     data = make_data(args)
@@ -107,39 +145,57 @@ def train(args, model_keys, create_model_and_diffusion, make_data):
         model=model,
         diffusion=diffusion,
         data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=schedule_sampler,
-        run_flags=vars(args),
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        use_bf16=args.use_bf16,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        keep_checkpoints=args.keep_checkpoints,
+        max_bad_steps=args.max_bad_steps,
+        allow_partial_resume=args.allow_partial_resume,
+        run_flags=flags,
+        check_replicas=args.check_replicas,
         evaluator=evaluator,
+        eval_interval=args.eval_interval,
+        class_dropout_prob=args.class_dropout_prob,
         progress=TrainingProgress(enabled=dist_util.get_rank() == 0),
-        **{k: getattr(args, k) for k in _LOOP_KEYS},
     )
     loop.run_loop()
     return loop
 
 
-_LOOP_KEYS = [
-    "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval", "resume_checkpoint",
-    "use_fp16", "fp16_scale_growth", "weight_decay", "lr_anneal_steps", "use_bf16", "seed", "max_steps",
-    "keep_checkpoints", "max_bad_steps", "allow_partial_resume", "check_replicas", "eval_interval",
-    "class_dropout_prob",
-]
+def check_evaluation_flags(args, super_res):
+    """The --eval_* flags must work: an image model, an interval that lands on log rows, a known sampler."""
+    if super_res:
+        raise UsageError("--eval_interval applies to image_train.py; super-resolution runs cannot be scored alone")
+    try:
+        check_eval_interval(args.eval_interval, args.log_interval)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.eval_sampler not in samplers.SAMPLERS:
+        known = ", ".join(samplers.SAMPLERS)
+        raise UsageError(f"unknown --eval_sampler {args.eval_sampler!r}; known samplers: {known}")
 
 
-def make_evaluator(args, model_keys):
+def make_evaluator(args):
     """
     The TrainingEvaluator of --eval_interval: --eval_num_samples samples with
     --eval_sampler over --eval_timestep_respacing, against --data_dir.
     """
-    if "large_size" in model_keys:
-        raise ValueError("--eval_interval applies to image_train.py; super-resolution runs cannot be scored alone")
-    check_eval_interval(args.eval_interval, args.log_interval)
-    if args.eval_sampler not in samplers.SAMPLERS:
-        known = ", ".join(samplers.SAMPLERS)
-        raise ValueError(f"unknown --eval_sampler {args.eval_sampler!r}; known samplers: {known}")
-    flags = dict(args_to_dict(args, model_keys), timestep_respacing=args.eval_timestep_respacing)
+    diffusion = build(diffusion_from_flags, dict(vars(args), timestep_respacing=args.eval_timestep_respacing))
     logger.log("computing the training data's statistics for --eval_interval...")
     return TrainingEvaluator(
-        diffusion=_diffusion_from_flags(flags),
+        diffusion=diffusion,
         data_dir=args.data_dir,
         image_size=args.image_size,
         num_samples=args.eval_num_samples,
@@ -153,18 +209,94 @@ def make_evaluator(args, model_keys):
     )
 
 
-def main(run):
+# ---------------------------------------------------------------- classifier training
+
+
+def check_classifier_flags(args):
+    """UsageError naming the flag for values classifier_train.py cannot train with."""
+    if not args.data_dir:
+        raise UsageError("--data_dir is required: a folder of training images named CLASS_*.png (CLASS: the label)")
+    for flag in ("iterations", "log_interval", "eval_interval", "save_interval", "num_classes", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)} must be at least 1")
+    if args.classifier_use_fp16:
+        raise UsageError(
+            "--classifier_use_fp16 True: classifier_train.py trains in float32 (guided-diffusion's float16 "
+            "training is not implemented); drop the flag (classifier_sample.py takes it on CUDA)"
+        )
+
+
+def train_classifier(args):
     """
-    Call run() (which returns a TrainLoop) and exit with the status described
-    in this module's docstring.
+    classifier_train.py's run: check the flags, start the run, build the
+    classifier, the diffusion and the data, and train.
+
+    :return: the finished ClassifierTrainLoop.
     """
-    try:
-        loop = run()
-    except (ValueError, TrainingError) as exc:
-        sys.stderr.write(f"error: {exc}\n")  # one write: ranks' lines stay whole when a launcher merges them
-        sys.stderr.flush()
-        dist_util.cleanup_dist()
-        sys.exit(1)
-    dist_util.cleanup_dist()
-    if loop.stop_signal == signal.SIGINT:
-        sys.exit(128 + signal.SIGINT)
+    check_classifier_flags(args)
+    classifier_flags = [args.image_size, args.classifier_use_fp16, args.classifier_width, args.classifier_depth,
+                        args.classifier_attention_resolutions, args.classifier_use_scale_shift_norm,
+                        args.classifier_resblock_updown, args.classifier_pool, args.num_classes, args.image_channels]
+    with torch.device("meta"):
+        build(create_classifier, *classifier_flags)
+    diffusion = build(diffusion_from_flags, vars(args))
+    start_run("classifier_train", args)
+    logger.log("creating the classifier and diffusion...")
+    model = create_classifier(*classifier_flags).to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    logger.log("creating the data loaders...")
+    data = labeled_data(args.data_dir, args)
+    val_data = labeled_data(args.val_data_dir, args) if args.val_data_dir else None
+    check_classes(args, data, val_data)
+    logger.log("training the classifier...")
+    loop = ClassifierTrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        val_data=val_data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        iterations=args.iterations,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        eval_interval=args.eval_interval,
+        noised=args.noised,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        anneal_lr=args.anneal_lr,
+        seed=args.seed,
+        run_flags=vars(args),
+    )
+    loop.run_loop()
+    return loop
+
+
+def labeled_data(folder, args):
+    """load_data over `folder` with labels from the file names, images of --image_size."""
+    return read_data(data_dir=folder, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,
+                     seed=args.seed, image_channels=args.image_channels)
+
+
+def check_classes(args, data, val_data):
+    """The training classes must fit --num_classes, and the validation folder must have the same ones."""
+    names = data.class_names
+    if len(names) > args.num_classes:
+        raise InputError(
+            f"--data_dir {args.data_dir} has {len(names)} classes ({_some(names)}), more than "
+            f"--num_classes {args.num_classes}: pass --num_classes {len(names)}"
+        )
+    if val_data is not None and val_data.class_names != names:
+        raise InputError(
+            f"--val_data_dir {args.val_data_dir} has the classes {_some(val_data.class_names)}, --data_dir "
+            f"{args.data_dir} has {_some(names)}: labels are numbered by sorted class name, so both folders "
+            f"need the same classes"
+        )
+    if len(names) < args.num_classes:
+        logger.log(f"note: {len(names)} classes in --data_dir; the classifier has --num_classes {args.num_classes}")
+
+
+def _some(names, shown=5):
+    """'a, b, c' (the first `shown` names, then '...')."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")

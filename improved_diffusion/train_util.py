@@ -43,22 +43,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
+from .checkpoint_layout import load_model_state_dict
 from .checkpointing import CheckpointSet, latest_complete, plan_resume, prune, remove_stale_temporaries
+from .errors import TrainingError
 from .io_util import CheckpointError
 from .nn import update_ema
 from .precision import warn_if_emulated_bf16
 from .progress import TrainingProgress
 from .resample import LossAwareSampler, UniformSampler
-from .script_util import load_model_state_dict
 from .train_state import StepStats, StopRequest, capture_rng, control_group, restore_rng, seed_streams
 
 INITIAL_LG_LOSS_SCALE = 20.0
 INITIAL_LOG_LOSS_SCALE = INITIAL_LG_LOSS_SCALE  # the reference's name
 STATE_FORMAT = 1
-
-
-class TrainingError(RuntimeError):
-    """The run cannot usefully go on (for example, too many non-finite steps in a row)."""
 
 
 class TrainLoop:

@@ -11,17 +11,14 @@ takes the modelNNNNNN.pt as --classifier_path. Exit status as the other
 training scripts' (improved_diffusion/train_cli.py).
 """
 
-import argparse
-
-from improved_diffusion import classifier_util, train_cli
-from improved_diffusion.script_util import add_dict_to_argparser
+from improved_diffusion import cli, train_cli
+from improved_diffusion.flags import parse
 
 
+@cli.script
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, classifier_util.classifier_train_defaults())
-    args = parser.parse_args(argv)
-    train_cli.main(lambda: classifier_util.train_classifier(args))
+    args, _ = parse("classifier_train", argv, __doc__)
+    return train_cli.exit_status(train_cli.train_classifier(args))
 
 
 if __name__ == "__main__":

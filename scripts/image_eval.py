@@ -12,12 +12,12 @@ reused while REF and the weights stay the same. Run on several ranks with
 mpiexec or torchrun: the numbers are the same as on one.
 """
 
-import argparse
 import os
 
-from improved_diffusion import dist_util, evaluation
+from improved_diffusion import cli, dist_util, evaluation
+from improved_diffusion.errors import InputError, UsageError
+from improved_diffusion.flags import parse
 from improved_diffusion.io_util import atomic_write_json
-from improved_diffusion.sample_util import UsageError, run_script
 
 ROWS = (
     ("Inception Score", "inception_score"),
@@ -30,15 +30,7 @@ FEW_IMAGES = 2048  # below the feature width, FID's covariance is singular and t
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref", help="reference images: an npz (arr_0 uint8 [N x H x W x 3]) or an image folder")
-    parser.add_argument("samples", help="the images to score, in the same forms")
-    parser.add_argument("--inception_weights", default="",
-                        help=f"path of {evaluation.WEIGHTS_FILENAME} (default: torch hub's checkpoint cache)")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward of the network")
-    parser.add_argument("--output", default="", help="the JSON to write (default: SAMPLES_eval.json beside SAMPLES)")
-    parser.add_argument("--ref_stats", default="", help="the cache of REF's statistics (default: REF.fid_stats.npz)")
-    args = parser.parse_args(argv)
+    args, _ = parse("image_eval", argv, __doc__)
     if args.batch_size < 1:
         raise UsageError("--batch_size must be at least 1")
     stem = args.samples.rstrip("/")
@@ -74,6 +66,7 @@ def format_table(metrics):
     return "\n".join(lines)
 
 
+@cli.script
 def main(argv=None):
     args = parse_args(argv)
     dist_util.setup_dist()
@@ -83,7 +76,7 @@ def main(argv=None):
         weights_path = evaluation.find_weights(args.inception_weights)
         model = evaluation.load_inception(weights_path, dist_util.dev())
     except evaluation.EvaluationError as exc:
-        raise UsageError(str(exc)) from exc
+        raise InputError(str(exc)) from exc
     if dist_util.get_rank() == 0 and min(r.num_images for r in readers.values()) < FEW_IMAGES:
         print(f"note: fewer than {FEW_IMAGES} images on one side: FID and sFID are strongly biased upwards "
               "(papers use 50,000 samples)", flush=True)
@@ -101,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_script(main)
+    main()

@@ -13,29 +13,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from improved_diffusion import dist_util, logger, sample_util
-from improved_diffusion.image_datasets import load_data
-from improved_diffusion.sample_util import UsageError
-from improved_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion import cli, dist_util, image_output, logger, sample_util, sharding
+from improved_diffusion.errors import UsageError
+from improved_diffusion.sample_seeds import sample_generators
+from improved_diffusion.train_cli import read_data
 
 TERMS = ("vb", "mse", "xstart_mse", "prior_bpd", "total_bpd")
-
-
-def flag_defaults():
-    """Every flag of the script with its default (model flags last)."""
-    defaults = dict(
-        data_dir="",
-        clip_denoised=True,
-        num_samples=1000,
-        batch_size=1,
-        model_path="",
-        **sample_util.COMMON_FLAGS,
-    )
-    defaults.update(model_and_diffusion_defaults())
-    return defaults
 
 
 def evaluate(model, diffusion, data, args):
@@ -47,7 +30,7 @@ def evaluate(model, diffusion, data, args):
     :return: list of dicts of NumPy arrays: the TERMS plus "index" ([n]), one per batch.
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    batches = sample_util.chunks(range(rank, args.num_samples, world_size), args.batch_size)
+    batches = sharding.chunks(range(rank, args.num_samples, world_size), args.batch_size)
     rounds = math.ceil(len(range(0, args.num_samples, world_size)) / args.batch_size)
     batches += [range(0)] * (rounds - len(batches))
     totals = torch.zeros(2, dtype=torch.float64, device=dist_util.dev())
@@ -68,7 +51,7 @@ def evaluate_batch(model, diffusion, data, args, indices):
     images, cond = next(data)
     model_kwargs = {key: value[: len(indices)].to(dist_util.dev()) for key, value in cond.items()}
     x_start = images[: len(indices)].to(dist_util.dev())
-    generators = sample_util.sample_generators(args.seed, indices, dist_util.dev())
+    generators = sample_generators(args.seed, indices, dist_util.dev())
     with torch.inference_mode():
         terms = diffusion.calc_bpd_loop(
             model, x_start, clip_denoised=args.clip_denoised, model_kwargs=model_kwargs, generator=generators
@@ -78,34 +61,24 @@ def evaluate_batch(model, diffusion, data, args, indices):
     return out
 
 
+@cli.script
 def main(argv=None):
-    defaults = flag_defaults()
-    model_keys = list(model_and_diffusion_defaults())
-    args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
+    args, _ = sample_util.parse_sampling_flags("image_nll", argv, __doc__)
     if not args.data_dir:
         raise UsageError("--data_dir is required: a folder of images to evaluate")
-    model, diffusion = sample_util.prepare(args, create_model_and_diffusion, model_keys)
-    try:
-        data = load_data(
-            data_dir=args.data_dir,
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            class_cond=args.class_cond,
-            deterministic=True,
-            image_channels=args.image_channels,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    result = sample_util.gather_parts(evaluate(model, diffusion, data, args))
+    model, diffusion = sample_util.prepare(args, describe_sampler=False)
+    data = read_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                     class_cond=args.class_cond, deterministic=True, image_channels=args.image_channels)
+    result = sharding.gather_parts(evaluate(model, diffusion, data, args))
     if result is not None:
         order = np.argsort(result.pop("index"), kind="stable")
         terms = {key: value[order] for key, value in result.items()}
         path = bf.join(logger.get_dir(), "terms_" + "x".join(str(d) for d in terms["vb"].shape) + ".npz")
-        sample_util.write_npz(path, **terms)
+        image_output.write_npz(path, **terms)
         logger.log(f"mean {terms['total_bpd'].mean():.4f} bits/dim over {len(order)} images")
         print(f"terms: {path}", flush=True)
     dist_util.barrier()
 
 
 if __name__ == "__main__":
-    sample_util.run_script(main)
+    main()

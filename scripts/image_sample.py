@@ -7,17 +7,8 @@ sample. Run on several ranks with mpiexec or torchrun; the output depends only
 on --seed, not on --batch_size or the number of ranks.
 """
 
-from improved_diffusion import dist_util, sample_util
-from improved_diffusion.sample_util import UsageError
-from improved_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
-
-
-def flag_defaults():
-    """Every flag of the script with its default (model flags last)."""
-    return {**sample_util.IMAGE_SAMPLING_FLAGS, **model_and_diffusion_defaults()}
+from improved_diffusion import cli, dist_util, image_output, sample_util
+from improved_diffusion.errors import UsageError
 
 
 def check_class_label(args):
@@ -26,17 +17,15 @@ def check_class_label(args):
         return
     if not args.class_cond:
         raise UsageError("--class_label needs a class-conditional model (--class_cond True)")
-    num_classes = args.num_classes
-    if args.class_label >= num_classes:
-        raise UsageError(f"--class_label {args.class_label} is not below --num_classes {num_classes}")
+    if args.class_label >= args.num_classes:
+        raise UsageError(f"--class_label {args.class_label} is not below --num_classes {args.num_classes}")
 
 
+@cli.script
 def main(argv=None):
-    defaults = flag_defaults()
-    model_keys = list(model_and_diffusion_defaults())
-    args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
+    args, _ = sample_util.parse_sampling_flags("image_sample", argv, __doc__)
     check_class_label(args)
-    model, diffusion = sample_util.prepare(args, create_model_and_diffusion, model_keys)
+    model, diffusion = sample_util.prepare(args)
     shape = (args.image_channels, args.image_size, args.image_size)
 
     def draw_batch(indices):
@@ -47,11 +36,11 @@ def main(argv=None):
             model_kwargs["y"] = labels.to(dist_util.dev())
             out["labels"] = labels.numpy()
         sample = sample_util.run_sampler(diffusion, model, args, indices, shape, model_kwargs)
-        out["images"] = sample_util.to_uint8_images(sample)
+        out["images"] = image_output.to_uint8_images(sample)
         return out
 
-    sample_util.sample_and_save(args, draw_batch)
+    sample_util.sample_and_save(args.num_samples, args.batch_size, draw_batch, args.save_pngs, args.sample_name)
 
 
 if __name__ == "__main__":
-    sample_util.run_script(main)
+    main()

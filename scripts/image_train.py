@@ -8,21 +8,16 @@ logs go to OPENAI_LOGDIR (else a new temporary folder); see
 improved_diffusion/train_cli.py for the exit status.
 """
 
-from improved_diffusion import train_cli
-from improved_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion import cli, train_cli
+from improved_diffusion.flags import parse
 
 
-def make_data(args):
-    return train_cli.load_training_data(args, args.image_size)
-
-
-def main():
-    model_defaults = model_and_diffusion_defaults()
-    args = train_cli.create_argparser(model_defaults, __doc__).parse_args()
-    train_cli.main(lambda: train_cli.train(args, model_defaults.keys(), create_model_and_diffusion, make_data))
+@cli.script
+def main(argv=None):
+    args, explicit = parse("image_train", argv, __doc__)
+    loop = train_cli.train_diffusion("image_train", args, explicit,
+                                     lambda args: train_cli.training_data(args, args.image_size))
+    return train_cli.exit_status(loop)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,18 @@ when the run logged it (image_train.py --eval_interval), FID in a second.
 Needs matplotlib (pip install -e .[plot]).
 """
 
-import argparse
 import csv
 import math
 import os
-import sys
 
-DEFAULT_KEYS = "loss,mse,vb"
+from improved_diffusion import cli
+from improved_diffusion.errors import InputError
+from improved_diffusion.flags import parse
+
 EVAL_KEYS = ("fid",)
 
 
-class PlotError(ValueError):
+class PlotError(InputError):
     """A log directory or flag this script cannot plot."""
 
 
@@ -83,12 +84,9 @@ def plot(series, keys, output, title):
     plt.close(figure)
 
 
+@cli.script
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logdir", help="the training run's log directory (holds progress.csv)")
-    parser.add_argument("--output", default="", help="the PNG to write (default: LOGDIR/progress.png)")
-    parser.add_argument("--keys", default=DEFAULT_KEYS, help="comma-separated loss columns to draw")
-    args = parser.parse_args(argv)
+    args, _ = parse("plot_progress", argv, __doc__)
     output = args.output or os.path.join(args.logdir, "progress.png")
     series = read_progress(os.path.join(args.logdir, "progress.csv"))
     plot(series, [key.strip() for key in args.keys.split(",") if key.strip()], output, args.logdir)
@@ -96,8 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PlotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    main()

@@ -11,35 +11,14 @@ import json
 
 import torch
 
-from improved_diffusion import dist_util, logger, sample_util, samplers
+from improved_diffusion import cli, dist_util, logger, sample_util, samplers
+from improved_diffusion.errors import UsageError
 from improved_diffusion.io_util import atomic_write_bytes
-from improved_diffusion.sample_util import UsageError
-from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.sample_seeds import sample_generators
 from improved_diffusion.timestep_search import search_timesteps
 
 
-def flag_defaults():
-    """Every flag of the script with its default (model flags last)."""
-    defaults = dict(
-        model_path="",
-        sampler="dpmpp_2m",
-        steps=10,
-        output="steps.json",
-        grid_size=100,
-        refine_rounds=2,
-        clip_denoised=True,
-        num_samples=8,
-        batch_size=8,
-        class_label=-1,
-        **sample_util.COMMON_FLAGS,
-    )
-    defaults.update(model_and_diffusion_defaults())
-    return defaults
-
-
 def check_flags(args):
-    if args.sampler not in samplers.SAMPLERS:
-        raise UsageError(f"unknown --sampler {args.sampler!r}; known samplers: {', '.join(samplers.SAMPLERS)}")
     if args.sampler in samplers.STOCHASTIC and args.sampler != "ddim":
         raise UsageError(f"--sampler {args.sampler} draws noise at every step: search for a deterministic sampler")
     if args.timestep_respacing:
@@ -50,16 +29,16 @@ def check_flags(args):
         raise UsageError(f"--output {args.output} must end in .json (--timestep_respacing reads it by that suffix)")
 
 
+@cli.script
 def main(argv=None):
-    defaults = flag_defaults()
-    model_keys = list(model_and_diffusion_defaults())
-    args = sample_util.parse_sampling_flags(defaults, model_keys, argv, description=__doc__)
+    args, _ = sample_util.parse_sampling_flags("search_timesteps", argv, __doc__)
     check_flags(args)
-    model, base = sample_util.prepare(args, create_model_and_diffusion, model_keys)
+    model, base = sample_util.prepare(args, describe_sampler=False)
     device = dist_util.dev()
     indices = range(args.num_samples)
-    generators = sample_util.sample_generators(args.seed, indices, device)
-    x_T = samplers.noise_like((args.num_samples, args.image_channels, args.image_size, args.image_size), device, generators)
+    generators = sample_generators(args.seed, indices, device)
+    shape = (args.num_samples, args.image_channels, args.image_size, args.image_size)
+    x_T = samplers.noise_like(shape, device, generators)
     model_kwargs = {}
     if args.class_cond:
         model_kwargs["y"] = sample_util.batch_labels(args, indices).to(device)
@@ -79,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sample_util.run_script(main)
+    main()

@@ -9,11 +9,8 @@ Launch, logging and exit status as image_train.py.
 
 import torch.nn.functional as F
 
-from improved_diffusion import train_cli
-from improved_diffusion.script_util import (
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
+from improved_diffusion import cli, train_cli
+from improved_diffusion.flags import parse
 
 
 class LowResData:
@@ -42,13 +39,13 @@ class LowResData:
 
 
 def make_data(args):
-    return LowResData(train_cli.load_training_data(args, args.large_size), args.small_size)
+    return LowResData(train_cli.training_data(args, args.large_size), args.small_size)
 
 
-def main():
-    model_defaults = sr_model_and_diffusion_defaults()
-    args = train_cli.create_argparser(model_defaults, __doc__).parse_args()
-    train_cli.main(lambda: train_cli.train(args, model_defaults.keys(), sr_create_model_and_diffusion, make_data))
+@cli.script
+def main(argv=None):
+    args, explicit = parse("super_res_train", argv, __doc__)
+    return train_cli.exit_status(train_cli.train_diffusion("super_res_train", args, explicit, make_data))
 
 
 if __name__ == "__main__":

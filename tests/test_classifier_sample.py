@@ -17,7 +17,7 @@ import pytest
 import torch
 from _train_helpers import run_script
 
-from improved_diffusion import dist_util, logger, sample_util
+from improved_diffusion import dist_util, logger
 from improved_diffusion.classifier_util import classifier_cond_fn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -142,13 +142,13 @@ def copy_run(source, folder, with_flags=True, **changes):
     return folder / source.name
 
 
-def sample_error(capsys, monkeypatch, tmp_path, argv):
-    """Run classifier_sample.py in this process with `argv`; its one-line error."""
+def sample_error(capsys, monkeypatch, tmp_path, argv, status=1):
+    """Run classifier_sample.py in this process with `argv`; its one-line error (exit `status`)."""
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "log"))
     with pytest.raises(SystemExit) as info:
-        sample_util.run_script(SCRIPT.main, [str(a) for a in argv])
+        SCRIPT.main([str(a) for a in argv])
     logger.reset()
-    assert info.value.code == 1 and not dist_util.is_initialized()
+    assert info.value.code == status and not dist_util.is_initialized()
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "log").exists(), "nothing is written before the flags are checked"
@@ -156,7 +156,7 @@ def sample_error(capsys, monkeypatch, tmp_path, argv):
 
 
 def test_a_classifier_scale_needs_a_classifier(capsys, monkeypatch, tmp_path, runs):
-    err = sample_error(capsys, monkeypatch, tmp_path, ["--model_path", runs["model"], "--classifier_scale", 2])
+    err = sample_error(capsys, monkeypatch, tmp_path, ["--model_path", runs["model"], "--classifier_scale", 2], 2)
     assert "--classifier_scale needs --classifier_path" in err
 
 

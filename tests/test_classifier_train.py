@@ -199,25 +199,25 @@ def test_a_stop_signal_finishes_the_step_saves_and_stops(tmp_path, signum):
 
 
 @pytest.mark.parametrize(
-    "change, needle",
+    "change, needle, status",
     [
-        ({"data_dir": ""}, "--data_dir is required"),
-        ({"num_classes": 1}, "has 2 classes (cat, dog), more than --num_classes 1: pass --num_classes 2"),
-        ({"val_data_dir": "OTHER"}, "labels are numbered by sorted class name, so both folders need the same"),
-        ({"data_dir": "EMPTY"}, "EMPTY"),
-        ({"classifier_use_fp16": True}, "--classifier_use_fp16 True: classifier_train.py trains in float32"),
-        ({"eval_interval": 0}, "--eval_interval 0 must be at least 1"),
-        ({"classifier_pool": "max"}, "unknown --classifier_pool 'max'"),
+        ({"data_dir": ""}, "--data_dir is required", 2),
+        ({"num_classes": 1}, "has 2 classes (cat, dog), more than --num_classes 1: pass --num_classes 2", 1),
+        ({"val_data_dir": "OTHER"}, "labels are numbered by sorted class name, so both folders need the same", 1),
+        ({"data_dir": "EMPTY"}, "EMPTY", 1),
+        ({"classifier_use_fp16": True}, "--classifier_use_fp16 True: classifier_train.py trains in float32", 2),
+        ({"eval_interval": 0}, "--eval_interval 0 must be at least 1", 2),
+        ({"classifier_pool": "max"}, "unknown --classifier_pool 'max'", 2),
     ],
 )
-def test_bad_flags_and_data_fail_with_one_error_line(tmp_path, capsys, data, change, needle):
+def test_bad_flags_and_data_fail_with_one_error_line(tmp_path, capsys, data, change, needle, status):
     other = labeled_images(tmp_path / "other", per_class=2, classes=("cat", "cow"))
     (tmp_path / "empty").mkdir()
     flags = {**data, **RUN_FLAGS, "iterations": 1, **change}
     for key, value in flags.items():
         flags[key] = {"OTHER": other, "EMPTY": tmp_path / "empty"}.get(value, value)
     needle = needle.replace("EMPTY", str(tmp_path / "empty"))
-    assert train(tmp_path / "log", **flags) == 1
+    assert train(tmp_path / "log", **flags) == status
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
 

@@ -224,9 +224,12 @@ def test_super_res_upsamples_base_samples_with_ddim_and_keeps_labels(workspace, 
     np.testing.assert_array_equal(load_only(workspace / "sr3", "samples_*.npz")["arr_0"], upsampled["arr_0"])
 
 
-def assert_clean_failure(result, *needles):
-    """A UsageError exit: status 1 and an error message naming `needles`, no traceback."""
-    assert result.returncode == 1, result.stderr
+def assert_clean_failure(result, *needles, status=1):
+    """
+    A clean exit: `status` (1: an input that does not fit; 2: flags that
+    cannot work) and an error message naming `needles`, no traceback.
+    """
+    assert result.returncode == status, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     for needle in needles:
         assert needle in result.stderr, result.stderr
@@ -320,7 +323,7 @@ def test_sampler_flags_that_cannot_work_fail_cleanly(workspace, uncond_model, ex
     log_dir = workspace / "bad_sampler_flags"
     result = run_script("image_sample.py", ["--model_path", uncond_model, "--num_samples", 1, *extra], log_dir,
                         expect_ok=False)
-    assert_clean_failure(result, *needles)
+    assert_clean_failure(result, *needles, status=2)
     assert not list(log_dir.glob("samples_*"))
 
 

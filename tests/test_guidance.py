@@ -129,7 +129,7 @@ def test_guidance_without_labels_or_null_label_is_an_error(setup):
 
 
 def test_the_null_label_is_found_through_wrappers_and_only_where_trained():
-    from improved_diffusion.sample_util import AutocastModel
+    from improved_diffusion.model_loading import AutocastModel
     from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
     flags = dict(model_and_diffusion_defaults(), image_size=8, num_channels=32, num_res_blocks=1,

@@ -22,6 +22,7 @@ from _train_helpers import TINY_MODEL, assert_same_files, run_script, set_names,
 from test_benchmarks import run_benchmark
 from test_unet import _loss_and_grads, _saved_bytes, deterministic_fill, relative_error
 
+from improved_diffusion import checkpoint_layout as layout
 from improved_diffusion import script_util as su
 from improved_diffusion.run_flags import FLAGS_FILENAME
 from improved_diffusion.unet import (
@@ -120,9 +121,9 @@ def test_published_layouts_match_the_listing_digests():
 def test_the_checkpoint_table_builds_every_published_layout():
     digests = json.loads(KEYS_FILE.read_text())
     layouts = {d["sha256"] for d in digests.values()}
-    for name in su.GUIDED_DIFFUSION_CHECKPOINTS:
+    for name in layout.GUIDED_DIFFUSION_CHECKPOINTS:
         with torch.device("meta"):
-            model = build_from_flags(su.guided_checkpoint_flags(name))
+            model = build_from_flags(layout.guided_checkpoint_flags(name))
         assert listing_digest(listing(model)) in layouts, name
 
 
@@ -301,9 +302,9 @@ def test_count_flops_counts_both_matrix_products():
 
 def test_infer_model_flags_of_published_layouts():
     for name in ("64x64_diffusion.pt", "512x512_diffusion.pt", "64_256_upsampler.pt"):
-        flags = su.guided_checkpoint_flags(name)
+        flags = layout.guided_checkpoint_flags(name)
         with torch.device("meta"):
-            inferred = su.infer_model_flags(build_from_flags(flags).state_dict())
+            inferred = layout.infer_model_flags(build_from_flags(flags).state_dict())
         size_flag = "large_size" if "large_size" in flags else "image_size"
         for key in ("num_channels", "num_res_blocks", "resblock_updown", "class_cond", "learn_sigma",
                     "attention_resolutions", size_flag):
@@ -312,25 +313,25 @@ def test_infer_model_flags_of_published_layouts():
 
 def test_infer_model_flags_of_a_fractional_custom_model():
     model = adm_model(model_channels=64, channel_mult=(0.5, 1, 3), resblock_updown=False)
-    inferred = su.infer_model_flags(model.state_dict())
+    inferred = layout.infer_model_flags(model.state_dict())
     assert inferred["channel_mult"] == "0.5,1,3" and inferred["resblock_updown"] is False
     assert inferred["num_res_blocks"] == 1
 
 
 def test_guided_weights_with_improved_diffusion_flags_name_the_flags_to_fix():
-    published = su.guided_checkpoint_flags("64x64_diffusion.pt")
+    published = layout.guided_checkpoint_flags("64x64_diffusion.pt")
     with torch.device("meta"):
         weights = build_from_flags(published).state_dict()
     given = dict(published, resblock_updown=False, num_head_channels=-1, use_new_attention_order=False)
     with torch.device("meta"):
         model = build_from_flags(given)
     with pytest.raises(ValueError) as info:
-        su.load_model_state_dict(model, weights, given, source="64x64_diffusion.pt")
+        layout.load_model_state_dict(model, weights, given, source="64x64_diffusion.pt")
     message = str(info.value)
     assert "--resblock_updown False (the weights say True)" in message
     assert "--num_head_channels -1 (guided-diffusion's 64x64_diffusion.pt uses 64" in message
     assert "--use_new_attention_order False (guided-diffusion's 64x64_diffusion.pt uses True" in message
-    assert su.GUIDED_DIFFUSION_CHECKPOINTS["64x64_diffusion.pt"] in message
+    assert layout.GUIDED_DIFFUSION_CHECKPOINTS["64x64_diffusion.pt"] in message
 
 
 # A tiny ADM-style model for the scripts: residual resampling, new attention order, 16-channel heads.

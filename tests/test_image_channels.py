@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from improved_diffusion import checkpoint_layout as layout
 from improved_diffusion import script_util as su
 from improved_diffusion.evaluation import FIDInceptionV3, NpzImages, extract_features
 from improved_diffusion.image_datasets import load_data
@@ -65,13 +66,13 @@ def test_one_channel_models_take_and_give_one_channel_per_output():
 
 def test_channels_are_read_off_the_weights_and_a_mismatch_names_the_flag():
     gray = su.create_model_and_diffusion(**tiny_flags(image_channels=1, learn_sigma=True))[0].state_dict()
-    inferred = su.infer_model_flags(gray)
+    inferred = layout.infer_model_flags(gray)
     assert (inferred["image_channels"], inferred["learn_sigma"]) == (1, True)
-    assert su.infer_model_flags(su.create_model_and_diffusion(**tiny_flags())[0].state_dict())["image_channels"] == 3
+    assert layout.infer_model_flags(su.create_model_and_diffusion(**tiny_flags())[0].state_dict())["image_channels"] == 3
     rgb_flags = tiny_flags(learn_sigma=True)
     rgb_model = su.create_model_and_diffusion(**rgb_flags)[0]
     with pytest.raises(ValueError, match=r"--image_channels 3 \(the weights say 1\)"):
-        su.load_model_state_dict(rgb_model, gray, rgb_flags, source="gray.pt")
+        layout.load_model_state_dict(rgb_model, gray, rgb_flags, source="gray.pt")
 
 
 def test_grayscale_features_are_those_of_the_same_gray_in_rgb():

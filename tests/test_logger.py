@@ -309,14 +309,20 @@ def test_plot_progress_reads_loss_terms_and_fid_at_their_steps(tmp_path):
         assert len(np.unique(np.asarray(plain.convert("RGB")).reshape(-1, 3), axis=0)) > 2
 
 
-def test_plot_progress_errors_name_the_problem(tmp_path):
+def test_plot_progress_errors_name_the_problem(tmp_path, capsys):
     plot_progress = load_plot_progress()
-    with pytest.raises(plot_progress.PlotError, match="does not exist"):
-        plot_progress.main([str(tmp_path)])
+
+    def error_of(argv):
+        with pytest.raises(SystemExit) as info:
+            plot_progress.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    assert "does not exist" in error_of([str(tmp_path)])
     write_progress(tmp_path)
     pytest.importorskip("matplotlib")
-    with pytest.raises(plot_progress.PlotError, match="none of the columns nll"):
-        plot_progress.main([str(tmp_path), "--keys", "nll"])
+    assert "none of the columns nll" in error_of([str(tmp_path), "--keys", "nll"])
 
 
 def test_reference_helpers_weighted_mean_and_launcher_rank(monkeypatch):

@@ -1,10 +1,9 @@
 """
-Unit tests of improved_diffusion.sample_util, the machinery behind
-image_sample.py, super_res_sample.py and image_nll.py (their end-to-end runs
-are in test_e2e.py).
+Unit tests of the machinery behind image_sample.py, super_res_sample.py and
+image_nll.py: sample_util, sample_seeds, sharding, image_output and
+model_loading (their end-to-end runs are in test_e2e.py).
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -14,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion import dist_util, io_util, logger, sample_util
-from improved_diffusion.sample_util import UsageError
+from improved_diffusion import dist_util, image_output, io_util, logger, model_loading, sample_seeds, sample_util, sharding
+from improved_diffusion.errors import UsageError
 from improved_diffusion.script_util import (
     create_gaussian_diffusion,
     create_model_and_diffusion,
@@ -106,23 +105,22 @@ def test_no_saved_flags_leaves_the_flags_alone(tmp_path):
     ],
 )
 def test_sampling_flags_that_contradict_each_other_fail(monkeypatch, tmp_path, argv, needle):
-    defaults = dict(model_path="", use_ddim=False, eta=0.0, num_samples=4, batch_size=2, **sample_util.COMMON_FLAGS)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=needle.replace("(", r"\(")):
-        sample_util.parse_sampling_flags(defaults, [], argv)
+        sample_util.parse_sampling_flags("image_sample", argv)
 
 
 def test_sample_seeds_are_deterministic_and_distinct():
-    seeds = {sample_util.sample_seed(7, i, stream) for i in range(100) for stream in (0, 1)}
+    seeds = {sample_seeds.sample_seed(7, i, stream) for i in range(100) for stream in (0, 1)}
     assert len(seeds) == 200
     assert all(0 <= s < 2**63 for s in seeds)
-    assert sample_util.sample_seed(7, 3) == sample_util.sample_seed(7, 3)
-    assert sample_util.sample_seed(7, 3) != sample_util.sample_seed(8, 3)
+    assert sample_seeds.sample_seed(7, 3) == sample_seeds.sample_seed(7, 3)
+    assert sample_seeds.sample_seed(7, 3) != sample_seeds.sample_seed(8, 3)
 
 
 def test_draw_labels_depends_on_the_index_only():
-    together = sample_util.draw_labels(5, range(10), 1000)
-    apart = torch.cat([sample_util.draw_labels(5, range(3), 1000), sample_util.draw_labels(5, range(3, 10), 1000)])
+    together = sample_seeds.draw_labels(5, range(10), 1000)
+    apart = torch.cat([sample_seeds.draw_labels(5, range(3), 1000), sample_seeds.draw_labels(5, range(3, 10), 1000)])
     assert together.dtype == torch.int64 and torch.equal(together, apart)
     assert len(set(together.tolist())) > 1 and together.max() < 1000
 
@@ -130,14 +128,14 @@ def test_draw_labels_depends_on_the_index_only():
 @pytest.mark.parametrize("num_items", [1, 5, 10, 17])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_rank_indices_partition_the_items_in_order(num_items, world_size):
-    blocks = [sample_util.rank_indices(num_items, r, world_size) for r in range(world_size)]
+    blocks = [sharding.rank_indices(num_items, r, world_size) for r in range(world_size)]
     assert [i for block in blocks for i in block] == list(range(num_items))
     assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
 def test_chunks_cover_a_range_with_a_short_last_chunk():
-    assert [list(c) for c in sample_util.chunks(range(3, 10), 3)] == [[3, 4, 5], [6, 7, 8], [9]]
-    assert sample_util.chunks(range(0), 4) == []
+    assert [list(c) for c in sharding.chunks(range(3, 10), 3)] == [[3, 4, 5], [6, 7, 8], [9]]
+    assert sharding.chunks(range(0), 4) == []
 
 
 class _ToyModel(torch.nn.Module):
@@ -157,21 +155,20 @@ def test_samples_do_not_depend_on_how_indices_are_batched(use_ddim, eta):
     diffusion = create_gaussian_diffusion(
         steps=20, noise_schedule="cosine", timestep_respacing="5" if use_ddim else ""
     )
-    args = argparse.Namespace(seed=3, use_ddim=use_ddim, eta=eta, clip_denoised=True)
+    sampler = "ddim" if use_ddim else "ddpm"
     device = dist_util.dev()
     model = _ToyModel().to(device)
 
-    def sample(indices):
+    def sample(indices, seed=3):
         y = torch.tensor(list(indices), device=device) % 2
-        return sample_util.run_sampler(diffusion, model, args, indices, (3, 4, 4), {"y": y})
+        return sample_util.draw_samples(diffusion, model, (3, 4, 4), indices, seed=seed, sampler=sampler, eta=eta,
+                                        model_kwargs={"y": y})
 
     whole = sample(range(5))
     pieces = torch.cat([sample(range(2)), sample(range(2, 3)), sample(range(3, 5))])
     assert whole.shape == (5, 3, 4, 4)
     torch.testing.assert_close(whole, pieces, rtol=0, atol=1e-6)
-    other_seed = sample_util.run_sampler(
-        diffusion, model, argparse.Namespace(**{**vars(args), "seed": 4}), range(5), (3, 4, 4), {"y": torch.arange(5, device=device) % 2}
-    )
+    other_seed = sample(range(5), seed=4)
     assert not torch.allclose(whole, other_seed)
 
 
@@ -188,22 +185,22 @@ def test_autocast_model_runs_in_bfloat16_and_returns_float32():
             seen["dtype"] = out.dtype
             return out
 
-    out = sample_util.AutocastModel(Probe())(torch.randn(2, 3, 4, 4), torch.zeros(2))
+    out = model_loading.AutocastModel(Probe())(torch.randn(2, 3, 4, 4), torch.zeros(2))
     assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32
 
 
 def test_uint8_conversion_round_trips_and_rounds():
     images = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4, 3), dtype=np.uint8)
-    x = sample_util.from_uint8_images(images, "cpu")
+    x = image_output.from_uint8_images(images, "cpu")
     assert x.shape == (3, 3, 5, 4) and x.min() >= -1 and x.max() <= 1
-    np.testing.assert_array_equal(sample_util.to_uint8_images(x), images)
-    edge = sample_util.to_uint8_images(torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5))
+    np.testing.assert_array_equal(image_output.to_uint8_images(x), images)
+    edge = image_output.to_uint8_images(torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5))
     assert edge.ravel().tolist() == [0, 0, 128, 255, 255]
 
 
 def test_image_grid_places_each_image():
     images = np.stack([np.full((2, 3, 3), 10 * (k + 1), dtype=np.uint8) for k in range(5)])
-    grid = sample_util.image_grid(images, pad=1)
+    grid = image_output.image_grid(images, pad=1)
     assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 3)
     assert grid[1, 1, 0] == 10 and grid[1, 5, 0] == 20 and grid[4, 1, 0] == 40 and grid[4, 5, 0] == 50
     assert grid[4, 9, 0] == 0, "the empty sixth cell stays black"
@@ -211,16 +208,16 @@ def test_image_grid_places_each_image():
 
 def test_enlarge_repeats_pixels_up_to_the_minimum_side():
     images = np.arange(2 * 3 * 5 * 1, dtype=np.uint8).reshape(2, 3, 5, 1)
-    big = sample_util.enlarge(images, 32)
+    big = image_output.enlarge(images, 32)
     assert big.shape == (2, 33, 55, 1)
     np.testing.assert_array_equal(big[:, ::11, ::11], images)
-    assert sample_util.enlarge(images, 3).shape == images.shape, "large enough already"
+    assert image_output.enlarge(images, 3).shape == images.shape, "large enough already"
 
 
 def test_save_samples_writes_npz_grid_and_pngs(tmp_path, capsys):
     images = np.random.default_rng(1).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(5)
-    npz_path, grid_path = sample_util.save_samples(images, labels, save_pngs=True, log_dir=str(tmp_path))
+    npz_path, grid_path = image_output.save_samples(images, labels, save_pngs=True, log_dir=str(tmp_path))
     assert npz_path == str(tmp_path / "samples_5x8x8x3.npz")
     with np.load(npz_path) as data:
         np.testing.assert_array_equal(data["arr_0"], images)
@@ -236,7 +233,7 @@ def test_save_samples_writes_npz_grid_and_pngs(tmp_path, capsys):
 
 def test_save_samples_without_labels_has_no_arr_1(tmp_path):
     images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
-    npz_path, _ = sample_util.save_samples(images, log_dir=str(tmp_path))
+    npz_path, _ = image_output.save_samples(images, log_dir=str(tmp_path))
     with np.load(npz_path) as data:
         assert data.files == ["arr_0"]
 
@@ -254,7 +251,7 @@ def test_samples_are_collected_on_disk_in_index_order(tmp_path):
         seen.append(list(indices))
         return _index_batch(indices)
 
-    result = sample_util.sample_in_shards(7, 3, draw, str(tmp_path))
+    result = sharding.sample_in_shards(7, 3, draw, str(tmp_path))
     assert seen == [[0, 1, 2], [3, 4, 5], [6]]
     assert isinstance(result["images"], np.memmap), "samples are spooled to disk, not held in memory"
     assert pathlib.Path(result["images"].filename).parent == tmp_path
@@ -264,8 +261,7 @@ def test_samples_are_collected_on_disk_in_index_order(tmp_path):
 
 def test_sample_and_save_streams_the_spool_into_the_npz_and_removes_it(tmp_path, capsys):
     logger.configure(dir=str(tmp_path), format_strs=[])
-    args = argparse.Namespace(num_samples=5, batch_size=2, save_pngs=False)
-    sample_util.sample_and_save(args, _index_batch)
+    sample_util.sample_and_save(5, 2, _index_batch)
     with np.load(tmp_path / "samples_5x2x2x3.npz") as data:
         np.testing.assert_array_equal(data["arr_0"], np.stack([_index_batch([i])["images"][0] for i in range(5)]))
         np.testing.assert_array_equal(data["arr_1"], np.arange(5) % 3)
@@ -277,7 +273,7 @@ def test_png_folder_replaces_an_earlier_one_whole(tmp_path):
     earlier = tmp_path / "samples_3x4x4x3_pngs"
     earlier.mkdir()
     (earlier / "000007.png").write_bytes(b"from an earlier run")
-    sample_util.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
+    image_output.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
     assert sorted(os.listdir(earlier)) == ["000000.png", "000001.png", "000002.png"]
     np.testing.assert_array_equal(np.array(Image.open(earlier / "000002.png")), images[2])
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")], "no temporary folder is left"
@@ -293,15 +289,15 @@ def test_png_folder_is_not_left_half_written(tmp_path, monkeypatch):
             raise OSError("disk full")
         return b"png"
 
-    monkeypatch.setattr(sample_util, "png_bytes", failing_png)
+    monkeypatch.setattr(image_output, "png_bytes", failing_png)
     with pytest.raises(OSError, match="disk full"):
-        sample_util.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
+        image_output.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["samples_4x4x4x3.npz", "samples_4x4x4x3_grid.png"]
 
 
 def test_outputs_get_the_usual_permissions_not_owner_only(tmp_path):
     images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
-    npz_path, grid_path = sample_util.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
+    npz_path, grid_path = image_output.save_samples(images, save_pngs=True, log_dir=str(tmp_path))
     io_util.atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "model000001.pt")
     umask = io_util._UMASK  # this process's, as open() and mkdir() apply it
     for path in (npz_path, grid_path, tmp_path / "model000001.pt", tmp_path / "samples_2x4x4x3_pngs" / "000000.png"):
@@ -323,7 +319,7 @@ class RecordingModel(torch.nn.Module):
 
 def test_compiled_batches_run_short_batches_at_a_size_already_run():
     inner = RecordingModel()
-    model = sample_util.CompiledBatches(inner)
+    model = model_loading.CompiledBatches(inner)
 
     def call(n):
         x, t, y = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n) + 1.0, torch.arange(n) * 10.0
@@ -345,10 +341,8 @@ def test_load_model_takes_every_weight_from_the_checkpoint_and_draws_no_random_n
     for p in model.parameters():  # the zero-initialized layers too
         p.data.normal_()
     torch.save(model.state_dict(), tmp_path / "model000001.pt")
-    args = argparse.Namespace(**{**flags, "use_fp16": False}, model_path=str(tmp_path / "model000001.pt"),
-                              use_bf16=False, compile=False)
     rng = torch.random.get_rng_state()
-    loaded, diffusion = sample_util.load_model(args, create_model_and_diffusion, flags.keys())
+    loaded, diffusion = model_loading.load_model(str(tmp_path / "model000001.pt"), flags)
     assert torch.equal(torch.random.get_rng_state(), rng), "the weights were randomly initialized before loading"
     assert not loaded.training and diffusion.num_timesteps == flags["diffusion_steps"]
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

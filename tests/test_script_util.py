@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from improved_diffusion import gaussian_diffusion as gd
+from improved_diffusion import checkpoint_layout as layout
 from improved_diffusion import script_util as su
 from improved_diffusion.unet import AttentionBlock, SuperResModel
 
@@ -68,7 +69,7 @@ def test_released_configurations_have_the_reference_state_dicts(golden_dir):
 def test_infer_model_flags_of_released_configurations(golden_dir):
     for name, flags, _, _ in released_listings(golden_dir):
         with torch.device("meta"):
-            inferred = su.infer_model_flags(build(flags).state_dict())
+            inferred = layout.infer_model_flags(build(flags).state_dict())
         size_flag = "large_size" if "large_size" in flags else "image_size"
         for key in ("num_channels", "num_res_blocks", "learn_sigma", "class_cond",
                     "use_scale_shift_norm", "attention_resolutions", size_flag):
@@ -246,7 +247,7 @@ def test_argparser_types_flags_by_their_defaults():
 def test_infer_model_flags_of_a_custom_model():
     flags = tiny_flags(image_size=48, channel_mult="1,3", num_res_blocks=2, class_cond=True,
                        num_classes=7, learn_sigma=True, use_scale_shift_norm=False)
-    inferred = su.infer_model_flags(build(flags).state_dict())
+    inferred = layout.infer_model_flags(build(flags).state_dict())
     assert inferred == {"num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,3", "class_cond": True,
                         "num_classes": 7, "learn_sigma": True, "use_scale_shift_norm": False,
                         "resblock_updown": False, "image_channels": 3}
@@ -255,7 +256,7 @@ def test_infer_model_flags_of_a_custom_model():
 def _load_error(weights_flags, model_flags):
     model = build(model_flags)
     with pytest.raises(ValueError) as info:
-        su.load_model_state_dict(model, build(weights_flags).state_dict(), model_flags, source="w.pt")
+        layout.load_model_state_dict(model, build(weights_flags).state_dict(), model_flags, source="w.pt")
     return str(info.value)
 
 
@@ -289,25 +290,25 @@ def test_load_super_resolution_weights_into_an_image_model():
     sr_flags = dict(su.sr_model_and_diffusion_defaults(), large_size=16, small_size=8, **TINY)
     model = build(tiny_flags())
     with pytest.raises(ValueError, match="6 input channels, this model 3: these are super-resolution"):
-        su.load_model_state_dict(model, build(sr_flags).state_dict(), tiny_flags())
+        layout.load_model_state_dict(model, build(sr_flags).state_dict(), tiny_flags())
 
 
 def test_load_recognizes_an_optimizer_state():
     model = build(tiny_flags())
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="opt000010.pt is an optimizer state.*not model weights"):
-        su.load_model_state_dict(model, optimizer.state_dict(), tiny_flags(), source="opt000010.pt")
+        layout.load_model_state_dict(model, optimizer.state_dict(), tiny_flags(), source="opt000010.pt")
     with pytest.raises(ValueError, match="optimizer state"):
-        su.infer_model_flags(optimizer.state_dict())
+        layout.infer_model_flags(optimizer.state_dict())
 
 
 def test_load_recognizes_wrapped_weights():
     model = build(tiny_flags())
     prefixed = {f"module.{k}": v for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="start with 'module.'.*strip that prefix"):
-        su.load_model_state_dict(model, prefixed, tiny_flags())
+        layout.load_model_state_dict(model, prefixed, tiny_flags())
     with pytest.raises(ValueError, match="does not hold UNet weights.*first keys are model, step"):
-        su.load_model_state_dict(model, {"model": {}, "step": 3}, tiny_flags())
+        layout.load_model_state_dict(model, {"model": {}, "step": 3}, tiny_flags())
 
 
 def test_load_summarizes_keys_no_flag_explains():
@@ -315,13 +316,13 @@ def test_load_summarizes_keys_no_flag_explains():
     state = dict(model.state_dict(), extra=torch.zeros(1))
     del state["out.2.bias"]
     with pytest.raises(ValueError, match=r"1 missing keys: out.2.bias\n  1 unexpected keys: extra"):
-        su.load_model_state_dict(model, state, tiny_flags())
+        layout.load_model_state_dict(model, state, tiny_flags())
 
 
 def test_load_fitting_weights_with_partial_flags():
     weights = build(tiny_flags(learn_sigma=True)).state_dict()
     model = build(tiny_flags(learn_sigma=True))
-    assert su.load_model_state_dict(model, weights, {}) is model
+    assert layout.load_model_state_dict(model, weights, {}) is model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights.values()))
 
 
@@ -356,11 +357,11 @@ def test_class_dropout_needs_labels_and_a_probability_below_one(flags):
         su.create_model_and_diffusion(**tiny_flags(**flags))
 
 
-def test_weights_with_a_null_label_name_class_dropout_when_loaded_without_it():
+def test_weights_with_a_null_label_name_the_null_label_flag_when_loaded_without_it():
     flags = tiny_flags(class_cond=True, num_classes=10)
     weights = su.create_model_and_diffusion(**dict(flags, class_dropout_prob=0.1))[0].state_dict()
     model = su.create_model_and_diffusion(**flags)[0]
-    with pytest.raises(ValueError, match="--class_dropout_prob 0.0 .*null label"):
-        su.load_model_state_dict(model, weights, flags)
+    with pytest.raises(ValueError, match="--null_label False .*null label.*give --null_label True"):
+        layout.load_model_state_dict(model, weights, flags)
     guided = su.create_model_and_diffusion(**dict(flags, class_dropout_prob=0.1))[0]
-    su.load_model_state_dict(guided, weights, dict(flags, class_dropout_prob=0.1))
+    layout.load_model_state_dict(guided, weights, dict(flags, class_dropout_prob=0.1))

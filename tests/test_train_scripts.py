@@ -42,9 +42,9 @@ def test_progress_csv_has_the_reference_log_keys(finished_run):
     assert {"loss", "mse", "vb", "grad_norm", "loss_q0", "mse_q0", "vb_q0"} <= set(rows[0])
 
 
-def assert_one_line_error(status, err, *needles):
+def assert_one_line_error(status, err, *needles, expected_status=1):
     lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 1, err
+    assert status == expected_status, err
     assert "Traceback" not in err, err
     errors = [line for line in lines if line.startswith("error: ")]
     assert errors, err
@@ -81,7 +81,7 @@ def test_mixed_channel_counts_are_a_clean_error(tmp_path):
 
 def test_missing_data_dir_flag_is_a_clean_error(tmp_path):
     status, _, err = run_script("image_train.py", TRAIN, tmp_path / "log")
-    assert_one_line_error(status, err, "--data_dir")
+    assert_one_line_error(status, err, "--data_dir", expected_status=2)
 
 
 def test_truncated_checkpoint_is_a_clean_error_naming_it(finished_run, images, tmp_path):

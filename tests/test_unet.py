@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from improved_diffusion import script_util
+from improved_diffusion import checkpoint_layout, script_util
 from improved_diffusion.fp16_util import convert_module_to_f16
 from improved_diffusion.nn import Dropout
 from improved_diffusion.unet import QKVAttention, QKVAttentionLegacy, SuperResModel, UNetModel
@@ -347,7 +347,7 @@ def test_save_and_load_round_trip(tmp_path):
     torch.save(model.state_dict(), tmp_path / "model000001.pt")
     loaded, _ = script_util.create_model_and_diffusion(**flags)
     state = torch.load(tmp_path / "model000001.pt", weights_only=True)
-    script_util.load_model_state_dict(loaded.eval(), state, flags, source="model000001.pt")
+    checkpoint_layout.load_model_state_dict(loaded.eval(), state, flags, source="model000001.pt")
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([4.0, 400.0]), torch.tensor([6, 0])
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), model(x, t, y))

@@ -1,0 +1,450 @@
+"""
+Every command-line flag of the scripts, declared once.
+
+A flag is one `Flag` record: its name, default, help text, its *kind* and the
+heading it is listed under in `--help`. The kind says what a value means for
+a checkpoint:
+
+    architecture  decides the network: weights built with another value do not
+                  load, or mean something else (the attention heads);
+    process       decides the noise process or objective: the same weights
+                  sampled with another value give wrong samples;
+    training      only the training run (its schedule, data, precision, loss weights);
+    sampling      only a sampling or evaluation run.
+
+From the table come every script's parser (`parser_for`, grouped under the
+headings of GROUPS, each flag with its help and default), the defaults dicts
+of the reference (`script_util.model_and_diffusion_defaults()` and the others
+are `defaults(NAMES)`), the flags a sampling run takes from a training run's
+flags.json (`CHECKPOINT_KINDS`) and the checks of given flags against a
+checkpoint's (`contradictions`).
+
+Adding a flag: one `Flag(...)` in FLAGS, its name in the script sets that
+take it (SCRIPTS), and the code that reads it.
+"""
+
+import argparse
+import dataclasses
+
+ARCHITECTURE = "architecture"
+PROCESS = "process"
+TRAINING = "training"
+SAMPLING = "sampling"
+KINDS = (ARCHITECTURE, PROCESS, TRAINING, SAMPLING)
+
+# The kinds that a checkpoint fixes: a sampling run takes them from the
+# training run's flags.json, and a value given against them is an error.
+CHECKPOINT_KINDS = (ARCHITECTURE, PROCESS)
+
+# --help headings, in this order.
+GROUPS = ("INPUT", "MODEL", "DIFFUSION", "TRAIN", "SAMPLE", "CLASSIFIER", "EVAL")
+
+NUM_CLASSES = 1000
+
+_TRUE = ("yes", "true", "t", "y", "1")
+_FALSE = ("no", "false", "f", "n", "0")
+
+
+def str2bool(v):
+    """Parse a command-line boolean: yes/true/t/y/1 or no/false/f/n/0, any case."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in _TRUE:
+        return True
+    if v.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"boolean value expected, got {v!r}: use one of {'/'.join(_TRUE)} for true "
+        f"or {'/'.join(_FALSE)} for false"
+    )
+
+
+def type_of(default):
+    """The argparse type a default implies: str2bool for booleans, str for None, else its own type."""
+    if default is None:
+        return str
+    if isinstance(default, bool):
+        return str2bool
+    return type(default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """
+    One command-line flag.
+
+    :param kind: one of KINDS.
+    :param group: the --help heading, one of GROUPS.
+    :param type: the argparse type; None: implied by the default (type_of).
+    :param choices: the accepted values, or None for any.
+    :param positional: an argument given by position (a path), not as --name.
+    """
+
+    name: str
+    default: object
+    kind: str
+    group: str
+    help: str
+    type: object = None
+    choices: tuple = None
+    positional: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS or self.group not in GROUPS or not self.help:
+            raise ValueError(f"flag {self.name}: kind {self.kind!r}, group {self.group!r} and a help text are needed")
+
+    def parse_type(self):
+        return self.type or type_of(self.default)
+
+    def with_default(self, default, help=None):
+        """This flag with another default (and help) for one script."""
+        return dataclasses.replace(self, default=default, help=help or self.help)
+
+
+def _declare(*flags):
+    table = {}
+    for flag in flags:
+        if flag.name in table:
+            raise ValueError(f"flag {flag.name} is declared twice")
+        table[flag.name] = flag
+    return table
+
+
+A, P, T, S = ARCHITECTURE, PROCESS, TRAINING, SAMPLING
+
+FLAGS = _declare(
+    # ------------------------------------------------------------ MODEL
+    Flag("image_size", 64, A, "MODEL", "side of the square images the model makes, in pixels"),
+    Flag("num_channels", 128, A, "MODEL", "width of the UNet's first level"),
+    Flag("num_res_blocks", 2, A, "MODEL", "residual blocks per level"),
+    Flag("num_heads", 4, A, "MODEL", "attention heads (when --num_head_channels is -1)"),
+    Flag("num_heads_upsample", -1, A, "MODEL", "attention heads on the way up (-1: --num_heads)"),
+    Flag("attention_resolutions", "16,8", A, "MODEL",
+         'resolutions whose blocks get self-attention, e.g. "16,8" (16: 16x16); "" for none'),
+    Flag("dropout", 0.0, T, "MODEL", "dropout rate of the residual blocks (training only)"),
+    Flag("learn_sigma", False, A, "MODEL",
+         "the model also outputs the reverse-process variance (IDDPM): twice the output channels"),
+    Flag("class_cond", False, A, "MODEL", "class-conditional model (labels from the file names' prefixes)"),
+    Flag("use_checkpoint", False, T, "MODEL", "gradient checkpointing: less memory, more compute"),
+    Flag("use_scale_shift_norm", True, A, "MODEL", "the timestep embedding scales and shifts the norm (FiLM)"),
+    Flag("channel_mult", "", A, "MODEL",
+         'width multiplier of each level, e.g. "1,2,2,2"; "" picks the default of the image size'),
+    Flag("num_classes", NUM_CLASSES, A, "MODEL", "classes of a class-conditional model or classifier"),
+    Flag("num_head_channels", -1, A, "MODEL", "channels per attention head (-1: use --num_heads)"),
+    Flag("resblock_updown", False, A, "MODEL", "residual blocks that resample between levels (guided-diffusion)"),
+    Flag("use_new_attention_order", False, A, "MODEL", "split q, k, v before the heads (guided-diffusion)"),
+    Flag("use_fp16", False, T, "MODEL",
+         "float16 autocast with a dynamic loss scale (training) or float16 weights (sampling); CUDA only"),
+    Flag("class_dropout_prob", 0.0, T, "MODEL",
+         "each training label becomes the null label with this probability (classifier-free guidance); "
+         "needs --null_label True"),
+    Flag("null_label", False, A, "MODEL",
+         "one more label embedding, index --num_classes, meaning no class (classifier-free guidance)"),
+    Flag("image_channels", 3, A, "MODEL", "3: RGB; 1: every image converted to grayscale", choices=(1, 3)),
+    Flag("large_size", 256, A, "MODEL", "side of the images a super-resolution model makes"),
+    Flag("small_size", 64, A, "MODEL", "side of the low-resolution images it upsamples"),
+    # ------------------------------------------------------------ DIFFUSION
+    Flag("sigma_small", False, P, "DIFFUSION",
+         "fixed reverse variance beta~ (the posterior's) instead of beta, without --learn_sigma"),
+    Flag("diffusion_steps", 1000, P, "DIFFUSION", "T, the steps of the training process"),
+    Flag("noise_schedule", "linear", P, "DIFFUSION", "beta schedule", choices=("linear", "cosine")),
+    Flag("timestep_respacing", "", S, "DIFFUSION",
+         'timesteps to sample with: "" (all), "ddimN", "trailingN", "quadN", "logsnrN", "karrasN", '
+         'section counts "10,15,20", or a .json list'),
+    Flag("use_kl", False, T, "DIFFUSION", "train on the variational bound (RESCALED_KL loss)"),
+    Flag("predict_xstart", False, P, "DIFFUSION", "the model predicts x_0 instead of the noise"),
+    Flag("predict_v", False, P, "DIFFUSION", "the model predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0"),
+    Flag("snr_gamma", 0.0, T, "DIFFUSION", "min-SNR-gamma weighting of the mse term (0: off)"),
+    Flag("rescale_zero_terminal_snr", False, P, "DIFFUSION",
+         "rescale the betas so that abar = 0 at the last step (needs --predict_v or --predict_xstart)"),
+    Flag("rescale_timesteps", True, P, "DIFFUSION", "the model sees timesteps scaled to [0, 1000)"),
+    Flag("rescale_learned_sigmas", True, T, "DIFFUSION",
+         "with --learn_sigma, add the variational bound to the mse loss (RESCALED_MSE)"),
+    # ------------------------------------------------------------ TRAIN
+    Flag("data_dir", "", T, "INPUT", "folder of training images (.png, .jpg, .jpeg, .gif; searched recursively)"),
+    Flag("schedule_sampler", "uniform", T, "TRAIN", "how training timesteps are drawn",
+         choices=("uniform", "loss-second-moment")),
+    Flag("lr", 1e-4, T, "TRAIN", "AdamW learning rate"),
+    Flag("weight_decay", 0.0, T, "TRAIN", "AdamW weight decay"),
+    Flag("lr_anneal_steps", 0, T, "TRAIN", "decay the learning rate linearly to 0 over this many steps, then stop"),
+    Flag("batch_size", 1, T, "TRAIN", "images per rank per step"),
+    Flag("microbatch", -1, T, "TRAIN", "split each batch into parts of this many images (-1: no split)"),
+    Flag("ema_rate", "0.9999", T, "TRAIN", 'EMA rates of the weights, comma-separated (e.g. "0.9999,0.999")'),
+    Flag("log_interval", 10, T, "TRAIN", "write the logged statistics every this many steps"),
+    Flag("save_interval", 10000, T, "TRAIN", "save a checkpoint set every this many steps"),
+    Flag("resume_checkpoint", "", T, "TRAIN",
+         "continue exactly from a modelNNNNNN.pt, a run folder (its newest complete set) or auto"),
+    Flag("fp16_scale_growth", 1e-3, T, "TRAIN", "growth of the log2 loss scale per finite step (--use_fp16)"),
+    Flag("seed", 0, T, "TRAIN", "seed of the run's random streams"),
+    Flag("max_steps", 0, T, "TRAIN", "stop after this many steps, learning rate unchanged (0: no limit)"),
+    Flag("use_bf16", False, T, "TRAIN", "bfloat16 autocast (emulated and slow on CPUs without native bfloat16)"),
+    Flag("random_flip", False, T, "TRAIN", "flip training images left-right at random"),
+    Flag("keep_checkpoints", 0, T, "TRAIN", "keep only the newest K checkpoint sets (0: all)"),
+    Flag("max_bad_steps", 20, T, "TRAIN", "end the run after this many non-finite steps in a row (0: never)"),
+    Flag("allow_partial_resume", False, T, "TRAIN", "resume from a set missing its EMA, optimizer or state file"),
+    Flag("check_replicas", False, T, "TRAIN", "check at each save that all ranks hold identical weights"),
+    Flag("num_workers", 1, T, "TRAIN", "image decoding processes"),
+    Flag("allow_mixed_channels", False, T, "TRAIN",
+         "accept a folder mixing grayscale, RGB and CMYK files (all converted)"),
+    Flag("val_data_dir", "", T, "INPUT", "folder of validation images, named as --data_dir's"),
+    Flag("noised", True, T, "TRAIN", "train the classifier on noised images at random timesteps (else t = 0)"),
+    Flag("iterations", 150000, T, "TRAIN", "optimizer steps to train for"),
+    Flag("anneal_lr", False, T, "TRAIN", "decay the learning rate linearly to 0 over --iterations"),
+    # ------------------------------------------------------------ EVAL
+    Flag("eval_interval", 0, T, "EVAL",
+         "score the first EMA every this many steps and at the end (a multiple of --log_interval; 0: off)"),
+    Flag("eval_num_samples", 1000, T, "EVAL", "samples per evaluation"),
+    Flag("eval_sampler", "ddim", T, "EVAL", "sampler of the evaluation samples"),
+    Flag("eval_timestep_respacing", "ddim25", T, "EVAL", "timesteps of the evaluation samples"),
+    Flag("inception_weights", "", S, "EVAL",
+         "path of pt_inception-2015-12-05-6726825d.pth (default: torch hub's checkpoint cache)"),
+    Flag("ref_stats", "", S, "EVAL", "the cache of REF's statistics (default: REF.fid_stats.npz)"),
+    Flag("ref", None, S, "INPUT", "reference images: an npz (arr_0 uint8 [N x H x W x 3]) or an image folder",
+         positional=True),
+    Flag("samples", None, S, "INPUT", "the images to score, in the same forms", positional=True),
+    Flag("logdir", None, S, "INPUT", "the training run's log directory (holds progress.csv)", positional=True),
+    Flag("keys", "loss,mse,vb", S, "EVAL", "comma-separated loss columns to draw"),
+    # ------------------------------------------------------------ SAMPLE
+    Flag("model_path", "", S, "INPUT",
+         "the checkpoint to load (model*.pt or ema_*.pt; flags.json beside it gives the model flags)"),
+    Flag("base_samples", "", S, "INPUT", "npz of low-resolution images to upsample (arr_0, and arr_1 labels)"),
+    Flag("clip_denoised", True, S, "SAMPLE", "clamp each predicted x_0 to [-1, 1]"),
+    Flag("num_samples", 10000, S, "SAMPLE", "samples to draw, over all ranks"),
+    Flag("use_ddim", False, S, "SAMPLE", "DDIM sampling (the ddim sampler)"),
+    Flag("eta", 0.0, S, "SAMPLE", "noise scale of ddim (and of dpmpp_2m_sde, whose default is 1)"),
+    Flag("class_label", -1, S, "SAMPLE", "the class of every sample (-1: random classes)"),
+    Flag("save_pngs", False, S, "SAMPLE", "also write one PNG per sample"),
+    Flag("sampler", "", S, "SAMPLE",
+         "ddpm, ddim, plms, euler, heun, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc "
+         '("": ddim with --use_ddim True, else ddpm)'),
+    Flag("sample_name", "", S, "SAMPLE", "stem of the output files (default: samples)"),
+    Flag("guidance_scale", 1.0, S, "SAMPLE", "classifier-free guidance scale (1: none)"),
+    Flag("guidance_interval", "", S, "SAMPLE", 'guide only at base timesteps "lo,hi" ("": all)'),
+    Flag("compile", False, S, "SAMPLE", "torch.compile the model (needs a C++ compiler on CPU)"),
+    Flag("steps", 10, S, "SAMPLE", "timesteps to search for"),
+    Flag("output", "", S, "SAMPLE", "the file to write"),
+    Flag("grid_size", 100, S, "SAMPLE", "candidate timesteps of the search's reference trajectory"),
+    Flag("refine_rounds", 2, S, "SAMPLE", "rounds of moving one timestep at a time while the error falls"),
+    # ------------------------------------------------------------ CLASSIFIER
+    Flag("classifier_path", "", S, "CLASSIFIER", "a classifier checkpoint of classifier_train.py (modelNNNNNN.pt)"),
+    Flag("classifier_scale", 1.0, S, "CLASSIFIER", "classifier guidance scale (0: load but do not guide)"),
+    Flag("classifier_use_fp16", False, T, "CLASSIFIER", "float16 classifier torso (CUDA only)"),
+    Flag("classifier_width", 128, A, "CLASSIFIER", "width of the classifier's first level"),
+    Flag("classifier_depth", 2, A, "CLASSIFIER", "residual blocks per level of the classifier"),
+    Flag("classifier_attention_resolutions", "32,16,8", A, "CLASSIFIER",
+         "resolutions whose classifier blocks get self-attention"),
+    Flag("classifier_use_scale_shift_norm", True, A, "CLASSIFIER", "FiLM timestep embedding in the classifier"),
+    Flag("classifier_resblock_updown", True, A, "CLASSIFIER", "residual blocks that downsample in the classifier"),
+    Flag("classifier_pool", "attention", A, "CLASSIFIER",
+         "the classifier's pooling head: adaptive, attention, spatial or spatial_v2"),
+)
+
+del A, P, T, S
+
+# ---------------------------------------------------------------- the flag sets
+
+# The reference's model_and_diffusion_defaults() and the flags this library
+# added to it, in that dict's order.
+MODEL_AND_DIFFUSION = (
+    "image_size", "num_channels", "num_res_blocks", "num_heads", "num_heads_upsample", "attention_resolutions",
+    "dropout", "learn_sigma", "sigma_small", "class_cond", "diffusion_steps", "noise_schedule",
+    "timestep_respacing", "use_kl", "predict_xstart", "predict_v", "snr_gamma", "rescale_zero_terminal_snr",
+    "rescale_timesteps", "rescale_learned_sigmas", "use_checkpoint", "use_scale_shift_norm", "channel_mult",
+    "num_classes", "num_head_channels", "resblock_updown", "use_new_attention_order", "use_fp16",
+    "class_dropout_prob", "image_channels",
+)
+# The super-resolution model's: large_size and small_size for image_size, no sigma_small.
+SR_MODEL_AND_DIFFUSION = ("large_size", "small_size") + tuple(
+    name for name in MODEL_AND_DIFFUSION if name not in ("image_size", "sigma_small")
+)
+# guided-diffusion's diffusion_defaults(): the diffusion flags above, in their order.
+DIFFUSION = (
+    "learn_sigma", "sigma_small", "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl",
+    "predict_xstart", "predict_v", "snr_gamma", "rescale_zero_terminal_snr", "rescale_timesteps",
+    "rescale_learned_sigmas",
+)
+CLASSIFIER = (
+    "image_size", "classifier_use_fp16", "classifier_width", "classifier_depth",
+    "classifier_attention_resolutions", "classifier_use_scale_shift_norm", "classifier_resblock_updown",
+    "classifier_pool",
+)
+# The model flags of the scripts beyond the defaults dicts above (which keep the reference's contents).
+MODEL_EXTRAS = ("null_label",)
+
+# The flags of a run that fix which noise level a timestep means: a classifier
+# guides only a model whose run had the same values.
+NOISE_LEVEL = ("diffusion_steps", "noise_schedule", "rescale_timesteps", "rescale_zero_terminal_snr")
+
+TRAINING = (
+    "data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch",
+    "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16", "fp16_scale_growth", "seed",
+    "max_steps", "use_bf16", "random_flip", "keep_checkpoints", "max_bad_steps", "allow_partial_resume",
+    "check_replicas", "num_workers", "allow_mixed_channels", "eval_interval", "eval_num_samples", "eval_sampler",
+    "eval_timestep_respacing", "inception_weights",
+)
+CLASSIFIER_TRAINING = (
+    "data_dir", "val_data_dir", "noised", "iterations", "lr", "weight_decay", "anneal_lr", "batch_size",
+    "microbatch", "schedule_sampler", "resume_checkpoint", "log_interval", "eval_interval", "save_interval",
+    "seed", "num_classes", "image_channels",
+)
+# What every sampling script adds to its own flags.
+COMMON_SAMPLING = ("seed", "use_bf16", "use_fp16", "compile")
+SAMPLER = ("sampler", "sample_name", "guidance_scale", "guidance_interval")
+IMAGE_SAMPLING = ("clip_denoised", "num_samples", "batch_size", "use_ddim", "model_path", "eta", "class_label",
+                  "save_pngs") + SAMPLER + COMMON_SAMPLING
+CLASSIFIER_SAMPLING = ("classifier_path", "classifier_scale") + CLASSIFIER[1:]
+
+# Per-script defaults that differ from the table's, with the help that goes with them.
+_SAMPLING_SEED = {"seed": (-1, "seed of the samples' noise and labels (-1: random, logged)")}
+_CLASSIFIER_TRAINING = {
+    "lr": (3e-4, None),
+    "batch_size": (4, None),
+    "eval_interval": (5, "log the val_ metrics of one validation batch every this many steps"),
+}
+
+# Each script: (its flag names in parser order, {name: (default, help or None)}).
+SCRIPTS = {
+    "image_train": (TRAINING + MODEL_AND_DIFFUSION + MODEL_EXTRAS, {}),
+    "super_res_train": (TRAINING + SR_MODEL_AND_DIFFUSION + MODEL_EXTRAS, {}),
+    "classifier_train": (CLASSIFIER_TRAINING + CLASSIFIER + DIFFUSION, _CLASSIFIER_TRAINING),
+    "image_sample": (IMAGE_SAMPLING + MODEL_AND_DIFFUSION + MODEL_EXTRAS, _SAMPLING_SEED),
+    "super_res_sample": (
+        ("clip_denoised", "base_samples", "num_samples", "batch_size", "use_ddim", "model_path", "eta", "save_pngs")
+        + SAMPLER + COMMON_SAMPLING + SR_MODEL_AND_DIFFUSION + MODEL_EXTRAS,
+        _SAMPLING_SEED,
+    ),
+    "image_nll": (
+        ("data_dir", "clip_denoised", "num_samples", "batch_size", "model_path") + COMMON_SAMPLING
+        + MODEL_AND_DIFFUSION + MODEL_EXTRAS,
+        {**_SAMPLING_SEED, "data_dir": ("", "folder of images to evaluate"), "num_samples": (1000, "images to evaluate"),
+         "batch_size": (1, "images per batch")},
+    ),
+    "classifier_sample": (
+        IMAGE_SAMPLING + CLASSIFIER_SAMPLING + MODEL_AND_DIFFUSION + MODEL_EXTRAS,
+        {**_SAMPLING_SEED, "num_classes": (-1, "classes of the labels (-1: the model's, else the classifier's)")},
+    ),
+    "search_timesteps": (
+        ("model_path", "sampler", "steps", "output", "grid_size", "refine_rounds", "clip_denoised", "num_samples",
+         "batch_size", "class_label") + COMMON_SAMPLING + MODEL_AND_DIFFUSION + MODEL_EXTRAS,
+        {**_SAMPLING_SEED, "sampler": ("dpmpp_2m", "the deterministic sampler to search timesteps for"),
+         "output": ("steps.json", "the JSON file to write (for --timestep_respacing)"),
+         "num_samples": (8, "samples of the search's batch"), "batch_size": (8, "samples per batch")},
+    ),
+    "image_eval": (
+        ("ref", "samples", "inception_weights", "batch_size", "output", "ref_stats"),
+        {"batch_size": (64, "images per forward of the network"),
+         "output": ("", "the JSON to write (default: SAMPLES_eval.json beside SAMPLES)")},
+    ),
+    "plot_progress": (
+        ("logdir", "output", "keys"),
+        {"output": ("", "the PNG to write (default: LOGDIR/progress.png)")},
+    ),
+}
+
+
+def script_flags(script):
+    """The Flag records of `script` (a key of SCRIPTS), in parser order, with its own defaults."""
+    names, overrides = SCRIPTS[script]
+    flags = []
+    for name in dict.fromkeys(names):  # a name in two of the sets it is made of counts once, where it comes first
+        flag = FLAGS[name]
+        if name in overrides:
+            flag = flag.with_default(*overrides[name])
+        flags.append(flag)
+    return flags
+
+
+def defaults(names):
+    """{name: default} of the table's flags `names`, in that order."""
+    return {name: FLAGS[name].default for name in names}
+
+
+def script_defaults(script):
+    """{name: default} of every optional flag of `script`."""
+    return {flag.name: flag.default for flag in script_flags(script) if not flag.positional}
+
+
+def names_of_kind(names, *kinds):
+    """The names among `names` whose flags are of one of `kinds`."""
+    return [name for name in names if FLAGS[name].kind in kinds]
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, `error: ...`, and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _shown(value):
+    return '""' if value == "" else str(value)
+
+
+def parser_for(script, description=None):
+    """The parser of a script: its flags grouped under GROUPS' headings, each with its help text and default."""
+    return build_parser(script_flags(script), f"{script}.py", description)
+
+
+def build_parser(flags, prog=None, description=None):
+    """A FlagParser of these Flag records (see parser_for)."""
+    parser = FlagParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    for group in GROUPS:
+        members = [flag for flag in flags if flag.group == group]
+        if members:
+            groups[group] = parser.add_argument_group(f"{group} flags")
+    for flag in flags:
+        extra = {"choices": flag.choices} if flag.choices else {}
+        if flag.positional:
+            groups[flag.group].add_argument(flag.name, type=flag.parse_type(), help=flag.help, **extra)
+            continue
+        fixed = f"{flag.kind}, " if flag.kind in CHECKPOINT_KINDS else ""
+        groups[flag.group].add_argument(
+            f"--{flag.name}", default=flag.default, type=flag.parse_type(), metavar=flag.name.upper(),
+            help=f"{flag.help} [{fixed}default: {_shown(flag.default)}]", **extra,
+        )
+    return parser
+
+
+class _Unset:
+    """Marks a flag the command line did not give."""
+
+
+def parse(script, argv=None, description=None):
+    """
+    Parse a script's command line.
+
+    :return: (args, explicit): the argparse.Namespace, and the set of flag
+        names given on the command line (as opposed to taken from defaults).
+    """
+    return parse_with(script_flags(script), argv, f"{script}.py", description)
+
+
+def parse_with(flags, argv=None, prog=None, description=None):
+    """parse() over these Flag records."""
+    parser = build_parser(flags, prog, description)
+    args = parser.parse_args(argv)
+    optional = [flag.name for flag in flags if not flag.positional]
+    parser.set_defaults(**{name: _Unset for name in optional})
+    given = parser.parse_args(argv)
+    return args, {name for name in optional if getattr(given, name) is not _Unset}
+
+
+# ---------------------------------------------------------------- checks against a checkpoint's flags
+
+
+def contradictions(given, saved, names, explicit=None):
+    """
+    ["--flag X (trained with Y)", ...] for each flag among `names` of a
+    checkpoint kind (CHECKPOINT_KINDS) whose value in `given` differs from the
+    run's `saved` one; with `explicit`, only those flags count (the others
+    are taken from `saved`).
+    """
+    return [
+        f"--{name} {given[name]} (trained with {saved[name]!r})"
+        for name in names_of_kind(names, *CHECKPOINT_KINDS)
+        if name in saved and name in given and (explicit is None or name in explicit) and given[name] != saved[name]
+    ]
