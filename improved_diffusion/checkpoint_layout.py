@@ -73,8 +73,8 @@ def guided_checkpoint_flags(name):
     """
     argv = GUIDED_DIFFUSION_CHECKPOINTS[name].split()
     names = flag_table.SR_MODEL_AND_DIFFUSION if "--large_size" in argv else flag_table.MODEL_AND_DIFFUSION
-    args, _ = flag_table.parse_with([flag_table.FLAGS[n] for n in names], argv)
-    return vars(args)
+    parsed, _ = flag_table.parse_with([flag_table.FLAGS[n] for n in names], argv)
+    return {name: getattr(parsed, name) for name in names}
 
 
 def _layout_of_flags(flags):

@@ -275,7 +275,7 @@ MODEL_EXTRAS = ("null_label",)
 # guides only a model whose run had the same values.
 NOISE_LEVEL = ("diffusion_steps", "noise_schedule", "rescale_timesteps", "rescale_zero_terminal_snr")
 
-TRAINING = (
+DIFFUSION_TRAINING = (
     "data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch",
     "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16", "fp16_scale_growth", "seed",
     "max_steps", "use_bf16", "random_flip", "keep_checkpoints", "max_bad_steps", "allow_partial_resume",
@@ -296,6 +296,7 @@ CLASSIFIER_SAMPLING = ("classifier_path", "classifier_scale") + CLASSIFIER[1:]
 
 # Per-script defaults that differ from the table's, with the help that goes with them.
 _SAMPLING_SEED = {"seed": (-1, "seed of the samples' noise and labels (-1: random, logged)")}
+_SAMPLING = {**_SAMPLING_SEED, "batch_size": (16, "samples per batch on each rank")}
 _CLASSIFIER_TRAINING = {
     "lr": (3e-4, None),
     "batch_size": (4, None),
@@ -304,14 +305,14 @@ _CLASSIFIER_TRAINING = {
 
 # Each script: (its flag names in parser order, {name: (default, help or None)}).
 SCRIPTS = {
-    "image_train": (TRAINING + MODEL_AND_DIFFUSION + MODEL_EXTRAS, {}),
-    "super_res_train": (TRAINING + SR_MODEL_AND_DIFFUSION + MODEL_EXTRAS, {}),
+    "image_train": (DIFFUSION_TRAINING + MODEL_AND_DIFFUSION + MODEL_EXTRAS, {}),
+    "super_res_train": (DIFFUSION_TRAINING + SR_MODEL_AND_DIFFUSION + MODEL_EXTRAS, {}),
     "classifier_train": (CLASSIFIER_TRAINING + CLASSIFIER + DIFFUSION, _CLASSIFIER_TRAINING),
-    "image_sample": (IMAGE_SAMPLING + MODEL_AND_DIFFUSION + MODEL_EXTRAS, _SAMPLING_SEED),
+    "image_sample": (IMAGE_SAMPLING + MODEL_AND_DIFFUSION + MODEL_EXTRAS, _SAMPLING),
     "super_res_sample": (
         ("clip_denoised", "base_samples", "num_samples", "batch_size", "use_ddim", "model_path", "eta", "save_pngs")
         + SAMPLER + COMMON_SAMPLING + SR_MODEL_AND_DIFFUSION + MODEL_EXTRAS,
-        _SAMPLING_SEED,
+        _SAMPLING,
     ),
     "image_nll": (
         ("data_dir", "clip_denoised", "num_samples", "batch_size", "model_path") + COMMON_SAMPLING
@@ -321,7 +322,7 @@ SCRIPTS = {
     ),
     "classifier_sample": (
         IMAGE_SAMPLING + CLASSIFIER_SAMPLING + MODEL_AND_DIFFUSION + MODEL_EXTRAS,
-        {**_SAMPLING_SEED, "num_classes": (-1, "classes of the labels (-1: the model's, else the classifier's)")},
+        {**_SAMPLING, "num_classes": (-1, "classes of the labels (-1: the model's, else the classifier's)")},
     ),
     "search_timesteps": (
         ("model_path", "sampler", "steps", "output", "grid_size", "refine_rounds", "clip_denoised", "num_samples",

@@ -82,8 +82,8 @@ class HumanOutputFormat(KVWriter, SeqWriter):
         self.file.write(_format_table(kvs) + "\n")
         self.file.flush()
 
-    def writeseq(self, args):
-        self.file.write(" ".join(str(a) for a in args) + "\n")
+    def writeseq(self, seq):
+        self.file.write(" ".join(str(a) for a in seq) + "\n")
         self.file.flush()
 
     def close(self):
