@@ -68,7 +68,7 @@ def exp_to_std(exp):
     gamma = np.asarray(exp, dtype=np.float64)
     bad = ~(np.isfinite(gamma) & (gamma > 0))
     if bad.any():
-        raise ValueError(f"power-function EMA exponent {gamma[bad].ravel()[0]!r} must be finite and > 0")
+        raise ValueError(f"power-function EMA exponent {float(gamma[bad].ravel()[0])} must be finite and > 0")
     std = np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
     return float(std) if std.ndim == 0 else std
 
@@ -76,7 +76,8 @@ def exp_to_std(exp):
 def std_to_exp(std):
     """
     The exponent gamma of the power-function profile with relative standard
-    deviation sigma_rel = `std`: the positive root of the paper's cubic (Eq. 126)
+    deviation sigma_rel = `std`, inverting Eq. 123 as the paper's Eq. 126
+    does: the positive root of the cubic
 
         f(gamma) = sigma_rel^2 (gamma + 2)^2 (gamma + 3) - (gamma + 1) = 0.
 
@@ -92,7 +93,7 @@ def std_to_exp(std):
     bad = ~(np.isfinite(sigma) & (sigma > 0) & (sigma < MAX_STD))
     if bad.any():
         raise ValueError(
-            f"sigma_rel {sigma[bad].ravel()[0]!r} is outside (0, {MAX_STD:.4f}): a power-function EMA profile "
+            f"sigma_rel {float(sigma[bad].ravel()[0])} is outside (0, {MAX_STD:.4f}): a power-function EMA profile "
             f"has 0 < sigma_rel < 1/sqrt(12) (1/sqrt(12) is the plain average of all weights)"
         )
     s2 = sigma**2
@@ -163,8 +164,9 @@ def parse_stds(text):
 def _profile_inner_products(steps_a, exps_a, steps_b, exps_b):
     """
     [A x B] inner products (integral over tau) of the profiles p_(t_a) with
-    exponents gamma_a and p_(t_b) with gamma_b. With s = min(t_a, t_b) / max(t_a, t_b)
-    and g the exponent of the later one,
+    exponents gamma_a and p_(t_b) with gamma_b, the matrices of the paper's
+    Algorithm 3 (appendix C). Integrating the product up to the earlier time,
+    with s = min(t_a, t_b) / max(t_a, t_b) and g the exponent of the later one,
 
         <p_a, p_b> = (gamma_a + 1)(gamma_b + 1) s^g / ((gamma_a + gamma_b + 1) max(t_a, t_b)).
     """
@@ -191,11 +193,12 @@ def fit_profile(in_steps, in_stds, out_step, out_std):
     Minimizes ||sum_i c_i p_i - p_out||^2 over tau subject to sum_i c_i = 1,
     in float64. Profiles of snapshots close in time and length are nearly
     collinear and their Gram matrix close to singular, so the Gram matrix is
-    normalized to unit diagonal and a ridge RIDGE * I added before solving:
-    directions that change the fitted profile by less than about
-    sqrt(RIDGE) of its norm are left out instead of being bought with
-    huge coefficients of opposite signs (which would amplify the float32
-    rounding of the snapshots).
+    normalized to unit diagonal (each profile scaled to norm 1) and a ridge
+    RIDGE * I added before solving: combinations of the scaled profiles whose
+    norm is below about sqrt(RIDGE) times their coefficients' norm are damped
+    instead of being bought with huge coefficients of opposite signs (which
+    would amplify the float32 rounding of the snapshots). With 2 profiles
+    snapshotted every 1/1000 of the run it changes the fit's error by < 5%.
 
     :param in_steps: [S] updates at which the snapshots were taken (>= 1).
     :param in_stds: [S] their sigma_rel.
@@ -288,7 +291,8 @@ class PowerFunctionEMA:
     every update, skipped ones included), keeps state_dict() in its run
     state and writes average(std) as snapshots (snapshot_filename).
 
-    :param params: the tensors the optimizer updates (e.g. list(model.parameters())).
+    :param params: the tensors the optimizer updates (e.g. list(model.parameters()));
+        the averages are kept in their dtype and on their device.
     :param stds: sigma_rel values (check_stds).
     """
 
@@ -325,7 +329,11 @@ class PowerFunctionEMA:
         raise KeyError(f"sigma_rel {std} is not tracked here (tracked: {', '.join(map(str, self.stds))})")
 
     def state_dict(self):
-        """{"stds", "num_updates", "averages"}: everything an exact continuation needs."""
+        """
+        {"stds", "num_updates", "averages"}: everything an exact continuation
+        needs. The averages are the live tensors: torch.save the dict (or copy
+        them) before the next update.
+        """
         return {"stds": list(self.stds), "num_updates": self.num_updates, "averages": self.averages}
 
     def load_state_dict(self, state):
