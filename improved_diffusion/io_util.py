@@ -134,9 +134,38 @@ def _fsync_dir(folder):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save `obj` to `path` atomically, streamed into the file (no copy of it in memory)."""
+    """
+    torch.save `obj` to `path` atomically, streamed into the file (no copy of
+    it in memory). A failed write raises its own OSError (such as "No space
+    left on device"), not the RuntimeError about positions that torch's
+    archive writer turns it into.
+    """
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        writer = _WriteErrorRecorder(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as exc:
+            if writer.error is None:
+                raise
+            raise writer.error from exc
+
+
+class _WriteErrorRecorder:
+    """A binary file's write and flush that remember the first OSError a write raised."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def is_safetensors_path(path):
