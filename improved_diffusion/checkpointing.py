@@ -101,14 +101,16 @@ class CheckpointSet:
                 atomic_save_checkpoint(content, path)
             except Exception as exc:
                 left = _remove_all(reversed(written))
-                raise CheckpointSaveError(self._failure_message(path, exc, left)) from exc
+                raise CheckpointSaveError(self._failure_message(path, exc, written, left)) from exc
             written.append(path)
 
-    def _failure_message(self, path, exc, left):
-        """Why the set was not written, what was cleaned up and where to resume from."""
+    def _failure_message(self, path, exc, written, left):
+        """Why the set was not written, what was cleaned up (of `written`, `left` remain) and where to resume from."""
         cause = str(exc) if isinstance(exc, OSError) and str(exc) else f"{type(exc).__name__}: {exc}"
-        cleanup = (f"could not remove its partly written files {', '.join(left)}" if left
-                   else "its files written so far were removed")
+        if left:
+            cleanup = f"; could not remove its files {', '.join(left)}, written before the failure"
+        else:
+            cleanup = f"; its {len(written)} file(s) written before the failure were removed" if written else ""
         try:
             latest = latest_complete(self.folder)
         except Exception as list_exc:  # a store that refuses writes may refuse listings too
@@ -118,7 +120,7 @@ class CheckpointSet:
                       f"--resume_checkpoint {latest}" if latest else
                       f"there is no complete checkpoint set in {self.folder} to resume from")
         return (f"cannot write the checkpoint set of step {self.step} in {self.folder}: writing "
-                f"{bf.basename(path)} failed ({cause}); {cleanup}, earlier sets are untouched; {resume}")
+                f"{bf.basename(path)} failed ({cause}){cleanup}; earlier sets are untouched; {resume}")
 
 
 def _remove_all(paths):

@@ -207,7 +207,7 @@ def atomic_save_checkpoint(obj, path):
 
 
 def _unshared_tensors(state_dict, path):
-    """`state_dict` with every tensor contiguous, on the CPU and owning its storage (as safetensors requires)."""
+    """`state_dict` with every tensor contiguous, on the CPU, and no two sharing storage (as safetensors requires)."""
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: a safetensors file holds a dict of tensors, not a {type(state_dict).__name__}")
     storages, out = set(), {}
