@@ -132,5 +132,6 @@ def test_two_ranks_read_a_safetensors_file_through_rank_0(tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:1500])
     checkpoints = [str(good), str(tmp_path / "missing.safetensors"), str(truncated)]
-    launcher = [str(BIN / "torchrun"), "--standalone", "--monitor-interval", "0.1", "--nproc_per_node", "2", "--no-python"]
+    launcher = [str(BIN / "torchrun"), "--standalone", "--monitor-interval", "0.1", "--nproc_per_node", "2",
+                "--no-python"]
     check_ranks(run_workers(launcher, tmp_path, checkpoints, 2), checkpoints)
