@@ -24,9 +24,12 @@ setup(
         # The "tensorboard" log format; plot_progress.py's figures.
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],
+        # Checkpoints in the safetensors format (reading .safetensors files, --save_format safetensors,
+        # scripts/convert_checkpoint.py).
+        "safetensors": ["safetensors"],
         # pytest-xdist spreads the suite over the cores (`make test`), halving its time on two.
         "test": ["pytest", "pytest-xdist", "scikit-learn", "lmdb", "mpich", "mpi4py", "scipy", "tensorboard",
-                 "matplotlib"],
+                 "matplotlib", "safetensors"],
         "demo": ["scikit-learn"],
     },
 )

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from improved_diffusion import evaluation
+from improved_diffusion import evaluation, inception
 
 
 def rss_mib():
@@ -32,13 +32,13 @@ def rss_mib():
 
 def time_features(args):
     """(seconds per batch, images/s) of extract_features after one warm-up batch."""
-    model = evaluation.FIDInceptionV3().eval().to(args.device)
+    model = inception.FIDInceptionV3().eval().to(args.device)
     images = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3),
                                                dtype=np.uint8)
-    evaluation.extract_features(model, images)
+    inception.extract_features(model, images)
     start = time.perf_counter()
     for _ in range(args.batches):
-        evaluation.extract_features(model, images)
+        inception.extract_features(model, images)
     seconds = (time.perf_counter() - start) / args.batches
     return f"{seconds:.3f} s/batch", f"{args.batch_size / seconds:.1f} images/s"
 

@@ -9,10 +9,15 @@ A set for step N (N = optimizer updates in the weights) is, in write order:
     optNNNNNN.pt              the AdamW state dict
     stateNNNNNN.pt            everything else exact resume needs (written last)
 
+With save_format "safetensors" the model and EMA files are
+modelNNNNNN.safetensors and ema_{rate}_NNNNNN.safetensors (the optimizer and
+state files stay torch pickles); everything below accepts sets of either format.
+
 Each file goes to a temporary name and is renamed (io_util), and the state
 file comes last, so a set is complete exactly when its state file exists.
 Retention removes a set's state file first, so a half-removed set is never
-taken for a complete one.
+taken for a complete one. A save that fails removes what it wrote of its set
+and raises CheckpointSaveError, which says which set is the newest complete one.
 """
 
 import re
@@ -20,45 +25,121 @@ import re
 import blobfile as bf
 
 from . import dist_util
-from .io_util import CheckpointError, atomic_torch_save
+from .io_util import SAFETENSORS_SUFFIX, CheckpointError, atomic_save_checkpoint, import_safetensors
 
+SAVE_FORMATS = {"pt": ".pt", "safetensors": SAFETENSORS_SUFFIX}  # save_format -> suffix of model and EMA files
 _STEP_DIGITS = r"(\d{6,})"
-_MODEL_RE = re.compile(rf"^model{_STEP_DIGITS}\.pt$")
+_WEIGHTS_SUFFIX = r"\.(?:pt|safetensors)"
+_MODEL_RE = re.compile(rf"^model{_STEP_DIGITS}{_WEIGHTS_SUFFIX}$")
 _STATE_RE = re.compile(rf"^state{_STEP_DIGITS}\.pt$")
-_ANY_RE = re.compile(rf"^(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}\.pt$")
-_TEMP_RE = re.compile(rf"^\.(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}\.pt\.[^.]+\.tmp$")  # io_util's temporaries
+_ANY_RE = re.compile(rf"^(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}{_WEIGHTS_SUFFIX}$")
+_TEMP_RE = re.compile(rf"^\.(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}{_WEIGHTS_SUFFIX}\.[^.]+\.tmp$")  # io_util's
+
+
+class CheckpointSaveError(OSError, ValueError):
+    """
+    A checkpoint set could not be written (disk full, permission denied, a
+    store refusing). The message names the set, the cause and the newest
+    complete set to resume from. An OSError, and a ValueError so that the
+    scripts report it as one `error:` line.
+    """
+
+
+def check_save_format(save_format):
+    """
+    Check before training what saving in `save_format` needs: ValueError
+    unless it is a key of SAVE_FORMATS, CheckpointError when it is
+    "safetensors" and the safetensors package is missing.
+    """
+    _weights_suffix(save_format)
+    if save_format == "safetensors":
+        import_safetensors("--save_format safetensors")
+
+
+def _weights_suffix(save_format):
+    """The suffix of the model and EMA files of `save_format`; ValueError for an unknown one."""
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"--save_format {save_format!r}: expected one of {', '.join(SAVE_FORMATS)}")
+    return SAVE_FORMATS[save_format]
+
+
+def format_of_model_path(path):
+    """The save_format of a model or EMA file, by its suffix."""
+    return "safetensors" if str(path).endswith(SAFETENSORS_SUFFIX) else "pt"
 
 
 class CheckpointSet:
-    """The paths of the files of one checkpoint set."""
+    """
+    The paths of the files of one checkpoint set.
 
-    def __init__(self, folder, step, ema_rates):
+    :param save_format: "pt" or "safetensors", the format of the model and EMA files.
+    """
+
+    def __init__(self, folder, step, ema_rates, save_format="pt"):
+        suffix = _weights_suffix(save_format)
         self.folder = folder
         self.step = step
-        self.model = bf.join(folder, f"model{step:06d}.pt")
-        self.emas = {rate: bf.join(folder, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates}
+        self.save_format = save_format
+        self.model = bf.join(folder, f"model{step:06d}{suffix}")
+        self.emas = {rate: bf.join(folder, f"ema_{rate}_{step:06d}{suffix}") for rate in ema_rates}
         self.opt = bf.join(folder, f"opt{step:06d}.pt")
         self.state = bf.join(folder, f"state{step:06d}.pt")
 
     def save(self, model_state, ema_states, opt_state, run_state):
         """
-        Write the set, state file last.
+        Write the set, state file last. If a file cannot be written, the files
+        of this set written so far are removed (the temporary file too), and
+        CheckpointSaveError says why and which complete set is the newest.
 
         :param ema_states: {rate: state dict}, one per rate of this set.
         """
-        atomic_torch_save(model_state, self.model)
-        for rate, path in self.emas.items():
-            atomic_torch_save(ema_states[rate], path)
-        atomic_torch_save(opt_state, self.opt)
-        atomic_torch_save(run_state, self.state)
+        contents = [(self.model, model_state), *((p, ema_states[r]) for r, p in self.emas.items()),
+                    (self.opt, opt_state), (self.state, run_state)]
+        written = []
+        for path, content in contents:
+            try:
+                atomic_save_checkpoint(content, path)
+            except Exception as exc:
+                left = _remove_all(reversed(written))
+                raise CheckpointSaveError(self._failure_message(path, exc, written, left)) from exc
+            written.append(path)
+
+    def _failure_message(self, path, exc, written, left):
+        """Why the set was not written, what was cleaned up (of `written`, `left` remain) and where to resume from."""
+        cause = str(exc) if isinstance(exc, OSError) and str(exc) else f"{type(exc).__name__}: {exc}"
+        if left:
+            cleanup = f"; could not remove its files {', '.join(left)}, written before the failure"
+        else:
+            cleanup = f"; its {len(written)} file(s) written before the failure were removed" if written else ""
+        try:
+            latest = latest_complete(self.folder)
+        except Exception as list_exc:  # a store that refuses writes may refuse listings too
+            resume = f"the complete sets in {self.folder} could not be listed ({list_exc})"
+        else:
+            resume = (f"the newest complete set is {latest}: after fixing the cause, resume from it with "
+                      f"--resume_checkpoint {latest}" if latest else
+                      f"there is no complete checkpoint set in {self.folder} to resume from")
+        return (f"cannot write the checkpoint set of step {self.step} in {self.folder}: writing "
+                f"{bf.basename(path)} failed ({cause}){cleanup}; earlier sets are untouched; {resume}")
+
+
+def _remove_all(paths):
+    """Remove each path; return those that could not be removed."""
+    left = []
+    for path in paths:
+        try:
+            bf.remove(path)
+        except Exception:  # noqa: BLE001 (reported by name: the set's error is the one to raise)
+            left.append(path)
+    return left
 
 
 def step_from_model_path(path):
-    """N from a path to modelNNNNNN.pt; ValueError naming --resume_checkpoint otherwise."""
+    """N from a path to modelNNNNNN.pt (or .safetensors); ValueError naming --resume_checkpoint otherwise."""
     match = _MODEL_RE.match(bf.basename(path))
     if not match:
         raise ValueError(
-            f"--resume_checkpoint {path}: expected a file named modelNNNNNN.pt "
+            f"--resume_checkpoint {path}: expected a file named modelNNNNNN.pt or modelNNNNNN.safetensors "
             f"(the model file of a checkpoint set), a log directory, or 'auto'"
         )
     return int(match.group(1))
@@ -66,17 +147,27 @@ def step_from_model_path(path):
 
 def complete_steps(folder):
     """The sorted steps of the complete sets (model and state file present) in `folder`."""
-    if not bf.isdir(folder):
-        return []
-    names = set(bf.listdir(folder))
-    steps = [int(m.group(1)) for m in map(_STATE_RE.match, names) if m]
-    return sorted(s for s in steps if f"model{s:06d}.pt" in names)
+    return sorted(_complete_models(folder))
 
 
 def latest_complete(folder):
     """The model path of the newest complete set in `folder`, or None."""
-    steps = complete_steps(folder)
-    return bf.join(folder, f"model{steps[-1]:06d}.pt") if steps else None
+    models = _complete_models(folder)
+    return bf.join(folder, models[max(models)]) if models else None
+
+
+def _complete_models(folder):
+    """{step: model file name} of the complete sets in `folder` (the .pt file where both formats exist)."""
+    if not bf.isdir(folder):
+        return {}
+    names = set(bf.listdir(folder))
+    steps = [int(m.group(1)) for m in map(_STATE_RE.match, names) if m]
+    models = {}
+    for step in steps:
+        for suffix in SAVE_FORMATS.values():
+            if f"model{step:06d}{suffix}" in names:
+                models.setdefault(step, f"model{step:06d}{suffix}")
+    return models
 
 
 def resolve_resume(resume_checkpoint, log_dir):
@@ -85,7 +176,7 @@ def resolve_resume(resume_checkpoint, log_dir):
 
     :param resume_checkpoint: "" (start afresh), "auto" (the newest complete
         set in `log_dir`, if any), a directory (its newest complete set, which
-        must exist) or a modelNNNNNN.pt path.
+        must exist) or a modelNNNNNN.pt or modelNNNNNN.safetensors path.
     """
     if not resume_checkpoint:
         return None
@@ -96,7 +187,7 @@ def resolve_resume(resume_checkpoint, log_dir):
         if path is None:
             raise CheckpointError(
                 f"--resume_checkpoint {resume_checkpoint}: no complete checkpoint set "
-                f"(modelNNNNNN.pt with its stateNNNNNN.pt) in this directory"
+                f"(modelNNNNNN.pt or .safetensors with its stateNNNNNN.pt) in this directory"
             )
         return path
     step_from_model_path(resume_checkpoint)
@@ -119,7 +210,8 @@ def plan_resume(resume_checkpoint, log_dir, ema_rates):
         path = resolve_resume(resume_checkpoint, log_dir)
         if path is None:
             return None
-        ckpt = CheckpointSet(bf.dirname(path), step_from_model_path(path), ema_rates)
+        ckpt = CheckpointSet(bf.dirname(path), step_from_model_path(path), ema_rates,
+                             save_format=format_of_model_path(path))
         missing = [p for p in [*ckpt.emas.values(), ckpt.opt, ckpt.state] if not bf.exists(p)]
         return ckpt, missing, _incomplete_set_message(ckpt, missing) if missing else ""
 

@@ -205,13 +205,14 @@ def sync_params(params):
 
 def load_state_dict(path, **kwargs):
     """
-    Load a checkpoint (`torch.load` with weights_only=True) that only rank 0 reads from disk.
+    Load a checkpoint (`torch.load` with weights_only=True, or a safetensors
+    file when `path` ends in .safetensors) that only rank 0 reads from disk.
 
     Rank 0 reads the file's bytes once and broadcasts them; every rank
-    unpickles them. If rank 0 cannot read the file, every rank raises the
+    loads them. If rank 0 cannot read the file, every rank raises the
     same CheckpointError naming it.
 
-    :param kwargs: `map_location` (default "cpu").
+    :param kwargs: `map_location` (default "cpu"; for safetensors a device or its name).
     """
     map_location = kwargs.pop("map_location", "cpu")
     if kwargs:

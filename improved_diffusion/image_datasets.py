@@ -11,7 +11,11 @@ resumed run sees exactly the batches the uninterrupted one would have.
 Images are preprocessed as in the reference: halved with a box filter while
 the short side is at least twice the target size, resized with bicubic
 filtering so the short side is the target size, center-cropped, converted to
-RGB and scaled to [-1, 1].
+RGB and scaled to [-1, 1]. **New:** the target may be H x W (image_size a
+pair): the image is then resized to cover H x W by the same rule (the side
+that limits the scale playing the short side's part) and cropped to H x W,
+at the center or, with `random_crop`, at a position drawn with the epoch's
+order and flips (so resumed runs see the same crops).
 """
 
 import atexit
@@ -53,19 +57,23 @@ def load_data(
     num_workers=1,
     allow_mixed_channels=False,
     image_channels=3,
+    random_crop=False,
 ):
     """
     An endless iterator of `(images, cond)` batches over the images in `data_dir`.
 
-    `images` is float32 [N x C x S x S] in [-1, 1] with N = `batch_size`,
-    S = `image_size` and C = `image_channels`; `cond` is {"y": int64 labels [N]} with `class_cond`,
+    `images` is float32 [N x C x H x W] in [-1, 1] with N = `batch_size`,
+    H x W = `image_size` and C = `image_channels`; `cond` is {"y": int64 labels [N]} with `class_cond`,
     else {}. The class of a file is its name's prefix before the first "_",
     numbered in sorted order of all class names in the folder. The last
     incomplete batch of each epoch is dropped.
 
+    :param image_size: S (square images, the reference's) or a pair (H, W).
     :param deterministic: visit each epoch in file order instead of shuffled.
     :param random_flip: mirror each image horizontally with probability 1/2.
-    :param seed: seeds the epoch orders and flips (with shard and epoch).
+    :param random_crop: crop each resized image to H x W at a uniformly drawn
+        position instead of the center (before the flip).
+    :param seed: seeds the epoch orders, flips and crops (with shard and epoch).
     :param shard, num_shards: this process reads files[shard::num_shards] of
         the sorted list; default: the torch.distributed rank and world size
         when a process group exists (then every rank must call this), else 0, 1.
@@ -100,6 +108,7 @@ def load_data(
         num_workers=num_workers,
         class_names=class_names,
         image_channels=image_channels,
+        random_crop=random_crop,
     )
 
 
@@ -109,9 +118,21 @@ def check_image_channels(image_channels):
         raise ValueError(f"--image_channels {image_channels} must be 3 (RGB) or 1 (grayscale)")
 
 
+def image_hw(image_size):
+    """(H, W) of an image size given as S (square) or as a pair (H, W); ValueError otherwise."""
+    pair = (image_size, image_size) if _is_integer(image_size) else image_size
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_integer(v) and v >= 1 for v in pair)):
+        raise ValueError(f"image_size must be an integer >= 1 or a pair (H, W) of them, got {image_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _is_integer(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_arguments(batch_size, image_size, seed, num_workers):
-    for name, value, least in (("batch_size", batch_size, 1), ("image_size", image_size, 1),
-                               ("seed", seed, 0), ("num_workers", num_workers, 0)):
+    image_hw(image_size)
+    for name, value, least in (("batch_size", batch_size, 1), ("seed", seed, 0), ("num_workers", num_workers, 0)):
         if not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
@@ -248,16 +269,17 @@ def _raise_data_errors(reports, allow_mixed_channels=False):
 
 
 class _BatchSpec(NamedTuple):
-    """One batch to decode: shard-local file indices, flips, and the position after it."""
+    """One batch to decode: shard-local file indices, flips, crop positions (or None), and the position after it."""
 
     indices: np.ndarray
     flips: np.ndarray
+    crops: object
     epoch: int
     next_index: int
 
 
 class _Schedule(NamedTuple):
-    """Which images, flipped or not, make up each batch of each epoch of one shard."""
+    """Which images, flipped or not and cropped where, make up each batch of each epoch of one shard."""
 
     num_images: int
     batch_size: int
@@ -265,21 +287,28 @@ class _Schedule(NamedTuple):
     shard: int
     deterministic: bool
     random_flip: bool
+    random_crop: bool = False
 
-    def epoch_plan(self, epoch):
-        """(order of shard-local indices [num_images], flip flags [num_images]) for `epoch`."""
+    def epoch_draws(self, epoch):
+        """
+        (order of shard-local indices [num_images], flip flags [num_images],
+        crop positions float [num_images x 2] in [0, 1) or None) for `epoch`,
+        listed by position in the epoch; drawn in this order from one generator.
+        """
         rng = np.random.default_rng([self.seed, self.shard, epoch])
         order = np.arange(self.num_images) if self.deterministic else rng.permutation(self.num_images)
         flips = rng.random(self.num_images) < 0.5 if self.random_flip else np.zeros(self.num_images, dtype=bool)
-        return order, flips
+        crops = rng.random((self.num_images, 2)) if self.random_crop else None
+        return order, flips, crops
 
     def batches(self, epoch, index):
         """Endless _BatchSpecs from position (`epoch`, `index`: images already taken in that epoch) on."""
         while True:
-            order, flips = self.epoch_plan(epoch)
+            order, flips, crops = self.epoch_draws(epoch)
             while index + self.batch_size <= self.num_images:
                 end = index + self.batch_size
-                yield _BatchSpec(order[index:end], flips[index:end], epoch, end)
+                yield _BatchSpec(order[index:end], flips[index:end], None if crops is None else crops[index:end],
+                                 epoch, end)
                 index = end
             epoch, index = epoch + 1, 0
 
@@ -325,13 +354,13 @@ class ImageDataIterator:
     """
 
     def __init__(self, files, labels, *, image_size, batch_size, deterministic, random_flip, seed, shard,
-                 num_workers, class_names=None, image_channels=3):
+                 num_workers, class_names=None, image_channels=3, random_crop=False):
         self.files = list(files)
         self.num_images = len(self.files)
         self.class_names = class_names
         self._decoder = _BatchDecoder(self.files, None if labels is None else np.asarray(labels, np.int64),
-                                      image_size, image_channels)
-        self._schedule = _Schedule(self.num_images, batch_size, seed, shard, deterministic, random_flip)
+                                      image_hw(image_size), image_channels)
+        self._schedule = _Schedule(self.num_images, batch_size, seed, shard, deterministic, random_flip, random_crop)
         self._num_workers = num_workers
         self._position = (0, 0)
         self._batches = None
@@ -340,7 +369,7 @@ class ImageDataIterator:
         return self
 
     def __next__(self):
-        """The next batch: float32 images [N x C x S x S] in [-1, 1] and the cond dict."""
+        """The next batch: float32 images [N x C x H x W] in [-1, 1] and the cond dict."""
         if self._batches is None:
             # The loader's own generator: seeding its workers must not draw from
             # torch's global generator, which dropout uses (exact resume).
@@ -377,7 +406,17 @@ class ImageDataIterator:
 
     def epoch_plan(self, epoch):
         """(order of shard-local indices [num_images], flip flags [num_images]) for `epoch`."""
-        return self._schedule.epoch_plan(epoch)
+        order, flips, _ = self._schedule.epoch_draws(epoch)
+        return order, flips
+
+    def crop_plan(self, epoch):
+        """
+        The crop positions of `epoch`, float [num_images x 2] in [0, 1) listed
+        as epoch_plan's order (None without random_crop): image k of the epoch
+        is cropped at top = floor(u * (h - H + 1)), left = floor(v * (w - W + 1))
+        of its h x w resized pixels, for (u, v) = crop_plan(epoch)[k].
+        """
+        return self._schedule.epoch_draws(epoch)[2]
 
     def close(self):
         """Stop the decoding workers now; the next batch starts new ones."""
@@ -400,13 +439,14 @@ class _BatchDecoder:
         self.image_channels = image_channels
 
     def __getitem__(self, spec):
-        pixels = np.stack([self._pixels(i, flip) for i, flip in zip(spec.indices, spec.flips)])
+        crops = [None] * len(spec.indices) if spec.crops is None else spec.crops
+        pixels = np.stack([self._pixels(i, flip, crop) for i, flip, crop in zip(spec.indices, spec.flips, crops)])
         images = torch.from_numpy(_LEVELS[pixels.transpose(0, 3, 1, 2)])
         labels = None if self.labels is None else torch.from_numpy(self.labels[spec.indices])
         return images, labels, spec.epoch, spec.next_index
 
-    def _pixels(self, i, flip):
-        pixels = load_image(self.files[i], self.image_size, self.image_channels)
+    def _pixels(self, i, flip, crop):
+        pixels = load_image(self.files[i], self.image_size, self.image_channels, crop_position=crop)
         return pixels[:, ::-1] if flip else pixels
 
 
@@ -436,29 +476,59 @@ class ImageDataset(Dataset):
         return _LEVELS[pixels.transpose(2, 0, 1)], out
 
 
-def load_image(path, image_size, image_channels=3):
-    """The image at `path` as uint8 [S x S x C] (C = image_channels), preprocessed as for training."""
+def load_image(path, image_size, image_channels=3, crop_position=None):
+    """
+    The image at `path` as uint8 [H x W x C] (C = image_channels), preprocessed as for training.
+
+    :param image_size: S (H = W = S) or (H, W).
+    :param crop_position: None (center crop) or (u, v) in [0, 1)^2 (see crop).
+    """
     try:
         with _open(path) as f:
             image = Image.open(f)
             image.load()
     except Exception as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
-    return resize_and_center_crop(image, image_size, image_channels)
+    return crop(resize_to_cover(image, image_size, image_channels), image_size, crop_position)
 
 
 def resize_and_center_crop(image, image_size, image_channels=3):
     """
-    A PIL image as uint8 [S x S x C], RGB for C = 3 and grayscale for C = 1:
-    box-halved while its short side is at least 2 S, bicubic-resized to short
-    side S (each side rounded), then center-cropped; resizing happens in the
-    image's own mode, before the conversion.
+    A PIL image as uint8 [H x W x C] (image_size S or (H, W)), RGB for C = 3
+    and grayscale for C = 1: resized to cover H x W (resize_to_cover), then
+    center-cropped.
     """
-    while min(image.size) >= 2 * image_size:
+    return crop(resize_to_cover(image, image_size, image_channels), image_size)
+
+
+def resize_to_cover(image, image_size, image_channels=3):
+    """
+    A PIL image as uint8 [h x w x C] with h >= H and w >= W, one of them equal
+    (image_size S or (H, W)): box-halved while it would still cover H x W
+    (for a square target: while the short side is at least 2 S), then
+    bicubic-resized by the factor that makes it just cover H x W (each side
+    rounded); resizing happens in the image's own mode, before the conversion
+    to RGB (C = 3) or grayscale (C = 1).
+    """
+    height, width = image_hw(image_size)
+    while image.height >= 2 * height and image.width >= 2 * width:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = image_size / min(image.size)
+    scale = max(height / image.height, width / image.width)
     image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    pixels = np.asarray(image.convert(IMAGE_MODES[image_channels])).reshape(image.height, image.width, -1)
-    top = (pixels.shape[0] - image_size) // 2
-    left = (pixels.shape[1] - image_size) // 2
-    return pixels[top : top + image_size, left : left + image_size]
+    return np.asarray(image.convert(IMAGE_MODES[image_channels])).reshape(image.height, image.width, -1)
+
+
+def crop(pixels, image_size, position=None):
+    """
+    An H x W window of pixels [h x w x C] (image_size S or (H, W)): centered
+    (offsets rounded down) when `position` is None, else at top =
+    floor(u (h - H + 1)), left = floor(v (w - W + 1)) for position (u, v) in
+    [0, 1)^2, so that every placement is equally likely for uniform (u, v).
+    """
+    height, width = image_hw(image_size)
+    if position is None:
+        top, left = (pixels.shape[0] - height) // 2, (pixels.shape[1] - width) // 2
+    else:
+        top = int(position[0] * (pixels.shape[0] - height + 1))
+        left = int(position[1] * (pixels.shape[1] - width + 1))
+    return pixels[top : top + height, left : left + width]

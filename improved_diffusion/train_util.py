@@ -44,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
 from .checkpoint_layout import load_model_state_dict
-from .checkpointing import CheckpointSet, latest_complete, plan_resume, prune, remove_stale_temporaries
+from .checkpointing import (CheckpointSaveError, CheckpointSet, latest_complete, plan_resume, prune,
+                            remove_stale_temporaries)
 from .errors import TrainingError
 from .io_util import CheckpointError
 from .nn import update_ema
@@ -556,12 +557,16 @@ class TrainLoop:
                 for name in remove_stale_temporaries(self.checkpoint_dir):
                     logger.log(f"removed {name}, left by a save that was cut short")
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                same_error = isinstance(exc, CheckpointSaveError)
+                error = (same_error, str(exc) if same_error else f"{type(exc).__name__}: {exc}")
                 dist_util.broadcast_object(error)
                 raise
         error = dist_util.broadcast_object(error)
         if error is not None:
-            raise RuntimeError(f"rank 0 failed to save the checkpoint set of step {self.step}: {error}")
+            same_error, text = error
+            if same_error:  # the set was not written: every rank ends with rank 0's message
+                raise CheckpointSaveError(text)
+            raise RuntimeError(f"rank 0 failed to save the checkpoint set of step {self.step}: {text}")
         self.saved_step = self.step
 
     def _ema_state_dict(self, ema):

@@ -1,7 +1,7 @@
 """
 Score samples against reference images: Inception Score, FID, sFID, precision
 and recall, as openai/guided-diffusion's evaluations/evaluator.py defines them,
-with the FID Inception-v3 in PyTorch (improved_diffusion/evaluation.py).
+with the FID Inception-v3 in PyTorch (improved_diffusion/inception.py, evaluation.py).
 
     python scripts/image_eval.py REF SAMPLES [--inception_weights PATH] [--batch_size B] [--output JSON]
 
@@ -14,7 +14,7 @@ mpiexec or torchrun: the numbers are the same as on one.
 
 import os
 
-from improved_diffusion import cli, dist_util, evaluation
+from improved_diffusion import cli, dist_util, eval_features, eval_images, evaluation, inception
 from improved_diffusion.errors import InputError, UsageError
 from improved_diffusion.flags import parse
 from improved_diffusion.io_util import atomic_write_json
@@ -41,16 +41,16 @@ def parse_args(argv=None):
 
 def reference_statistics(model, reader, args, weights_path):
     """On rank 0, REF's cached statistics or newly computed (and cached) ones; None on the other ranks."""
-    fingerprint = evaluation.input_fingerprint(reader, weights_path) if dist_util.get_rank() == 0 else None
-    cached = evaluation.load_cached_statistics(args.ref_stats, fingerprint) if fingerprint else None
+    fingerprint = eval_features.input_fingerprint(reader, weights_path) if dist_util.get_rank() == 0 else None
+    cached = eval_features.load_cached_statistics(args.ref_stats, fingerprint) if fingerprint else None
     if dist_util.broadcast_object(cached is not None):
         print(f"reference statistics from {args.ref_stats}", flush=True)
         return cached
-    features = evaluation.dataset_features(model, reader, args.batch_size, desc="reference features")
+    features = eval_features.dataset_features(model, reader, args.batch_size, desc="reference features")
     if features is None:
         return None
     stats = evaluation.reference_statistics(features)
-    if evaluation.save_statistics(args.ref_stats, stats, fingerprint):
+    if eval_features.save_statistics(args.ref_stats, stats, fingerprint):
         print(f"reference statistics cached in {args.ref_stats}", flush=True)
     return stats
 
@@ -71,17 +71,17 @@ def main(argv=None):
     args = parse_args(argv)
     dist_util.setup_dist()
     try:
-        readers = {"REF": evaluation.open_images(args.ref), "SAMPLES": evaluation.open_images(args.samples)}
+        readers = {"REF": eval_images.open_images(args.ref), "SAMPLES": eval_images.open_images(args.samples)}
         evaluation.check_inputs(readers)
-        weights_path = evaluation.find_weights(args.inception_weights)
-        model = evaluation.load_inception(weights_path, dist_util.dev())
+        weights_path = inception.find_weights(args.inception_weights)
+        model = inception.load_inception(weights_path, dist_util.dev())
     except evaluation.EvaluationError as exc:
         raise InputError(str(exc)) from exc
     if dist_util.get_rank() == 0 and min(r.num_images for r in readers.values()) < FEW_IMAGES:
         print(f"note: fewer than {FEW_IMAGES} images on one side: FID and sFID are strongly biased upwards "
               "(papers use 50,000 samples)", flush=True)
     ref_stats = reference_statistics(model, readers["REF"], args, weights_path)
-    features = evaluation.dataset_features(model, readers["SAMPLES"], args.batch_size, desc="sample features")
+    features = eval_features.dataset_features(model, readers["SAMPLES"], args.batch_size, desc="sample features")
     if dist_util.get_rank() == 0:
         metrics = evaluation.score(ref_stats, features)
         print(format_table(metrics), flush=True)

@@ -1,3 +1,4 @@
+import os
 import pathlib
 
 import pytest
@@ -8,6 +9,10 @@ GOLDEN_DIR = ROOT.parent / "shared" / "golden"
 
 # One thread: subprocess tests (two ranks, workers) run beside the in-process ones.
 torch.set_num_threads(1)
+
+# No test downloads the FID Inception weights (every script the tests start inherits this); the tests of the
+# download serve a file of their own over http://127.0.0.1 and clear the variable themselves.
+os.environ["IMPROVED_DIFFUSION_OFFLINE"] = "1"
 
 # The files that keep a worker busy longest (30 s to 2 min each with AVX2 kernels), longest first: pytest-xdist
 # hands out files in collection order, so the short ones come last and no worker is left alone with a long one.

@@ -123,3 +123,15 @@ def test_free_port_can_be_bound():
     port = dist_util.find_free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_two_ranks_read_a_safetensors_file_through_rank_0(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    good = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({"weight": torch.arange(1000.0)}, str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:1500])
+    checkpoints = [str(good), str(tmp_path / "missing.safetensors"), str(truncated)]
+    launcher = [str(BIN / "torchrun"), "--standalone", "--monitor-interval", "0.1", "--nproc_per_node", "2",
+                "--no-python"]
+    check_ranks(run_workers(launcher, tmp_path, checkpoints, 2), checkpoints)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion import evaluation
+from improved_diffusion import eval_images, evaluation
+from improved_diffusion import inception as fid_inception  # the name "inception" is the network fixture
 from improved_diffusion.evaluation import EvaluationError
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
@@ -191,7 +192,7 @@ def test_precision_recall_need_more_than_k_vectors_of_one_width():
 
 def test_tf1_resize_samples_at_i_times_in_over_out():
     x = torch.randn(1, 2, 5, 3, dtype=torch.float64)
-    out = evaluation.resize_bilinear_tf1(x, 7)
+    out = fid_inception.resize_bilinear_tf1(x, 7)
     expected = np.zeros((1, 2, 7, 7))
     for i, j in itertools.product(range(7), range(7)):
         y, z = i * 5 / 7, j * 3 / 7
@@ -203,7 +204,7 @@ def test_tf1_resize_samples_at_i_times_in_over_out():
                                 + a * (1 - b) * v[:, y1, z0] + a * b * v[:, y1, z1])
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)
     square = torch.randn(1, 3, 4, 4)
-    torch.testing.assert_close(evaluation.resize_bilinear_tf1(square, 4), square)
+    torch.testing.assert_close(fid_inception.resize_bilinear_tf1(square, 4), square)
 
 
 def random_inception(seed=0):
@@ -213,7 +214,7 @@ def random_inception(seed=0):
     eval mode: the real weights cannot be downloaded here.
     """
     generator = torch.Generator().manual_seed(seed)
-    model = evaluation.FIDInceptionV3().eval()
+    model = fid_inception.FIDInceptionV3().eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):
@@ -235,7 +236,7 @@ def inception():
 
 def test_network_gives_pool_logits_and_spatial_features_from_one_forward(inception):
     images = np.random.default_rng(9).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
-    features = evaluation.extract_features(inception, images)
+    features = fid_inception.extract_features(inception, images)
     assert features["pool"].shape == (2, 2048)
     assert features["logits"].shape == (2, 1008)
     assert features["spatial"].shape == (2, 7 * 17 * 17)
@@ -247,29 +248,29 @@ def test_network_gives_pool_logits_and_spatial_features_from_one_forward(incepti
 
 
 def test_weights_load_strictly_and_bad_files_are_named(inception, tmp_path):
-    path = tmp_path / evaluation.WEIGHTS_FILENAME
+    path = tmp_path / fid_inception.WEIGHTS_FILENAME
     torch.save(inception.state_dict(), path)
-    loaded = evaluation.load_inception(str(path))
+    loaded = fid_inception.load_inception(str(path))
     torch.testing.assert_close(loaded.state_dict(), inception.state_dict())
     state = inception.state_dict()
     state.pop("fc.bias")
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(EvaluationError, match="is not the FID Inception-v3 state dict"):
-        evaluation.load_inception(str(tmp_path / "partial.pth"))
+        fid_inception.load_inception(str(tmp_path / "partial.pth"))
     with pytest.raises(EvaluationError, match="does not exist"):
-        evaluation.load_inception(str(tmp_path / "missing.pth"))
+        fid_inception.load_inception(str(tmp_path / "missing.pth"))
 
 
 def test_missing_weights_error_says_which_file_to_put_where(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(EvaluationError) as error:
-        evaluation.find_weights("")
+        fid_inception.find_weights("")
     message = str(error.value)
-    assert evaluation.WEIGHTS_FILENAME in message and evaluation.WEIGHTS_URL in message
-    assert str(tmp_path / "hub" / "checkpoints" / evaluation.WEIGHTS_FILENAME) in message
+    assert fid_inception.WEIGHTS_FILENAME in message and fid_inception.WEIGHTS_URL in message
+    assert str(tmp_path / "hub" / "checkpoints" / fid_inception.WEIGHTS_FILENAME) in message
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "hub" / "checkpoints" / evaluation.WEIGHTS_FILENAME).write_bytes(b"")
-    assert evaluation.find_weights("") == str(tmp_path / "hub" / "checkpoints" / evaluation.WEIGHTS_FILENAME)
+    (tmp_path / "hub" / "checkpoints" / fid_inception.WEIGHTS_FILENAME).write_bytes(b"")
+    assert fid_inception.find_weights("") == str(tmp_path / "hub" / "checkpoints" / fid_inception.WEIGHTS_FILENAME)
 
 
 # ---------------------------------------------------------------- image inputs
@@ -279,7 +280,7 @@ def test_missing_weights_error_says_which_file_to_put_where(monkeypatch, tmp_pat
 def test_npz_images_are_read_in_batches(tmp_path, save):
     images = np.random.default_rng(10).integers(0, 256, size=(7, 4, 5, 3), dtype=np.uint8)
     save(tmp_path / "x.npz", images, np.arange(7))
-    reader = evaluation.open_images(str(tmp_path / "x.npz"))
+    reader = eval_images.open_images(str(tmp_path / "x.npz"))
     assert reader.num_images == 7 and reader.image_shape == (4, 5, 3)
     batches = list(reader.batches(3))
     assert [index for index, _ in batches] == [0, 1, 2]
@@ -300,7 +301,7 @@ def test_npz_images_are_read_in_batches(tmp_path, save):
 def test_bad_npz_files_are_named(tmp_path, arrays, needle):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(EvaluationError, match=needle):
-        evaluation.open_images(str(tmp_path / "bad.npz"))
+        eval_images.open_images(str(tmp_path / "bad.npz"))
 
 
 def test_folder_images_are_rgb_in_sorted_order_and_of_one_size(tmp_path):
@@ -310,13 +311,13 @@ def test_folder_images_are_rgb_in_sorted_order_and_of_one_size(tmp_path):
     Image.fromarray(pixels[0]).save(tmp_path / "a.png")
     Image.fromarray(pixels[1]).save(tmp_path / "sub" / "b.png")
     Image.fromarray(pixels[2, :, :, 0], "L").save(tmp_path / "c.png")
-    reader = evaluation.open_images(str(tmp_path))
+    reader = eval_images.open_images(str(tmp_path))
     (_, batch), = reader.batches(8)
     np.testing.assert_array_equal(batch[0], pixels[0])
     np.testing.assert_array_equal(batch[1], np.repeat(pixels[2, :, :, :1], 3, axis=2))
     np.testing.assert_array_equal(batch[2], pixels[1])
     Image.fromarray(rng.integers(0, 256, size=(8, 6, 3), dtype=np.uint8)).save(tmp_path / "d.png")
     with pytest.raises(EvaluationError, match="differ in size"):
-        evaluation.open_images(str(tmp_path))
+        eval_images.open_images(str(tmp_path))
     with pytest.raises(EvaluationError, match="does not exist"):
-        evaluation.open_images(str(tmp_path / "nothing"))
+        eval_images.open_images(str(tmp_path / "nothing"))

@@ -13,8 +13,9 @@ from PIL import Image
 
 from improved_diffusion import checkpoint_layout as layout
 from improved_diffusion import script_util as su
-from improved_diffusion.evaluation import FIDInceptionV3, NpzImages, extract_features
+from improved_diffusion.eval_images import NpzImages
 from improved_diffusion.image_datasets import load_data
+from improved_diffusion.inception import FIDInceptionV3, extract_features
 from test_e2e import TINY_MODEL, TINY_SR_MODEL, load_only, run_script
 from _train_helpers import tiny_flags
 

@@ -15,7 +15,7 @@ from _zygote import run_command, run_python
 from PIL import Image
 from test_evaluation import random_inception
 
-from improved_diffusion import dist_util, evaluation
+from improved_diffusion import dist_util, eval_features, eval_images, evaluation, inception
 
 BATCH = 2
 SCRIPT = ROOT / "scripts" / "image_eval.py"
@@ -66,10 +66,10 @@ def run_eval(ref, samples, weights, output, kind="python", ranks=1, extra=()):
 
 def expected_metrics(ref, samples, weights):
     """The metrics computed in this process, straight from the library's functions."""
-    model = evaluation.load_inception(str(weights))
+    model = inception.load_inception(str(weights))
 
     def features(images):
-        parts = [evaluation.extract_features(model, images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
+        parts = [inception.extract_features(model, images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     return evaluation.score(evaluation.reference_statistics(features(ref)), features(samples))
@@ -110,18 +110,18 @@ def test_reference_statistics_are_cached_with_the_pool_features_and_reused(first
 
 def test_the_cache_is_keyed_by_the_reference_files_and_the_weights(images, weights, tmp_path):
     ref = write_npz(tmp_path / "ref.npz", images[0])
-    fingerprint = evaluation.input_fingerprint(evaluation.open_images(str(ref)), weights)
-    stats = {key: np.ones(2) for key in evaluation.STATS_KEYS}
-    assert evaluation.save_statistics(tmp_path / "stats.npz", stats, fingerprint)
-    assert evaluation.load_cached_statistics(tmp_path / "stats.npz", fingerprint)["mu"].tolist() == [1, 1]
+    fingerprint = eval_features.input_fingerprint(eval_images.open_images(str(ref)), weights)
+    stats = {key: np.ones(2) for key in eval_features.STATS_KEYS}
+    assert eval_features.save_statistics(tmp_path / "stats.npz", stats, fingerprint)
+    assert eval_features.load_cached_statistics(tmp_path / "stats.npz", fingerprint)["mu"].tolist() == [1, 1]
     os.utime(ref, ns=(0, 0))
-    touched = evaluation.input_fingerprint(evaluation.open_images(str(ref)), weights)
+    touched = eval_features.input_fingerprint(eval_images.open_images(str(ref)), weights)
     other_weights = tmp_path / "w.pth"
     other_weights.write_bytes(weights.read_bytes() + b"\0")
-    reweighted = evaluation.input_fingerprint(evaluation.open_images(str(ref)), other_weights)
+    reweighted = eval_features.input_fingerprint(eval_images.open_images(str(ref)), other_weights)
     assert len({fingerprint, touched, reweighted}) == 3
-    assert evaluation.load_cached_statistics(tmp_path / "stats.npz", touched) is None
-    assert evaluation.load_cached_statistics(tmp_path / "missing.npz", fingerprint) is None
+    assert eval_features.load_cached_statistics(tmp_path / "stats.npz", touched) is None
+    assert eval_features.load_cached_statistics(tmp_path / "missing.npz", fingerprint) is None
 
 
 def test_two_ranks_on_image_folders_give_the_numbers_of_one_on_the_npz(first_run, images, weights, tmp_path):
@@ -154,7 +154,7 @@ def test_missing_weights_error_names_the_file_and_where_to_put_it(script, first_
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     err = error_line(capsys, script.main,
                      [str(folder / "ref.npz"), str(folder / "samples.npz"), "--output", str(tmp_path / "x.json")])
-    assert evaluation.WEIGHTS_FILENAME in err and str(tmp_path / "hub" / "checkpoints") in err
+    assert inception.WEIGHTS_FILENAME in err and str(tmp_path / "hub" / "checkpoints") in err
 
 
 @pytest.mark.parametrize(
