@@ -189,6 +189,10 @@ FLAGS = _declare(
     Flag("val_data_dir", "", T, "INPUT", "folder of validation images, named as --data_dir's"),
     Flag("noised", True, T, "TRAIN", "train the classifier on noised images at random timesteps (else t = 0)"),
     Flag("iterations", 150000, T, "TRAIN", "optimizer steps to train for"),
+    Flag("ema_std", "", T, "TRAIN",
+         'post-hoc EMA: sigma_rel of the power-function EMA profiles to track, e.g. "0.05,0.10" ("": none)'),
+    Flag("ema_snapshot_interval", 0, T, "TRAIN",
+         "store a snapshot of each --ema_std profile every this many steps (0: at every save)"),
     Flag("anneal_lr", False, T, "TRAIN", "decay the learning rate linearly to 0 over --iterations"),
     # ------------------------------------------------------------ EVAL
     Flag("eval_interval", 0, T, "EVAL",
@@ -203,6 +207,11 @@ FLAGS = _declare(
          positional=True),
     Flag("samples", None, S, "INPUT", "the images to score, in the same forms", positional=True),
     Flag("logdir", None, S, "INPUT", "the training run's log directory (holds progress.csv)", positional=True),
+    Flag("log_dir", "", S, "INPUT", "the training run's folder (its phema_*.pt snapshots)"),
+    Flag("step", None, S, "SAMPLE", "the update to reconstruct at, from the snapshots up to it (None: the newest)",
+         type=int),
+    Flag("in_path", None, S, "INPUT", "the checkpoint to read (.pt, or .safetensors)", positional=True),
+    Flag("out_path", None, S, "INPUT", "the file to write (.safetensors, or .pt)", positional=True),
     Flag("keys", "loss,mse,vb", S, "EVAL", "comma-separated loss columns to draw"),
     # ------------------------------------------------------------ SAMPLE
     Flag("model_path", "", S, "INPUT",
@@ -336,6 +345,11 @@ SCRIPTS = {
         {"batch_size": (64, "images per forward of the network"),
          "output": ("", "the JSON to write (default: SAMPLES_eval.json beside SAMPLES)")},
     ),
+    "reconstruct_ema": (
+        ("log_dir", "ema_std", "step"),
+        {"ema_std": ("", 'sigma_rel of the EMA to build, comma-separated for several (e.g. "0.05,0.08")')},
+    ),
+    "convert_checkpoint": (("in_path", "out_path"), {}),
     "plot_progress": (
         ("logdir", "output", "keys"),
         {"output": ("", "the PNG to write (default: LOGDIR/progress.png)")},

@@ -11,22 +11,19 @@ bits. Optimizer and state files hold more than tensors and stay .pt. Needs
 the safetensors package (pip install safetensors).
 """
 
-import argparse
-import sys
-
 import torch
 
+from improved_diffusion import cli
+from improved_diffusion.errors import UsageError
+from improved_diffusion.flags import parse
 from improved_diffusion.io_util import CheckpointError, atomic_save_checkpoint, is_safetensors_path, load_checkpoint
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", metavar="IN", help="the checkpoint to read (.pt, or .safetensors)")
-    parser.add_argument("output", metavar="OUT", help="the file to write (.safetensors, or .pt)")
-    args = parser.parse_args(argv)
-    if is_safetensors_path(args.input) == is_safetensors_path(args.output):
-        kind = "safetensors" if is_safetensors_path(args.input) else "torch (.pt)"
-        parser.error(f"IN and OUT are both {kind} files: exactly one of them must end in .safetensors")
+    args, _ = parse("convert_checkpoint", argv, __doc__)
+    if is_safetensors_path(args.in_path) == is_safetensors_path(args.out_path):
+        kind = "safetensors" if is_safetensors_path(args.in_path) else "torch (.pt)"
+        raise UsageError(f"IN_PATH and OUT_PATH are both {kind} files: exactly one of them must end in .safetensors")
     return args
 
 
@@ -55,14 +52,11 @@ def convert(input_path, output_path):
     return len(state_dict)
 
 
+@cli.script
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        count = convert(args.input, args.output)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    print(f"wrote {args.output} ({count} tensors from {args.input})", flush=True)
+    count = convert(args.in_path, args.out_path)
+    print(f"wrote {args.out_path} ({count} tensors from {args.in_path})", flush=True)
 
 
 if __name__ == "__main__":

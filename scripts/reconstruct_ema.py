@@ -15,39 +15,35 @@ run's flags.json is beside it, so the sampling scripts load it from
 --model_path alone.
 """
 
-import argparse
 import math
-import sys
 
 import blobfile as bf
 
-from improved_diffusion import posthoc_ema
-from improved_diffusion.io_util import CheckpointError, atomic_torch_save, load_checkpoint
+from improved_diffusion import cli, posthoc_ema
+from improved_diffusion.errors import UsageError
+from improved_diffusion.flags import parse
+from improved_diffusion.io_util import atomic_torch_save, load_checkpoint
 
 
 def parse_args(argv=None):
-    """(parser, args) with args.ema_std as a checked list of floats."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log_dir", required=True, help="the training run's folder (its phema_*.pt snapshots)")
-    parser.add_argument("--ema_std", required=True,
-                        help="sigma_rel of the EMA to build, comma-separated for several (e.g. 0.05,0.08)")
-    parser.add_argument("--step", type=int, default=None,
-                        help="the update to reconstruct at, using the snapshots up to it (default: the newest)")
-    args = parser.parse_args(argv)
+    """The parsed flags, args.ema_std as a checked list of floats."""
+    args, _ = parse("reconstruct_ema", argv, __doc__)
+    if not args.log_dir or not args.ema_std:
+        raise UsageError("--log_dir and --ema_std are required: the run's folder and the sigma_rel to build")
     try:
         args.ema_std = posthoc_ema.parse_stds(args.ema_std)
     except ValueError as exc:
-        parser.error(f"--ema_std {args.ema_std}: {exc}")
+        raise UsageError(f"--ema_std {args.ema_std}: {exc}") from None
     if args.step is not None and args.step < 1:
-        parser.error(f"--step {args.step}: must be >= 1 (it counts optimizer updates)")
-    return parser, args
+        raise UsageError(f"--step {args.step}: must be >= 1 (it counts optimizer updates)")
+    return args
 
 
-def select_snapshots(parser, log_dir, step):
-    """(step, [(step, std, path)] of the snapshots up to it); parser.error when there are none."""
+def select_snapshots(log_dir, step):
+    """(step, [(step, std, path)] of the snapshots up to it); UsageError when there are none."""
     snapshots = posthoc_ema.list_snapshots(log_dir)
     if not snapshots:
-        parser.error(
+        raise UsageError(
             f"--log_dir {log_dir}: no post-hoc EMA snapshots (phema_STD_NNNNNN.pt) there; "
             f"train with --ema_std (e.g. --ema_std 0.05,0.10) to write them"
         )
@@ -55,15 +51,15 @@ def select_snapshots(parser, log_dir, step):
     used = [s for s in snapshots if s[0] <= step]
     if not used:
         first_step, _, first_path = snapshots[0]
-        parser.error(
+        raise UsageError(
             f"--step {step} is before the first snapshot ({bf.basename(first_path)}, step {first_step}); "
             f"pass --step {first_step} or later"
         )
     return step, used
 
 
-def fit_all(parser, stds, used, step):
-    """{std: ProfileFit}; parser.error for a sigma_rel the snapshots cannot represent."""
+def fit_all(stds, used, step):
+    """{std: ProfileFit}; UsageError for a sigma_rel the snapshots cannot represent."""
     in_steps = [s for s, _, _ in used]
     in_stds = [std for _, std, _ in used]
     fits = {}
@@ -77,7 +73,7 @@ def fit_all(parser, stds, used, step):
                 lo, hi = math.ceil(covered[0] * 1000) / 1000, math.floor(covered[1] * 1000) / 1000
                 cover = f"they cover sigma_rel {lo:.3f} to {hi:.3f}: choose one in that range"
             tracked = ", ".join(f"{s:.3f}" for s in sorted(set(in_stds)))
-            parser.error(
+            raise UsageError(
                 f"--ema_std {std}: the {len(used)} snapshots up to step {step} (sigma_rel {tracked}, the last "
                 f"at step {in_steps[-1]}) cannot "
                 f"represent sigma_rel {std} (relative error of the profile {fit.relative_error:.3f} > "
@@ -101,16 +97,12 @@ def reconstruct(log_dir, step, std, fit, used):
     return out
 
 
+@cli.script
 def main(argv=None):
-    parser, args = parse_args(argv)
-    step, used = select_snapshots(parser, args.log_dir, args.step)
-    fits = fit_all(parser, args.ema_std, used, step)
-    try:
-        for std, fit in fits.items():
-            reconstruct(args.log_dir, step, std, fit, used)
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    args = parse_args(argv)
+    step, used = select_snapshots(args.log_dir, args.step)
+    for std, fit in fit_all(args.ema_std, used, step).items():
+        reconstruct(args.log_dir, step, std, fit, used)
 
 
 if __name__ == "__main__":

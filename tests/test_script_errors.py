@@ -115,3 +115,20 @@ def test_image_eval(files, tmp_path, monkeypatch, capsys):
 def test_plot_progress(files, tmp_path, monkeypatch, capsys):
     check("plot_progress", [tmp_path, "--colour", "red"], tmp_path, monkeypatch, capsys, 2, "--colour")
     check("plot_progress", [files["missing"]], tmp_path, monkeypatch, capsys, 1, files["missing"])
+
+
+def test_reconstruct_ema(files, tmp_path, monkeypatch, capsys):
+    check("reconstruct_ema", ["--log_dir", tmp_path, "--ema_std", "0.5"], tmp_path, monkeypatch, capsys, 2,
+          "--ema_std")
+    (tmp_path / "phema_0.050_000010.pt").write_bytes(b"truncated")
+    (tmp_path / "phema_0.100_000010.pt").write_bytes(b"truncated")
+    check("reconstruct_ema", ["--log_dir", tmp_path, "--ema_std", "0.08"], tmp_path, monkeypatch, capsys, 1,
+          tmp_path / "phema_0.050_000010.pt")
+
+
+def test_convert_checkpoint(files, tmp_path, monkeypatch, capsys):
+    check("convert_checkpoint", [files["model"], tmp_path / "copy.pt"], tmp_path, monkeypatch, capsys, 2,
+          "exactly one of them must end in .safetensors")
+    for key in ("missing", "garbage"):
+        check("convert_checkpoint", [files[key], tmp_path / "out.safetensors"], tmp_path, monkeypatch, capsys, 1,
+              files[key])
