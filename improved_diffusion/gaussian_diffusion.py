@@ -1,6 +1,8 @@
 """
 Gaussian diffusion: noise schedules, the forward process q, the learned reverse
-process p, DDPM and DDIM samplers and the training losses.
+process p, DDPM and DDIM samplers and the training losses. GaussianDiffusion is
+the DDPM family's noise process (noise_process.py) at its integer timesteps:
+every sampler of samplers.py walks it.
 
 Equations cite Ho et al. 2020 ("DDPM"), Nichol & Dhariwal 2021 ("IDDPM") and
 Song et al. 2020 ("DDIM").
@@ -14,7 +16,7 @@ import torch
 from . import samplers
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
-from .samplers import noise_like
+from .noise_process import NoiseProcess, Nodes, condition_eps, ddim_update, noise_like, process_xstart
 
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -153,16 +155,11 @@ def _check_betas(betas):
         )
 
 
-def _model_device(model):
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
-class GaussianDiffusion:
+class GaussianDiffusion(NoiseProcess):
     """
-    Utilities for training and sampling diffusion models.
+    Utilities for training and sampling diffusion models; the DDPM family's
+    noise process (alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t)) at its
+    integer timesteps.
 
     :param betas: a 1-D array of betas in (0, 1], one per timestep from T = 0 upward.
     :param model_mean_type: a ModelMeanType, what the model outputs.
@@ -193,6 +190,7 @@ class GaussianDiffusion:
         self.num_timesteps = int(betas.shape[0])
         self._compute_tables(betas)
         self._device_tables = {}
+        self._nodes = None
 
     def _compute_tables(self, betas):
         alphas = 1.0 - betas
@@ -316,8 +314,19 @@ class GaussianDiffusion:
 
     # --------------------------------------------------------- reverse process
 
-    def _call_model(self, model, x, t, model_kwargs):
+    def call_model(self, model, x, t, model_kwargs=None):
+        """
+        The model (or a classifier, or cond_fn) called as this process calls it:
+        model(x, timesteps, **model_kwargs) with the timesteps it was trained
+        on (t itself, or scaled to [0, 1000) when rescale_timesteps).
+
+        :param x: the [N x C x ...] x_t; t: [N] timestep indices of this process.
+        """
         return model(x, self._scale_timesteps(t), **(model_kwargs or {}))
+
+    def _call_model(self, model, x, t, model_kwargs):
+        # The old private name, which classifier_util.py still calls: call_model.
+        return self.call_model(model, x, t, model_kwargs)
 
     def _check_model_output(self, model_output, x):
         """Raise a clear error when the model's channel count does not fit the variance type."""
@@ -351,7 +360,7 @@ class GaussianDiffusion:
         :return: dict with "mean", "variance", "log_variance" and "pred_xstart".
         """
         self._check_timesteps(t, x.shape[0])
-        model_output = self._call_model(model, x, t, model_kwargs)
+        model_output = self.call_model(model, x, t, model_kwargs)
         return self._p_mean_variance_from_output(model_output, x, t, clip_denoised, denoised_fn)
 
     def _p_mean_variance_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
@@ -382,29 +391,39 @@ class GaussianDiffusion:
 
     def _pred_xstart(self, mean_output, x, t, clip_denoised, denoised_fn):
         """x_0 predicted from the mean part of the model output, then denoised_fn and clipping."""
+        return process_xstart(self.pred_xstart_from_output(mean_output, x, t), clip_denoised, denoised_fn)
+
+    def pred_xstart_from_output(self, output, x, t):
+        """
+        x_0 from the mean part of the model's output ([N x C x ...], any
+        ModelMeanType) at x = x_t and [N] timesteps t, before denoised_fn and clipping.
+        """
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = self._predict_xstart_from_xprev(x, t, mean_output)
-        elif self.model_mean_type == ModelMeanType.START_X:
-            pred_xstart = mean_output
-        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            return self._predict_xstart_from_xprev(x, t, output)
+        if self.model_mean_type == ModelMeanType.START_X:
+            return output
+        if self.model_mean_type == ModelMeanType.VELOCITY:
             # Salimans & Ho 2022, eq. (v): x_0 = sqrt(abar) x_t - sqrt(1 - abar) v.
-            pred_xstart = (
+            return (
                 self._extract("sqrt_alphas_cumprod", t, x.shape) * x
-                - self._extract("sqrt_one_minus_alphas_cumprod", t, x.shape) * mean_output
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x.shape) * output
             )
-        else:
-            pred_xstart = self._predict_xstart_from_eps(x, t, mean_output)
-        if denoised_fn is not None:
-            pred_xstart = denoised_fn(pred_xstart)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
-        return pred_xstart
+        return self._predict_xstart_from_eps(x, t, output)
+
+    @property
+    def predicts_eps(self):
+        """Whether the model's mean channels are eps_hat itself."""
+        return self.model_mean_type == ModelMeanType.EPSILON
+
+    def model_output(self, model, x, t, model_kwargs=None):
+        """The mean channels of the model's output at [N] timesteps t, [N x C x ...] (learned variances dropped)."""
+        mean_output, _ = self._split_output(self.call_model(model, x, t, model_kwargs), x)
+        return mean_output
 
     def _model_pred_xstart(self, model, x, t, clip_denoised, denoised_fn, model_kwargs):
         """Call the model and predict x_0 only (DDIM needs neither the mean nor the variance)."""
         self._check_timesteps(t, x.shape[0])
-        mean_output, _ = self._split_output(self._call_model(model, x, t, model_kwargs), x)
-        return self._pred_xstart(mean_output, x, t, clip_denoised, denoised_fn)
+        return self._pred_xstart(self.model_output(model, x, t, model_kwargs), x, t, clip_denoised, denoised_fn)
 
     def _learned_log_variance(self, var_values, t, shape):
         if self.model_var_type == ModelVarType.LEARNED:
@@ -466,7 +485,7 @@ class GaussianDiffusion:
 
         :return: the [N x C x ...] shifted mean.
         """
-        gradient = self._call_model(cond_fn, x, t, model_kwargs)
+        gradient = self.call_model(cond_fn, x, t, model_kwargs)
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
@@ -484,9 +503,8 @@ class GaussianDiffusion:
 
     def _condition_xstart(self, cond_fn, pred_xstart, x, t, model_kwargs):
         eps = self._predict_eps_from_xstart(x, t, pred_xstart)
-        eps = eps - self._extract("sqrt_one_minus_alphas_cumprod", t, x.shape) * self._call_model(
-            cond_fn, x, t, model_kwargs
-        )
+        sigma = self._extract("sqrt_one_minus_alphas_cumprod", t, x.shape)
+        eps = condition_eps(eps, sigma, self.call_model(cond_fn, x, t, model_kwargs))
         return self._predict_xstart_from_eps(x, t, eps)
 
     @staticmethod
@@ -510,16 +528,16 @@ class GaussianDiffusion:
         eps = self._predict_eps_from_xstart(x, t, pred_xstart)
         alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
-        # DDIM eq. 16: sigma_t(eta).
+        # DDIM eq. 16: sigma_t(eta), in abar (the reference's float32 arithmetic).
         sigma = (
             eta
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        sample = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        noise = None
         if not (isinstance(eta, (int, float)) and eta == 0):
-            noise = noise_like(x.shape, x.device, generator, x.dtype)
-            sample = sample + self._nonzero_mask(t, x) * sigma * noise
+            noise = self._nonzero_mask(t, x) * noise_like(x.shape, x.device, generator, x.dtype)
+        sample = ddim_update(pred_xstart, eps, torch.sqrt(alpha_bar_prev), 1 - alpha_bar_prev, sigma, noise)
         return {"sample": sample, "pred_xstart": pred_xstart}
 
     def ddim_reverse_sample(
@@ -539,14 +557,40 @@ class GaussianDiffusion:
         sample = pred_xstart * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": sample, "pred_xstart": pred_xstart}
 
-    def _initial_noise(self, model, shape, noise, device, generator):
-        if device is None:
-            device = _model_device(model)
-        if noise is not None:
-            if tuple(noise.shape) != tuple(shape):
-                raise ValueError(f"noise shape {list(noise.shape)} != requested shape {list(shape)}")
-            return noise.to(device)
-        return noise_like(tuple(shape), device, generator)
+    # ------------------------------------------------- the noise-process interface
+
+    def base_timesteps(self):
+        """The base-process timestep of each of this process's timesteps, ascending (0 ... T-1 here)."""
+        return list(range(self.num_timesteps))
+
+    def sampling_nodes(self):
+        """
+        The walk over every timestep of this process, T-1 first (noise_process.Nodes,
+        made once): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), "karras"
+        coordinates, the timesteps the indices T-1 ... 0 and the times the base
+        timesteps; x_T is N(0, I), as the reference draws it.
+        """
+        if self._nodes is None:
+            abar = np.append(self.alphas_cumprod[::-1], 1.0)
+            with np.errstate(divide="ignore"):
+                lam = 0.5 * (np.log(abar) - np.log1p(-abar))
+            self._nodes = Nodes(
+                alpha=np.sqrt(abar), sigma=np.sqrt(1.0 - abar), lam=lam, times=self.base_timesteps()[::-1],
+                timesteps=list(range(self.num_timesteps - 1, -1, -1)), coordinates="karras", prior_std=1.0,
+            )
+        return self._nodes
+
+    def ancestral_step(self, denoiser, x, nodes, k, t, generator=None):
+        """The ancestral step at timesteps t: p_sample, with learned variances and cond_fn on the mean."""
+        return self.p_sample(denoiser.model_at(nodes.times[k]), x, t, clip_denoised=denoiser.clip_denoised,
+                             denoised_fn=denoiser.denoised_fn, model_kwargs=denoiser.model_kwargs,
+                             generator=generator, cond_fn=denoiser.cond_fn)
+
+    def ddim_step(self, denoiser, x, nodes, k, t, eta=0.0, generator=None):
+        """The DDIM step at timesteps t: ddim_sample, the reference's arithmetic."""
+        return self.ddim_sample(denoiser.model_at(nodes.times[k]), x, t, clip_denoised=denoiser.clip_denoised,
+                                denoised_fn=denoiser.denoised_fn, model_kwargs=denoiser.model_kwargs, eta=eta,
+                                generator=generator, cond_fn=denoiser.cond_fn)
 
     def sample_loop(self, model, shape, sampler="ddim", noise=None, clip_denoised=True, denoised_fn=None,
                     model_kwargs=None, device=None, progress=False, eta=None, generator=None, cond_fn=None,
@@ -560,8 +604,10 @@ class GaussianDiffusion:
         """
         final = None
         for final in self.sample_loop_progressive(
-            model, shape, sampler, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
-            generator, cond_fn, guidance_scale, guidance_interval, null_label,
+            model, shape, sampler=sampler, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
+            cond_fn=cond_fn, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+            null_label=null_label,
         ):
             pass
         return final["sample"]
@@ -572,8 +618,10 @@ class GaussianDiffusion:
                                 null_label=None):
         """Like sample_loop, but yield each step's {"sample", "pred_xstart"}, noisiest first."""
         yield from samplers.sample_loop_progressive(
-            self, model, shape, sampler, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, eta,
-            generator, cond_fn, guidance_scale, guidance_interval, null_label,
+            self, model, shape, sampler=sampler, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
+            cond_fn=cond_fn, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+            null_label=null_label,
         )
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
@@ -586,27 +634,33 @@ class GaussianDiffusion:
         :param generator: a torch.Generator (or one per sample) for all noise drawn.
         :return: the final [N x C x ...] samples.
         """
-        return self.sample_loop(model, shape, "ddpm", noise, clip_denoised, denoised_fn, model_kwargs, device,
-                                progress, None, generator, cond_fn)
+        return self.sample_loop(model, shape, sampler="ddpm", noise=noise, clip_denoised=clip_denoised,
+                                denoised_fn=denoised_fn, model_kwargs=model_kwargs, device=device,
+                                progress=progress, generator=generator, cond_fn=cond_fn)
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                   model_kwargs=None, device=None, progress=False, generator=None, cond_fn=None):
         """Like p_sample_loop, but yield each step's p_sample dict, from t = T-1 down to 0."""
-        yield from self.sample_loop_progressive(model, shape, "ddpm", noise, clip_denoised, denoised_fn,
-                                                model_kwargs, device, progress, None, generator, cond_fn)
+        yield from self.sample_loop_progressive(model, shape, sampler="ddpm", noise=noise,
+                                                clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                                model_kwargs=model_kwargs, device=device, progress=progress,
+                                                generator=generator, cond_fn=cond_fn)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                          model_kwargs=None, device=None, progress=False, eta=0.0, generator=None, cond_fn=None):
         """Generate samples with DDIM; arguments as p_sample_loop, plus eta."""
-        return self.sample_loop(model, shape, "ddim", noise, clip_denoised, denoised_fn, model_kwargs, device,
-                                progress, eta, generator, cond_fn)
+        return self.sample_loop(model, shape, sampler="ddim", noise=noise, clip_denoised=clip_denoised,
+                                denoised_fn=denoised_fn, model_kwargs=model_kwargs, device=device,
+                                progress=progress, eta=eta, generator=generator, cond_fn=cond_fn)
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                      model_kwargs=None, device=None, progress=False, eta=0.0, generator=None,
                                      cond_fn=None):
         """Like ddim_sample_loop, but yield each step's ddim_sample dict, from t = T-1 down to 0."""
-        yield from self.sample_loop_progressive(model, shape, "ddim", noise, clip_denoised, denoised_fn,
-                                                model_kwargs, device, progress, eta, generator, cond_fn)
+        yield from self.sample_loop_progressive(model, shape, sampler="ddim", noise=noise,
+                                                clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                                model_kwargs=model_kwargs, device=device, progress=progress,
+                                                eta=eta, generator=generator, cond_fn=cond_fn)
 
     def ddim_reverse_sample_loop(self, model, x, clip_denoised=True, denoised_fn=None,
                                  model_kwargs=None, progress=False, eta=0.0):
@@ -619,7 +673,8 @@ class GaussianDiffusion:
         """
         final = None
         for final in self.ddim_reverse_sample_loop_progressive(
-            model, x, clip_denoised, denoised_fn, model_kwargs, progress, eta
+            model, x, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+            progress=progress, eta=eta,
         ):
             pass
         return final["sample"]
@@ -633,7 +688,8 @@ class GaussianDiffusion:
 
         def step(x, k):
             t = order[k].expand(x.shape[0])
-            return self.ddim_reverse_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+            return self.ddim_reverse_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                            model_kwargs=model_kwargs)
 
         yield from samplers.walk(step, x, self.num_timesteps, progress)
 
@@ -641,7 +697,7 @@ class GaussianDiffusion:
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
         """The reference's form of _vb_terms_from_output: calls the model itself."""
-        model_output = self._call_model(model, x_t, t, model_kwargs)
+        model_output = self.call_model(model, x_t, t, model_kwargs)
         return self._vb_terms_from_output(model_output, x_start, x_t, t, clip_denoised)
 
     def _vb_terms_from_output(self, model_output, x_start, x_t, t, clip_denoised=True):
@@ -673,7 +729,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
         x_t = self.q_sample(x_start, t, noise=noise)
-        model_output = self._call_model(model, x_t, t, model_kwargs)
+        model_output = self.call_model(model, x_t, t, model_kwargs)
         if self.loss_type.is_vb():
             loss = self._vb_terms_from_output(model_output, x_start, x_t, t, clip_denoised=False)["output"]
             if self.loss_type == LossType.RESCALED_KL:

@@ -1,6 +1,10 @@
 """
 Timestep respacing: a diffusion process over a subset of a base process's
-steps (IDDPM section 4), so a model trained with T steps samples in fewer.
+steps (IDDPM section 4), so a model trained with T steps samples in fewer; with
+continuous_timesteps, over fractional timesteps placed exactly where a spacing
+rule puts them (SPEC 18; DPM-Solver's discrete-to-continuous wrapper, Lu et al.
+2022a, appendix), abar between integer timesteps interpolated linearly in log abar.
+Also the node rules the continuous processes (EDM, flow) share.
 """
 
 import json
@@ -13,38 +17,46 @@ import torch
 from .errors import InputError
 from .gaussian_diffusion import GaussianDiffusion
 
-# Spellings "<name>N" that place N steps by a rule over the whole process.
-SPACINGS = ("ddim", "trailing", "quad", "logsnr", "karras")
+# Spellings "<name>N" that place N steps by a rule over the whole process ("uniform" is "trailing").
+SPACINGS = ("ddim", "trailing", "uniform", "quad", "logsnr", "karras")
+# The spellings with exact fractional node values (continuous_timesteps=True).
+CONTINUOUS_SPACINGS = ("trailing", "uniform", "quad", "logsnr", "karras")
 KARRAS_RHO = 7.0
 
 
-def space_timesteps(num_timesteps, section_counts, betas=None):
+def space_timesteps(num_timesteps, section_counts, betas=None, continuous_timesteps=False):
     """
     The timesteps of a T-step process to keep.
 
     :param num_timesteps: T, the number of steps in the base process.
     :param section_counts: one of
         - "ddimN": DDIM's evenly strided N steps;
-        - "trailingN", "quadN", "logsnrN", "karrasN": N steps placed by the
-          rules of _spaced_steps (every one includes T - 1);
+        - "trailingN" (or "uniformN"), "quadN", "logsnrN", "karrasN": N steps
+          placed by the rules of _spaced_steps (every one includes T - 1);
         - a path ending in ".json": a JSON list of increasing timesteps;
         - a list of ints (or a comma-separated string) splitting T into equal
           sections, each keeping that many evenly spaced steps. "10,15,20"
           keeps 10 steps from the first third, 15 from the second and 20 from
           the last.
     :param betas: the base process's betas; "logsnrN" and "karrasN" need them.
-    :return: a set of the kept step indices.
+    :param continuous_timesteps: return the rules' exact fractional timesteps
+        (floats in [0, T - 1]) instead of the nearest unused integer ones; a
+        .json list may then hold fractional timesteps. "ddimN" and section
+        counts have no continuous form (an error says so).
+    :return: a set of the kept step indices (ints, or floats when continuous).
     """
     if isinstance(section_counts, str):
         if section_counts.endswith(".json"):
-            return _json_timesteps(num_timesteps, section_counts)
+            return _json_timesteps(num_timesteps, section_counts, continuous_timesteps)
         for name in SPACINGS:
             if section_counts.startswith(name):
                 count = _parse_count(section_counts[len(name):], section_counts)
                 if name == "ddim":
+                    _check_discrete_only(section_counts, continuous_timesteps)
                     return _ddim_timesteps(num_timesteps, count)
-                return _spaced_steps(name, num_timesteps, count, betas)
+                return _spaced_steps(name, num_timesteps, count, betas, continuous_timesteps)
         section_counts = [_parse_count(x, section_counts) for x in section_counts.split(",")]
+    _check_discrete_only(f"section counts {section_counts}", continuous_timesteps)
     if not section_counts:
         raise ValueError("section_counts is empty: give at least one count, e.g. [50] or 'ddim50'")
     size_per = num_timesteps // len(section_counts)
@@ -58,15 +70,25 @@ def space_timesteps(num_timesteps, section_counts, betas=None):
     return set(kept)
 
 
-def _spaced_steps(name, num_timesteps, count, betas):
+def _check_discrete_only(spelling, continuous_timesteps):
+    if continuous_timesteps:
+        raise ValueError(
+            f"timestep respacing {spelling} has no continuous form: continuous_timesteps (--continuous_timesteps) "
+            f"works with {', '.join(s + 'N' for s in CONTINUOUS_SPACINGS)} and .json lists; drop it or use one of those"
+        )
+
+
+def _spaced_steps(name, num_timesteps, count, betas, continuous_timesteps=False):
     """
     `count` distinct timesteps of a T-step process by a named rule, k = 0 ... N-1:
-    trailing: round(T - k T / N) - 1 (Lin et al. 2023, Table 2);
-    quad: round((T - 1)(1 - k / (N - 1))^2), quadratic in time over the whole process;
+    trailing (= uniform): T - k T / N - 1 (Lin et al. 2023, Table 2, which rounds it);
+    quad: (T - 1)(1 - k / (N - 1))^2, quadratic in time over the whole process;
     logsnr: uniform in lambda = log(sqrt(abar) / sqrt(1 - abar)) from step T - 1 to step 0;
     karras: sigma = sqrt((1 - abar) / abar) from sigma_max to sigma_min with
     rho = 7 (Karras et al. 2022, eq. 5).
-    Each target goes to the nearest unused base timestep.
+    Each target goes to the nearest unused base timestep, or with
+    continuous_timesteps is kept as it is (logsnr and karras: the fractional
+    timestep whose interpolated lambda is the target).
     """
     if not 1 <= count <= num_timesteps:
         raise ValueError(
@@ -75,8 +97,9 @@ def _spaced_steps(name, num_timesteps, count, betas):
         )
     k = np.arange(count, dtype=np.float64)
     grid = np.arange(num_timesteps, dtype=np.float64)
-    if name == "trailing":
-        targets = np.array([round(num_timesteps - i * num_timesteps / count) - 1 for i in range(count)], float)
+    if name in ("trailing", "uniform"):
+        positions = [num_timesteps - i * num_timesteps / count for i in range(count)]
+        targets = np.array([p - 1 if continuous_timesteps else round(p) - 1 for p in positions], float)
     elif name == "quad":
         frac = k / (count - 1) if count > 1 else k
         targets = (num_timesteps - 1) * (1 - frac) ** 2
@@ -84,27 +107,96 @@ def _spaced_steps(name, num_timesteps, count, betas):
         grid = _log_snr(num_timesteps, betas, f"{name}{count}")
         if np.isinf(grid[-1]) and count > 1:
             # abar_{T-1} = 0 (zero terminal SNR): step T - 1 and count - 1 steps over the finite range.
-            return {num_timesteps - 1} | _lambda_steps(name, grid[:-1], count - 1)
-        return _lambda_steps(name, grid, count)
+            rest = _lambda_steps(name, grid[:-1], count - 1, continuous_timesteps)
+            return {float(num_timesteps - 1) if continuous_timesteps else num_timesteps - 1} | rest
+        return _lambda_steps(name, grid, count, continuous_timesteps)
+    if continuous_timesteps:
+        return set(float(t) for t in targets)
     return _nearest_unused(grid, targets)
 
 
-def _lambda_steps(name, grid, count):
-    """`count` steps of lambda grid [T] from grid[-1] to grid[0]: uniform in lambda, or Karras's rho in sigma."""
+def spacing_ramp(count):
+    """k / (count - 1) for k = 0 ... count - 1 (0 alone for one node), float64."""
+    return np.arange(count, dtype=np.float64) / max(count - 1, 1)
+
+
+def karras_sigmas(sigma_max, sigma_min, count, rho=KARRAS_RHO):
+    """Karras et al. 2022, eq. 5: count sigmas from sigma_max down to sigma_min, uniform in sigma^(1/rho); float64."""
+    inv_rho = 1.0 / rho
+    return (sigma_max**inv_rho + spacing_ramp(count) * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+
+
+def log_snr_sigmas(sigma_max, sigma_min, count):
+    """count sigmas from sigma_max down to sigma_min uniform in lambda = -log sigma (geometric); float64."""
+    first, last = -math.log(sigma_max), -math.log(sigma_min)
+    return np.exp(-(first + (last - first) * spacing_ramp(count)))
+
+
+def _lambda_steps(name, grid, count, continuous_timesteps=False):
+    """
+    `count` steps of lambda grid [T'] from grid[-1] to grid[0]: uniform in
+    lambda, or Karras's rho in sigma; the nearest unused grid steps, or the
+    exact fractional timesteps with continuous_timesteps.
+    """
     first, last = grid[-1], grid[0]
-    frac = np.arange(count, dtype=np.float64) / max(count - 1, 1)
     if name == "logsnr":
-        targets = first + (last - first) * frac
+        targets = first + (last - first) * spacing_ramp(count)
     else:
         # Karras et al. eq. 5 in sigma = exp(-lambda), matched in log sigma.
-        inv_rho = 1.0 / KARRAS_RHO
-        sigma_max, sigma_min = math.exp(-first), math.exp(-last)
-        sigmas = (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** KARRAS_RHO
-        targets = -np.log(sigmas)
-    return _nearest_unused(grid, targets)
+        targets = -np.log(karras_sigmas(math.exp(-first), math.exp(-last), count))
+    if not continuous_timesteps:
+        return _nearest_unused(grid, targets)
+    timesteps = _timesteps_at_lambda(grid, targets)
+    # The rule's ends are the grid's own end steps, whatever the round trip through lambda rounds.
+    timesteps[0] = len(grid) - 1
+    if count > 1:
+        timesteps[-1] = 0
+    return set(float(t) for t in timesteps)
+
+
+def _timesteps_at_lambda(grid, targets):
+    """
+    The fractional timesteps whose lambda, with log abar linear between integer
+    timesteps (interpolate_alphas_cumprod), equals each target; grid is the
+    lambda of the integer timesteps (finite, decreasing). Float64 array.
+    """
+    log_abar = -np.logaddexp(0.0, -2 * grid)  # log abar = log sigmoid(2 lambda)
+    wanted = -np.logaddexp(0.0, -2 * np.asarray(targets, dtype=np.float64))
+    # -log abar increases with the timestep: find each wanted value's interval.
+    rising = -log_abar
+    index = np.clip(np.searchsorted(rising, -wanted, side="right") - 1, 0, len(grid) - 2)
+    frac = (-wanted - rising[index]) / (rising[index + 1] - rising[index])
+    return np.clip(index + frac, 0, len(grid) - 1)
+
+
+def interpolate_alphas_cumprod(alphas_cumprod, timesteps):
+    """
+    abar at fractional timesteps, linear in log abar between the integer ones
+    (SPEC 18); exactly the table at every integer timestep.
+
+    :param alphas_cumprod: the base process's [T] table (float64).
+    :param timesteps: values in [0, T - 1].
+    :return: a float64 array of timesteps' shape.
+    """
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    timesteps = np.asarray(timesteps, dtype=np.float64)
+    last = len(alphas_cumprod) - 1
+    if timesteps.size and (timesteps.min() < 0 or timesteps.max() > last):
+        raise ValueError(
+            f"fractional timesteps must lie in [0, {last}] for a {last + 1}-step process, got values from "
+            f"{timesteps.min()} to {timesteps.max()}"
+        )
+    index = np.minimum(np.floor(timesteps).astype(np.int64), last)
+    frac = timesteps - index
+    start, end = alphas_cumprod[index], alphas_cumprod[np.minimum(index + 1, last)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # abar_i (abar_{i+1} / abar_i)^frac; 0 beyond a zero-terminal-SNR step's start.
+        between = start * np.exp(frac * (np.log(end) - np.log(start)))
+    return np.where(frac > 0, between, start)
 
 
 def _log_snr(num_timesteps, betas, spelling):
+
     """lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)) of the base process, [T] float64."""
     if betas is None:
         raise ValueError(
@@ -141,30 +233,47 @@ def _nearest_unused(grid, targets):
     return taken
 
 
-def _json_timesteps(num_timesteps, path):
-    """The timesteps listed in a JSON file: a non-empty list of increasing ints in [0, T - 1]."""
+def read_spacing_file(path):
+    """The JSON value in a spacing file, with clear errors for a missing file or one that is not JSON."""
     if not bf.exists(path):
         raise InputError(f"timestep respacing file {path} does not exist")
     with bf.BlobFile(path, "r") as f:
         try:
-            steps = json.load(f)
+            return json.load(f)
         except json.JSONDecodeError as exc:
             raise InputError(f"timestep respacing file {path} is not valid JSON: {exc}") from None
+
+
+def is_number_list(value):
+    """Whether value is a non-empty list of ints and floats (no bools)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _json_timesteps(num_timesteps, path, continuous_timesteps=False):
+    """
+    The timesteps listed in a JSON file: a non-empty list of increasing ints in
+    [0, T - 1] (numbers, fractional ones too, with continuous_timesteps).
+    """
+    steps = read_spacing_file(path)
+    kind = "" if continuous_timesteps else "integer "
     valid = (
-        isinstance(steps, list)
-        and steps
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+        is_number_list(steps)
+        and (continuous_timesteps or all(isinstance(s, int) for s in steps))
         and all(a < b for a, b in zip(steps, steps[1:]))
         and 0 <= steps[0]
-        and steps[-1] < num_timesteps
+        and steps[-1] <= num_timesteps - 1
     )
     if not valid:
         raise InputError(
             f"timestep respacing file {path} must hold a non-empty JSON list of strictly increasing "
-            f"integer timesteps in [0, {num_timesteps - 1}] (as search_timesteps.py writes), got "
+            f"{kind}timesteps in [0, {num_timesteps - 1}] (as search_timesteps.py writes), got "
             f"{json.dumps(steps)[:200]}"
         )
-    return set(steps)
+    return set(float(s) for s in steps) if continuous_timesteps else set(steps)
 
 
 def _parse_count(text, section_counts):
@@ -172,8 +281,8 @@ def _parse_count(text, section_counts):
         return int(text)
     except ValueError:
         raise ValueError(
-            f"cannot parse timestep respacing {section_counts!r}: use 'ddimN', 'trailingN', 'quadN', "
-            f"'logsnrN', 'karrasN', a .json list of timesteps, or comma-separated counts like '10,15,20'"
+            f"cannot parse timestep respacing {section_counts!r}: use 'ddimN', 'trailingN' (or 'uniformN'), "
+            f"'quadN', 'logsnrN', 'karrasN', a .json list of timesteps, or comma-separated counts like '10,15,20'"
         ) from None
 
 
@@ -205,27 +314,48 @@ class SpacedDiffusion(GaussianDiffusion):
     """
     A diffusion process that keeps some steps of a base process.
 
-    :param use_timesteps: the base-process steps to keep (a collection of ints).
+    :param use_timesteps: the base-process steps to keep (a collection of ints;
+        of numbers in [0, T - 1] with continuous_timesteps).
+    :param continuous_timesteps: the kept timesteps may be fractional: abar
+        there is interpolated linearly in log abar (interpolate_alphas_cumprod)
+        and the model sees the fractional timestep (scaled to [0, 1000) when
+        rescale_timesteps, else a float timestep in base-process units).
     :param kwargs: the GaussianDiffusion arguments of the base process.
     """
 
-    def __init__(self, use_timesteps, **kwargs):
+    def __init__(self, use_timesteps, continuous_timesteps=False, **kwargs):
         base = GaussianDiffusion(**kwargs)
-        self.use_timesteps = set(int(t) for t in use_timesteps)
+        use_timesteps = list(use_timesteps)
+        if not continuous_timesteps and any(t != int(t) for t in use_timesteps):
+            raise ValueError(
+                f"use_timesteps holds fractional timesteps {sorted(t for t in use_timesteps if t != int(t))[:5]}: "
+                "pass continuous_timesteps=True to keep them"
+            )
+        self.continuous_timesteps = continuous_timesteps
+        self.use_timesteps = set(float(t) if continuous_timesteps else int(t) for t in use_timesteps)
         self.original_num_steps = base.num_timesteps
-        bad = sorted(t for t in self.use_timesteps if not 0 <= t < base.num_timesteps)
+        bad = sorted(t for t in self.use_timesteps if not 0 <= t <= base.num_timesteps - 1)
         if not self.use_timesteps or bad:
             raise ValueError(
                 f"use_timesteps must be a non-empty set of steps in [0, {base.num_timesteps - 1}]"
                 + (f"; got out-of-range steps {bad[:5]}" if bad else "")
             )
         self.timestep_map = sorted(self.use_timesteps)
-        kwargs["betas"] = _respaced_betas(base.alphas_cumprod, self.timestep_map)
+        if continuous_timesteps:
+            kept_alphas_cumprod = interpolate_alphas_cumprod(base.alphas_cumprod, self.timestep_map)
+        else:
+            kept_alphas_cumprod = base.alphas_cumprod[self.timestep_map]
+        kwargs["betas"] = _respaced_betas(kept_alphas_cumprod)
         super().__init__(**kwargs)
         self._timestep_map_tensors = {}
 
-    def _call_model(self, model, x, t, model_kwargs):
+    def call_model(self, model, x, t, model_kwargs=None):
+        """The model called with the base-process timesteps of indices t (see _WrappedModel)."""
         return self._wrap_model(model)(x, t, **(model_kwargs or {}))
+
+    def base_timesteps(self):
+        """The base-process timestep of each index: timestep_map."""
+        return list(self.timestep_map)
 
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
@@ -237,27 +367,31 @@ class SpacedDiffusion(GaussianDiffusion):
         return t
 
     def _timestep_map_on(self, device):
-        """timestep_map as an int64 tensor on `device`, made once per device."""
+        """timestep_map on `device` (int64, or float64 (float32 on MPS) when continuous), made once per device."""
         key = str(device)
         if key not in self._timestep_map_tensors:
-            self._timestep_map_tensors[key] = torch.tensor(self.timestep_map, dtype=torch.long, device=device)
+            dtype = torch.long
+            if self.continuous_timesteps:
+                dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+            self._timestep_map_tensors[key] = torch.tensor(self.timestep_map, dtype=dtype, device=device)
         return self._timestep_map_tensors[key]
 
 
-def _respaced_betas(alphas_cumprod, kept):
+def _respaced_betas(kept_alphas_cumprod):
     """Betas of the kept steps: beta' = 1 - abar_i / abar_(previous kept) (IDDPM eq. 19)."""
     betas = []
     last_alpha_cumprod = 1.0
-    for i in kept:
-        betas.append(1 - alphas_cumprod[i] / last_alpha_cumprod)
-        last_alpha_cumprod = alphas_cumprod[i]
+    for alpha_cumprod in kept_alphas_cumprod:
+        betas.append(1 - alpha_cumprod / last_alpha_cumprod)
+        last_alpha_cumprod = alpha_cumprod
     return np.array(betas, dtype=np.float64)
 
 
 class _WrappedModel:
     """
     Calls a base-process model with a spaced process's timesteps: index t
-    becomes timestep_map[t], scaled to [0, 1000) when rescale_timesteps.
+    becomes timestep_map[t], scaled to [0, 1000) when rescale_timesteps; a
+    fractional timestep is passed as float32.
     """
 
     def __init__(self, model, diffusion):
@@ -274,4 +408,6 @@ class _WrappedModel:
         new_ts = self.diffusion._timestep_map_on(ts.device)[ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
+        elif new_ts.is_floating_point():
+            new_ts = new_ts.float()
         return self.model(x, new_ts, **kwargs)

@@ -1,67 +1,45 @@
 """
-Samplers for a GaussianDiffusion (or a SpacedDiffusion): DDPM, DDIM and the
-fast ODE/SDE solvers that reach the same quality in far fewer model evaluations.
+Samplers for any noise process (noise_process.py: a GaussianDiffusion or
+SpacedDiffusion, EDMDiffusion, FlowDiffusion): DDPM, DDIM and the fast
+ODE/SDE solvers that reach the same quality in far fewer model evaluations.
 
-The math, once. The process keeps N timesteps; a sampler walks them from the
-noisiest to the cleanest, node k = 0 ... N-1, and ends at node N, a clean
-sample. At node k, abar_k is the cumulative product of the process's alphas,
-
-    alpha_k = sqrt(abar_k),  sigma_k = sqrt(1 - abar_k),
-    lambda_k = log(alpha_k / sigma_k)        (half the log-SNR),
-    sigmatilde_k = sigma_k / alpha_k          (Karras et al.'s sigma),
-
-and node N has abar = 1 (alpha = 1, sigma = 0, lambda = +inf). With
-x_t = alpha x_0 + sigma eps, the model's output gives eps-hat and x0-hat,
-related by x_t = alpha x0-hat + sigma eps-hat. The probability-flow ODE has
-the exact solution, from lambda_s to lambda_t (Lu et al. 2022b, section 3, data prediction):
-
-    x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0-hat(lambda) dlambda,
-
-and, in xtilde = x / alpha against sigmatilde, it reads
-d xtilde / d sigmatilde = eps-hat (Karras et al. 2022, eq. 4 with s = 1).
-The multistep solvers approximate x0-hat over each step [lambda_k, lambda_{k+1}]
-(h = lambda_{k+1} - lambda_k) by a polynomial through earlier x0-hats. The
-step to node N has h = inf and is first order for every solver: x = x0-hat.
+The math is in noise_process.py's docstring. A sampler walks the nodes
+k = 0 ... N-1 of a Nodes (alpha_k, sigma_k, lambda_k = log(alpha_k / sigma_k)),
+noisiest first, and ends at node N, the clean sample (alpha = 1, sigma = 0,
+lambda = +inf). The step to node N has h = inf and is first order for every
+solver: x = x0_hat.
 
 Each sampler is one function `sampler(ctx, x, k)` that takes x at node k and
-returns {"sample": x at node k+1, "pred_xstart": x0-hat at node k}; they share
-one loop (`walk`) and one adapter from the model's output to (eps-hat,
-x0-hat) (`SamplingContext.denoise`). Coefficients are Python floats computed
-from the float64 schedule before the loop, so a step copies nothing between
-host and device.
+returns {"sample": x at node k+1, "pred_xstart": x0_hat at node k}; they share
+one loop (`walk`) and the process's denoiser (`SamplingContext.denoise`). The
+walk's coefficients are Python floats computed before the loop, so a step
+copies nothing between host and device. The samplers read only the public
+members of the process and of its Nodes.
 """
 
 import math
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .noise_process import (  # noqa: F401 (ClassifierFreeGuidance, null_label_of: public names of this module)
+    ClassifierFreeGuidance,
+    Denoiser,
+    classifier_free_guidance,
+    combine,
+    ddim_update,
+    noise_like,
+    null_label_of,
+)
 
 # Below this many steps the multistep solvers lower their order near the end
 # (DPM-Solver++'s "lower_order_final").
 LOWER_ORDER_FINAL_BELOW = 15
 
 
-def noise_like(shape, device, generator=None, dtype=torch.float32):
-    """
-    Standard normal noise of `shape` ([N x ...]).
-
-    :param generator: None (the global RNG), a torch.Generator on `device`, or
-        a list of N generators, one per batch element, so that each sample's
-        noise does not depend on which batch it is drawn in.
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack(
-            [torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator]
-        )
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
-
 def walk_timesteps(diffusion):
-    """The base-process timesteps a sampler visits, noisiest first (a list of ints)."""
-    return sorted(getattr(diffusion, "timestep_map", range(diffusion.num_timesteps)), reverse=True)
+    """The process's times at the nodes its default walk visits, noisiest first (base timesteps for the DDPM family)."""
+    return list(diffusion.sampling_nodes().times)
 
 
 def walk(step, x, num_steps, progress=False):
@@ -77,98 +55,99 @@ def walk(step, x, num_steps, progress=False):
         x = out["sample"]
 
 
+class Churn:
+    """
+    EDM's stochastic sampler (Karras et al. 2022, Algorithm 2, lines 4-6):
+    before step k, x += noise_std[k] z raises its noise level from node k to
+    node k of `nodes` (sigma_hat_k), and the step leaves from there.
+
+    :param nodes: the Nodes of the raised levels (the walk's own where noise_std is 0).
+    :param noise_std: N floats, sqrt(sigma_hat_k^2 - sigma_k^2) S_noise.
+    """
+
+    def __init__(self, nodes, noise_std):
+        self.nodes = nodes
+        self.noise_std = list(noise_std)
+
+
 class SamplingContext:
     """
-    What a sampler step needs: the schedule of the walk as Python floats, the
-    model adapter, the noise source and a memory for multistep solvers.
+    What a sampler step needs: the walk's nodes as Python floats, the
+    process's denoiser, the noise source and a memory for multistep solvers.
 
-    :param diffusion: the GaussianDiffusion whose timesteps are walked.
+    :param diffusion: the NoiseProcess whose nodes are walked.
     :param batch_size: N, the batch size of x.
     :param eta: the sampler's noise scale (DDIM's eta, the SDE solver's eta).
     :param generator: a torch.Generator, a list of one per sample, or None.
     :param guidance: a ClassifierFreeGuidance, or None.
+    :param nodes: the Nodes to walk (the process's sampling_nodes() by default).
+    :param churn: a Churn (EDM's Algorithm 2), or None.
     """
 
     def __init__(self, diffusion, model, batch_size, device, clip_denoised=True, denoised_fn=None,
-                 model_kwargs=None, cond_fn=None, eta=0.0, generator=None, guidance=None):
-        self.diffusion = diffusion
-        self.model = model
-        self.guidance = guidance
+                 model_kwargs=None, cond_fn=None, eta=0.0, generator=None, guidance=None, nodes=None, churn=None,
+                 dtype=torch.float32):
+        self.process = diffusion
+        self.nodes = diffusion.sampling_nodes() if nodes is None else nodes
+        self.denoiser = Denoiser(diffusion, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                 model_kwargs=model_kwargs, cond_fn=cond_fn, guidance=guidance)
         self.clip_denoised = clip_denoised
-        self.denoised_fn = denoised_fn
-        self.model_kwargs = model_kwargs
-        self.cond_fn = cond_fn
         self.eta = eta
         self.generator = generator
-        self.num_steps = diffusion.num_timesteps
-        abar = np.append(diffusion.alphas_cumprod[::-1], 1.0)
-        self.alpha = np.sqrt(abar).tolist()
-        self.sigma = np.sqrt(1.0 - abar).tolist()
-        with np.errstate(divide="ignore"):
-            self.lam = (0.5 * (np.log(abar) - np.log1p(-abar))).tolist()
-        self.timesteps = torch.arange(self.num_steps, device=device).flip(0)
-        self.base_timesteps = walk_timesteps(diffusion)
+        self.churn = churn
+        self.num_steps = self.nodes.num_steps
+        self.alpha, self.sigma, self.lam = self.nodes.alpha, self.nodes.sigma, self.nodes.lam
         self.batch_size = batch_size
+        self._timesteps = {id(self.nodes): self.nodes.timesteps_on(device, dtype)}
+        if churn is not None:
+            self._timesteps[id(churn.nodes)] = churn.nodes.timesteps_on(device, dtype)
         self.memory = {}
 
-    def t(self, k):
-        """The process's timestep indices at node k, int64 [N] on the device."""
-        return self.timesteps[k].expand(self.batch_size)
-
-    def model_at(self, k):
-        """The model to evaluate at node k: guided where the guidance applies, else the model itself."""
-        if self.guidance is None:
-            return self.model
-        return self.guidance.at(self.base_timesteps[k])
+    def t(self, k, nodes=None):
+        """The process's timesteps at node k of `nodes` (the walk's by default), [N] on the device."""
+        return self._timesteps[id(nodes or self.nodes)][k].expand(self.batch_size)
 
     def is_last(self, k):
         return k == self.num_steps - 1
 
     def h(self, k):
         """lambda_{k+1} - lambda_k (inf for the step to the clean sample)."""
-        return self.lam[k + 1] - self.lam[k]
+        return self.nodes.h(k)
 
     def noise(self, x):
         return noise_like(x.shape, x.device, self.generator, x.dtype)
 
-    def denoise(self, x, k):
-        """
-        The model at node k as (eps-hat, x0-hat), each [N x C x ...]: any
-        ModelMeanType, learned-variance channels dropped, denoised_fn and
-        clipping applied to x0-hat (eps-hat recomputed from it), then
-        classifier guidance in score form (Dhariwal & Nichol 2021, Algorithm 2):
-        eps-hat -= sigma_k * grad log p(y | x_t).
-        """
-        d, t = self.diffusion, self.t(k)
-        a, s = self.alpha[k], self.sigma[k]
-        if a == 0 and (d.model_mean_type.name == "EPSILON" or self.cond_fn is not None):
-            raise ValueError(
-                f"abar = 0 at timestep {k} of the walk (zero terminal SNR): eps-hat alone cannot give x0-hat "
-                "there; use a model that predicts x_0 (or drop that timestep from the respacing)"
-            )
-        mean_output, _ = d._split_output(d._call_model(self.model_at(k), x, t, self.model_kwargs), x)
-        if d.model_mean_type.name == "EPSILON" and self.denoised_fn is None and not self.clip_denoised:
-            eps = mean_output
-            pred_xstart = combine((1 / a, x), (-s / a, eps))
-        else:
-            pred_xstart = d._pred_xstart(mean_output, x, t, self.clip_denoised, self.denoised_fn)
-            eps = combine((1 / s, x), (-a / s, pred_xstart))
-        if self.cond_fn is not None:
-            eps = eps - s * d._call_model(self.cond_fn, x, t, self.model_kwargs)
-            pred_xstart = combine((1 / a, x), (-s / a, eps))
-        return eps, pred_xstart
+    def denoise(self, x, k, nodes=None):
+        """(eps_hat, x0_hat) at node k of `nodes` (the walk's by default): noise_process.Denoiser."""
+        nodes = nodes or self.nodes
+        return self.denoiser(x, nodes, k, self.t(k, nodes))
 
-    def ddim_transfer(self, x, eps, k):
+    def slope(self, eps, pred_xstart):
+        """dy/dtau in the walk's ODE coordinates: eps_hat ("karras"), eps_hat - x0_hat ("linear")."""
+        if self.nodes.x0_rate == 0:
+            return eps
+        return combine((1.0, eps), (self.nodes.x0_rate, pred_xstart))
+
+    def churned(self, x, k):
+        """(x, the Nodes step k leaves from): with a Churn, x raised to sigma_hat_k first (Algorithm 2)."""
+        if self.churn is None:
+            return x, self.nodes
+        std = self.churn.noise_std[k]
+        return (x + std * self.noise(x) if std != 0 else x), self.churn.nodes
+
+    def transfer(self, x, slope, k):
         """
-        x at node k+1 from x at node k along the DDIM path with this eps (DDIM
-        eq. 12, eta = 0): alpha_{k+1} x0 + sigma_{k+1} eps with x0 = (x - sigma_k eps) / alpha_k,
-        that x0 clipped (and eps with it) when clip_denoised.
+        x at node k+1 along the DDIM path of this slope: x0_hat = y - tau slope
+        (clipped when clip_denoised) and the eps_hat it implies, through DDIM's
+        update with eta = 0.
         """
-        a, s, a_next, s_next = self.alpha[k], self.sigma[k], self.alpha[k + 1], self.sigma[k + 1]
-        if not self.clip_denoised:
-            return combine((a_next / a, x), (s_next - a_next * s / a, eps))
-        pred_xstart = combine((1 / a, x), (-s / a, eps)).clamp_(-1, 1)
-        return combine((s_next / s, x), (a_next - s_next * a / s, pred_xstart))
+        nodes = self.nodes
+        pred_xstart = combine((1 / nodes.scale[k], x), (-nodes.tau[k], slope))
+        if self.clip_denoised:
+            pred_xstart = pred_xstart.clamp_(-1, 1)
+        a, s = nodes.alpha[k], nodes.sigma[k]
+        eps = combine((1 / s, x), (-a / s, pred_xstart))
+        return ddim_update(pred_xstart, eps, nodes.alpha[k + 1], nodes.sigma[k + 1] ** 2)
 
     def order(self, k, max_order):
         """
@@ -184,15 +163,6 @@ class SamplingContext:
         return 1 if self.is_last(k) else order
 
 
-def combine(*terms):
-    """sum_i c_i * tensor_i for (float c_i, tensor_i) pairs, one kernel per term; zero weights skipped."""
-    terms = [(c, tensor) for c, tensor in terms if c != 0]
-    out = terms[0][1] * terms[0][0]
-    for c, tensor in terms[1:]:
-        out.add_(tensor, alpha=c)
-    return out
-
-
 def _remember(ctx, key, value, keep):
     """Append value to ctx.memory[key], keeping the last `keep`; return the list (oldest first)."""
     history = ctx.memory.setdefault(key, [])
@@ -205,73 +175,75 @@ def _remember(ctx, key, value, keep):
 
 
 def ddpm(ctx, x, k):
-    """Ancestral sampling (Ho et al. 2020, Algorithm 2): GaussianDiffusion.p_sample."""
-    d = ctx.diffusion
-    return d.p_sample(ctx.model_at(k), x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
-                      ctx.generator, cond_fn=ctx.cond_fn)
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2): the process's ancestral_step (p_sample for the DDPM family)."""
+    return ctx.process.ancestral_step(ctx.denoiser, x, ctx.nodes, k, ctx.t(k), generator=ctx.generator)
 
 
 def ddim(ctx, x, k):
-    """DDIM (Song et al. 2020, eq. 12) with ctx.eta: GaussianDiffusion.ddim_sample."""
-    d = ctx.diffusion
-    return d.ddim_sample(ctx.model_at(k), x, ctx.t(k), ctx.clip_denoised, ctx.denoised_fn, ctx.model_kwargs,
-                         ctx.eta, ctx.generator, cond_fn=ctx.cond_fn)
+    """DDIM (Song et al. 2020, eq. 12) with ctx.eta: the process's ddim_step (ddim_sample for the DDPM family)."""
+    return ctx.process.ddim_step(ctx.denoiser, x, ctx.nodes, k, ctx.t(k), eta=ctx.eta, generator=ctx.generator)
 
 
 def euler(ctx, x, k):
     """
-    Euler's method on d xtilde / d sigmatilde = eps-hat (Karras et al. 2022,
-    Algorithm 1 without its Heun correction); the same path as DDIM with eta = 0.
+    Euler's method on dy/dtau (Karras et al. 2022, Algorithm 1 without its
+    Heun correction); the same path as DDIM with eta = 0. With a Churn,
+    Algorithm 2's noise increase comes first.
     """
-    eps, pred_xstart = ctx.denoise(x, k)
-    return {"sample": _euler_step(ctx, x, eps, k), "pred_xstart": pred_xstart}
+    x, start = ctx.churned(x, k)
+    eps, pred_xstart = ctx.denoise(x, k, start)
+    return {"sample": _euler_step(ctx, x, ctx.slope(eps, pred_xstart), k, start), "pred_xstart": pred_xstart}
 
 
-def _euler_step(ctx, x, eps, k):
-    """alpha_{k+1} (x / alpha_k + (sigmatilde_{k+1} - sigmatilde_k) eps), [N x C x ...]."""
-    a, a_next = ctx.alpha[k], ctx.alpha[k + 1]
-    dsigma = ctx.sigma[k + 1] / a_next - ctx.sigma[k] / a
-    return combine((a_next / a, x), (a_next * dsigma, eps))
+def _euler_step(ctx, x, slope, k, start=None):
+    """s_{k+1} (x / s_k + (tau_{k+1} - tau_k) slope) from node k of `start` (the walk's by default), [N x C x ...]."""
+    start = start or ctx.nodes
+    scale, scale_next = start.scale[k], ctx.nodes.scale[k + 1]
+    return combine((scale_next / scale, x), (scale_next * (ctx.nodes.tau[k + 1] - start.tau[k]), slope))
 
 
 def heun(ctx, x, k):
     """
     Heun's second-order method on the same ODE (Karras et al. 2022, Algorithm 1,
-    deterministic): an Euler step, then the trapezoid of the slopes at both
-    ends. Two model evaluations per step, one for the step to the clean sample.
+    deterministic; with a Churn, Algorithm 2): an Euler step, then the
+    trapezoid of the slopes at both ends. Two model evaluations per step, one
+    for the step to the clean sample.
     """
-    eps, pred_xstart = ctx.denoise(x, k)
-    x_next = _euler_step(ctx, x, eps, k)
+    x, start = ctx.churned(x, k)
+    eps, pred_xstart = ctx.denoise(x, k, start)
+    slope = ctx.slope(eps, pred_xstart)
+    x_next = _euler_step(ctx, x, slope, k, start)
     if not ctx.is_last(k):
-        eps_next, _ = ctx.denoise(x_next, k + 1)
-        x_next = _euler_step(ctx, x, combine((0.5, eps), (0.5, eps_next)), k)
+        slope_next = ctx.slope(*ctx.denoise(x_next, k + 1))
+        x_next = _euler_step(ctx, x, combine((0.5, slope), (0.5, slope_next)), k, start)
     return {"sample": x_next, "pred_xstart": pred_xstart}
 
 
-# Adams-Bashforth weights of the newest eps first, by how many past eps-hats exist.
+# Adams-Bashforth weights of the newest slope first, by how many past slopes exist.
 _ADAMS_BASHFORTH = {1: (1.5, -0.5), 2: (23 / 12, -16 / 12, 5 / 12), 3: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def plms(ctx, x, k):
     """
     Pseudo linear multistep (Liu et al. 2022, PNDM, section 3): the DDIM
-    transfer with an Adams-Bashforth combination of the last four eps-hats.
-    The warm-up is the paper's pseudo improved Euler step (S-PNDM): the first
-    step evaluates the model twice, the next two use orders 2 and 3, so N
-    steps cost N + 1 evaluations (N >= 2).
+    transfer with an Adams-Bashforth combination of the last four slopes
+    (eps-hats in "karras" coordinates). The warm-up is the paper's pseudo
+    improved Euler step (S-PNDM): the first step evaluates the model twice, the
+    next two use orders 2 and 3, so N steps cost N + 1 evaluations (N >= 2).
     """
     eps, pred_xstart = ctx.denoise(x, k)
-    past = ctx.memory.get("eps", [])
+    slope = ctx.slope(eps, pred_xstart)
+    past = ctx.memory.get("slope", [])
     if not past and not ctx.is_last(k):
-        eps_next, _ = ctx.denoise(ctx.ddim_transfer(x, eps, k), k + 1)
-        combined = combine((0.5, eps), (0.5, eps_next))
+        slope_next = ctx.slope(*ctx.denoise(ctx.transfer(x, slope, k), k + 1))
+        combined = combine((0.5, slope), (0.5, slope_next))
     elif not past:
-        combined = eps
+        combined = slope
     else:
         weights = _ADAMS_BASHFORTH[len(past)]
-        combined = combine(*zip(weights, [eps, *reversed(past)]))
-    _remember(ctx, "eps", eps, keep=3)
-    return {"sample": ctx.ddim_transfer(x, combined, k), "pred_xstart": pred_xstart}
+        combined = combine(*zip(weights, [slope, *reversed(past)]))
+    _remember(ctx, "slope", slope, keep=3)
+    return {"sample": ctx.transfer(x, combined, k), "pred_xstart": pred_xstart}
 
 
 def dpmpp_2m(ctx, x, k):
@@ -391,61 +363,6 @@ def _unic_coefficients(ratios, z):
     return [a_1, rhs[0] - a_1]
 
 
-class ClassifierFreeGuidance:
-    """
-    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = out_u + s (out_c - out_u)
-    on the mean channels, out_c and out_u from one forward of the doubled batch
-    [x, x] with labels [y, null_label]; learned-variance channels from the
-    conditional half. The combination is affine, so it is the same whether the
-    model predicts eps, x0, v or x_{t-1}. Scale 1 is the conditional model and
-    scale 0 the unconditional one, each called alone.
-
-    :param model: called as model(x, t, y=labels, **kwargs).
-    :param scale: the guidance scale s.
-    :param null_label: the label meaning "no class" (a UNet's null_label, index num_classes).
-    :param interval: (lo, hi): guide only at base timesteps lo <= t <= hi
-        (Kynkaanniemi et al. 2024), evaluating the conditional half alone elsewhere.
-    """
-
-    def __init__(self, model, scale, null_label, interval=None):
-        self.model = model
-        self.scale = float(scale)
-        self.null_label = int(null_label)
-        self.interval = interval
-
-    def at(self, base_timestep):
-        """The callable to use at this base timestep (a Python int: no device read)."""
-        inside = self.interval is None or self.interval[0] <= base_timestep <= self.interval[1]
-        if not inside or self.scale == 1:
-            return self.model
-        return self.unconditional if self.scale == 0 else self.guided
-
-    def unconditional(self, x, t, y, **kwargs):
-        return self.model(x, t, y=torch.full_like(y, self.null_label), **kwargs)
-
-    def guided(self, x, t, y, **kwargs):
-        """x: [N x C x ...], t: [N], y: [N] -> the guided [N x C(or 2C) x ...] output."""
-        doubled = {key: torch.cat([value, value]) for key, value in kwargs.items()}
-        labels = torch.cat([y, torch.full_like(y, self.null_label)])
-        cond, uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), y=labels, **doubled).chunk(2)
-        channels = x.shape[1]
-        mean = torch.lerp(uncond[:, :channels], cond[:, :channels], self.scale)
-        return torch.cat([mean, cond[:, channels:]], dim=1) if cond.shape[1] > channels else mean
-
-
-def null_label_of(model):
-    """
-    The null label of a UNet built with one (its `null_label`, index num_classes),
-    looking through autocast and compile wrappers; None for a model without one.
-    """
-    while isinstance(model, torch.nn.Module):
-        if isinstance(getattr(model, "null_label", None), int):
-            return model.null_label
-        inner = getattr(model, "model", None)
-        model = inner if isinstance(inner, torch.nn.Module) else getattr(model, "_orig_mod", None)
-    return None
-
-
 SAMPLERS = {
     "ddpm": ddpm,
     "ddim": ddim,
@@ -458,12 +375,14 @@ SAMPLERS = {
     "unipc": unipc,
 }
 
-# Samplers that step in x / sqrt(abar), which no abar = 0 timestep allows.
+# Samplers that step in y = x / s (s = alpha in "karras" coordinates), which no s = 0 node allows.
 NEED_NONZERO_ABAR = ("euler", "heun", "plms")
 # Samplers that read ctx.eta, with their default noise scale.
 ETA_DEFAULTS = {"ddim": 0.0, "dpmpp_2m_sde": 1.0}
 # Samplers that draw noise at every step (and so read `generator` after x_T).
 STOCHASTIC = ("ddpm", "ddim", "dpmpp_2m_sde")
+# Samplers that take EDM's Algorithm 2 noise increase (a Churn).
+CHURN_SAMPLERS = ("euler", "heun")
 
 
 def get_sampler(name):
@@ -486,47 +405,48 @@ def model_evaluations(name, num_steps):
 def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None, clip_denoised=True,
                             denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
                             generator=None, cond_fn=None, guidance_scale=1.0, guidance_interval=None,
-                            null_label=None):
+                            null_label=None, *, nodes=None, churn=None):
     """
-    Walk the process's timesteps from the noisiest down with the named sampler,
+    Walk a process's nodes from the noisiest down with the named sampler,
     yielding each step's {"sample", "pred_xstart"}; the last "sample" is clean.
 
-    :param shape: the [N x C x ...] shape of the samples; noise, optional x_T of it.
+    :param diffusion: a NoiseProcess.
+    :param shape: the [N x C x ...] shape of the samples; noise, optional
+        standard normal noise of it (x at node 0 is noise times nodes.prior_std).
     :param eta: the noise scale of "ddim" and "dpmpp_2m_sde" (None: 0 and 1);
         another sampler given a nonzero eta is an error.
-    :param cond_fn: classifier guidance, cond_fn(x, t, **model_kwargs) -> grad log p(y | x).
+    :param cond_fn: classifier guidance, called as the model is (see the
+        process's call_model) with model_kwargs, returning the gradient of
+        log p(y | input) with respect to its input.
     :param guidance_scale: classifier-free guidance scale (1: none), with the
         labels in model_kwargs["y"] and `null_label` (default: the UNet's
         null_label, index num_classes) meaning no class; guidance_interval (lo, hi) limits
-        it to those base timesteps (see ClassifierFreeGuidance).
+        it to those process times (see ClassifierFreeGuidance).
+    :param nodes: the Nodes to walk; the process's sampling_nodes() by default.
+    :param churn: a Churn (EDM's Algorithm 2), for the euler and heun samplers.
     """
     step = get_sampler(sampler)
     if eta is None:
         eta = ETA_DEFAULTS.get(sampler, 0.0)
     elif eta != 0 and sampler not in ETA_DEFAULTS:
         raise ValueError(f"eta={eta} applies only to the samplers {', '.join(ETA_DEFAULTS)}; {sampler!r} ignores it")
-    guidance = _guidance(model, model_kwargs, guidance_scale, guidance_interval, null_label)
-    x = diffusion._initial_noise(model, shape, noise, device, generator)
-    ctx = SamplingContext(diffusion, model, x.shape[0], x.device, clip_denoised, denoised_fn, model_kwargs,
-                          cond_fn, eta, generator, guidance)
-    if ctx.alpha[0] == 0 and sampler in NEED_NONZERO_ABAR:
+    if churn is not None and sampler not in CHURN_SAMPLERS:
+        raise ValueError(
+            f"s_churn > 0 (Karras et al.'s Algorithm 2) raises the noise before steps of "
+            f"{' or '.join(CHURN_SAMPLERS)}, not of {sampler!r}: use sampler='heun' or drop s_churn"
+        )
+    guidance = classifier_free_guidance(model, model_kwargs, scale=guidance_scale, interval=guidance_interval,
+                                        null_label=null_label)
+    nodes = diffusion.sampling_nodes() if nodes is None else nodes
+    x = diffusion.initial_noise(model, shape, noise=noise, device=device, generator=generator)
+    if nodes.prior_std != 1:
+        x = x * nodes.prior_std
+    ctx = SamplingContext(diffusion, model, x.shape[0], x.device, clip_denoised=clip_denoised,
+                          denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn, eta=eta,
+                          generator=generator, guidance=guidance, nodes=nodes, churn=churn, dtype=x.dtype)
+    if nodes.scale[0] == 0 and sampler in NEED_NONZERO_ABAR:
         raise ValueError(
             f"the {sampler} sampler steps in x / sqrt(abar), undefined at the first timestep where abar = 0 "
             "(zero terminal SNR); use ddpm, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc"
         )
     yield from walk(lambda x, k: step(ctx, x, k), x, ctx.num_steps, progress)
-
-
-def _guidance(model, model_kwargs, scale, interval, null_label):
-    """A ClassifierFreeGuidance for these arguments (None for scale 1 and no interval), or a clear error."""
-    if scale == 1 and interval is None:
-        return None
-    if (model_kwargs or {}).get("y") is None:
-        raise ValueError("classifier-free guidance needs the class labels in model_kwargs['y']")
-    null_label = null_label_of(model) if null_label is None else null_label
-    if null_label is None:
-        raise ValueError(
-            "classifier-free guidance needs the model's null label: pass null_label=, or use a model trained "
-            "with --class_dropout_prob > 0 (its last label embedding is the null label)"
-        )
-    return ClassifierFreeGuidance(model, scale, null_label, interval)

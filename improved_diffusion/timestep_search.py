@@ -8,11 +8,10 @@ sampler's real error against the reference, and the best refined by moving one
 timestep at a time while that error falls.
 """
 
-import math
-
 import numpy as np
 from tqdm.auto import tqdm
 
+from .noise_process import combine, ddim_update
 from .respace import SpacedDiffusion, space_timesteps
 
 FIXED_SPACINGS = ("trailing", "logsnr", "karras")
@@ -56,15 +55,15 @@ def jump_costs(base, grid, xs, pred_xstarts, final):
 
     :return: float64 [G x G+1] numpy array, inf where j <= i.
     """
-    descending = list(reversed(grid))
-    abar = base.alphas_cumprod[descending].tolist() + [1.0]
+    nodes = respaced(base, grid).sampling_nodes()
     targets = xs + [final]
     size = len(grid)
     cost = np.full((size, size + 1), np.inf)
     for i in range(size):
-        eps = (xs[i] - math.sqrt(abar[i]) * pred_xstarts[i]) / math.sqrt(1 - abar[i])
+        alpha, sigma = nodes.alpha[i], nodes.sigma[i]
+        eps = combine((1 / sigma, xs[i]), (-alpha / sigma, pred_xstarts[i]))
         for j in range(i + 1, size + 1):
-            step = math.sqrt(abar[j]) * pred_xstarts[i] + math.sqrt(1 - abar[j]) * eps
+            step = ddim_update(pred_xstarts[i], eps, nodes.alpha[j], nodes.sigma[j] ** 2)
             cost[i, j] = ((step - targets[j]) ** 2).mean().item()
     return cost
 
