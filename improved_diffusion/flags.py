@@ -248,6 +248,24 @@ FLAGS = _declare(
     Flag("guidance_interval", "", S, "SAMPLE", 'guide only at base timesteps "lo,hi" ("": all)'),
     Flag("compile", False, S, "SAMPLE", "torch.compile the model (needs a C++ compiler on CPU)"),
     Flag("steps", 10, S, "SAMPLE", "timesteps to search for"),
+    # ------------------------------------------------------------ RESTORE (image_restore.py)
+    Flag("input", "", S, "INPUT",
+         "the images to restore: an npz (arr_0 uint8 [N x H x W x C], arr_1 labels) or a folder of PNGs"),
+    Flag("task", "", S, "SAMPLE", "the measurement to restore from: inpaint, super_res, deblur or colorize"),
+    Flag("mask", "", S, "INPUT",
+         "inpaint's mask, white or 1 = known: a PNG, an npz (arr_0 [H x W], [H x W x C] or [N x H x W x C]), "
+         "or half (the right half to fill), box (a centred box) or random (half the pixels, from --seed)"),
+    Flag("method", "ddnm", S, "SAMPLE", "sdedit, replace, repaint, ddnm or dps",
+         choices=("sdedit", "replace", "repaint", "ddnm", "dps")),
+    Flag("t_start", 0.5, S, "SAMPLE", "sdedit: the fraction of the walk sampled from the noised input, in (0, 1]"),
+    Flag("dps_scale", 1.0, S, "SAMPLE", "dps: the step size zeta' on grad ||y - A(x0_hat)||^2 / ||y - A(x0_hat)||"),
+    Flag("jump_length", 10, S, "SAMPLE", "repaint: steps climbed back up at each resampling"),
+    Flag("jump_n_sample", 10, S, "SAMPLE", "repaint: passes over each resampled stretch (1: none, as replace)"),
+    Flag("sigma_y", 0.0, S, "SAMPLE", "standard deviation of the noise added to the measurement (images in [-1, 1])"),
+    Flag("super_res_factor", 2, S, "SAMPLE", "super_res: the side of the averaged pixel blocks"),
+    Flag("blur_sigma", 1.0, S, "SAMPLE", "deblur: the Gaussian kernel's standard deviation, in pixels"),
+    Flag("blur_size", 5, S, "SAMPLE", "deblur: the kernel's side, odd"),
+    Flag("num_samples_per_input", 1, S, "SAMPLE", "restorations drawn for each input image"),
     Flag("output", "", S, "SAMPLE", "the file to write"),
     Flag("grid_size", 100, S, "SAMPLE", "candidate timesteps of the search's reference trajectory"),
     Flag("refine_rounds", 2, S, "SAMPLE", "rounds of moving one timestep at a time while the error falls"),
@@ -365,6 +383,15 @@ SCRIPTS = {
     "reconstruct_ema": (
         ("log_dir", "ema_std", "step"),
         {"ema_std": ("", 'sigma_rel of the EMA to build, comma-separated for several (e.g. "0.05,0.08")')},
+    ),
+    "image_restore": (
+        ("model_path", "input", "task", "mask", "method", "sampler", "eta", "t_start", "dps_scale", "jump_length",
+         "jump_n_sample", "sigma_y", "super_res_factor", "blur_sigma", "blur_size", "num_samples_per_input",
+         "clip_denoised", "batch_size", "class_label", "sample_name") + COMMON_SAMPLING + MODEL_AND_DIFFUSION
+        + MODEL_EXTRAS,
+        {**_SAMPLING, "sampler": ("ddim", "the sampler (which ones each --method takes: README, Restoration)"),
+         "timestep_respacing": ("100", "timesteps of the walk (spellings as image_sample.py's; \"\" for all)"),
+         "sample_name": ("", "stem of the output files (default: restored)")},
     ),
     "convert_checkpoint": (("in_path", "out_path"), {}),
     "plot_progress": (

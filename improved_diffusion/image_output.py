@@ -58,15 +58,16 @@ def enlarge(images, min_side):
     return images.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
-def image_grid(images, pad=2):
+def image_grid(images, pad=2, columns=None):
     """
-    Tile images in a near-square grid separated by `pad` black pixels.
+    Tile images row by row in a grid separated by `pad` black pixels.
 
     :param images: uint8 [N x H x W x C], N >= 1.
+    :param columns: images per row (None: a near-square grid).
     :return: uint8 [rows*(H+pad)+pad x cols*(W+pad)+pad x C].
     """
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
     for k, image in enumerate(images):

@@ -103,8 +103,9 @@ def parse_sampling_flags(script, argv=None, description=None, run_flags_except=(
                                                 args.null_label)
     if "sample_name" in names:
         check_sample_name(args.sample_name)
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise UsageError("--num_samples and --batch_size must be at least 1")
+    counts = [name for name in ("num_samples", "batch_size", "num_samples_per_input") if name in names]
+    if any(getattr(args, name) < 1 for name in counts):
+        raise UsageError(f"{' and '.join('--' + name for name in counts)} must be at least 1")
     return args, explicit
 
 
