@@ -390,7 +390,6 @@ SCRIPTS = {
          "clip_denoised", "batch_size", "class_label", "sample_name") + COMMON_SAMPLING + MODEL_AND_DIFFUSION
         + MODEL_EXTRAS,
         {**_SAMPLING, "sampler": ("ddim", "the sampler (which ones each --method takes: README, Restoration)"),
-         "timestep_respacing": ("100", "timesteps of the walk (spellings as image_sample.py's; \"\" for all)"),
          "sample_name": ("", "stem of the output files (default: restored)")},
     ),
     "convert_checkpoint": (("in_path", "out_path"), {}),

@@ -109,6 +109,11 @@ class Inpaint(Operator):
 
     adjoint = pinv
 
+    def project(self, x, y, scale=1.0):
+        """x with its known pixels moved to y's by `scale` (at scale 1 they are y's, bit for bit)."""
+        weight = self.mask if scale == 1 else self.mask * scale
+        return torch.lerp(x, y, weight.to(x.dtype))
+
     def check_shape(self, shape):
         n, c, h, w = shape
         mask_shape = tuple(self.mask.shape)

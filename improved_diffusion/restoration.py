@@ -37,6 +37,7 @@ walks nodes out of order, so these three take the one-step samplers only
 coefficients are Python floats of the Nodes.
 """
 
+import inspect
 import math
 
 import torch
@@ -179,6 +180,14 @@ class Walk:
                     device=self.device, generator=self.generator, model_kwargs=self.model_kwargs,
                     clip_denoised=self.clip_denoised, eta=self.eta)
 
+    def use_denoiser(self, denoiser):
+        """
+        Make every step denoise with `denoiser`; the sampler then clips x0_hat
+        as the denoiser does (PLMS re-clips the x0_hat of its combined slope).
+        """
+        self.ctx.denoiser = denoiser
+        self.ctx.clip_denoised = denoiser.clip_denoised
+
     def step(self, x, k):
         """The sampler's step from node k: {"sample": x at node k+1, "pred_xstart": x0_hat at node k}."""
         return self._step(self.ctx, x, k)
@@ -278,7 +287,7 @@ def ddnm(walk, y, operator, *, noise=None, progress=False):
     """
     denoiser = NullSpaceDenoiser(walk.process, walk.model, operator, y, clip_denoised=walk.clip_denoised,
                                  model_kwargs=walk.model_kwargs)
-    walk.ctx.denoiser = denoiser
+    walk.use_denoiser(denoiser)
 
     def step(x, k):
         denoiser.at_node(walk.nodes, k)
@@ -374,6 +383,11 @@ def restore(diffusion, model, y, operator, method="ddnm", sampler="ddim", noise=
     :return: the [N x C x ...] restorations.
     """
     check_method(method, sampler, operator)
+    function = METHOD_FUNCTIONS[method]
+    accepted = [name for name in inspect.signature(function).parameters if name not in ("noise", "progress")][3:]
+    unknown = sorted(set(method_args) - set(accepted))
+    if unknown:
+        raise ValueError(f"{method} takes no {', '.join(unknown)}; its arguments: {', '.join(accepted) or 'none'}")
     device = model_device(model)
     y = y.to(device)
     if operator is not None:
@@ -384,4 +398,4 @@ def restore(diffusion, model, y, operator, method="ddnm", sampler="ddim", noise=
     walk = Walk(diffusion, model, shape, sampler, nodes=nodes, device=device, generator=generator,
                 model_kwargs=model_kwargs, clip_denoised=clip_denoised, eta=eta)
     with torch.no_grad():
-        return METHOD_FUNCTIONS[method](walk, y, operator, noise=noise, progress=progress, **method_args)
+        return function(walk, y, operator, noise=noise, progress=progress, **method_args)

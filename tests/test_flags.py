@@ -96,6 +96,13 @@ SCRIPT_DEFAULTS = {
         "refine_rounds": 2, "clip_denoised": True, "num_samples": 8, "batch_size": 8, "class_label": -1,
         **COMMON_SAMPLING, **MODEL_AND_DIFFUSION, **NEW_MODEL_FLAGS,
     },
+    "image_restore": {
+        "model_path": "", "input": "", "task": "", "mask": "", "method": "ddnm", "sampler": "ddim", "eta": 0.0,
+        "t_start": 0.5, "dps_scale": 1.0, "jump_length": 10, "jump_n_sample": 10, "sigma_y": 0.0,
+        "super_res_factor": 2, "blur_sigma": 1.0, "blur_size": 5, "num_samples_per_input": 1, "clip_denoised": True,
+        "batch_size": 16, "class_label": -1, "sample_name": "", **COMMON_SAMPLING, **MODEL_AND_DIFFUSION,
+        **NEW_MODEL_FLAGS,
+    },
     "image_eval": {"inception_weights": "", "batch_size": 64, "output": "", "ref_stats": ""},
     "plot_progress": {"output": "", "keys": "loss,mse,vb"},
     "reconstruct_ema": {"log_dir": "", "ema_std": "", "step": None},
