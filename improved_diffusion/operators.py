@@ -61,7 +61,7 @@ class Operator:
         return self
 
     def measure(self, x, generator=None):
-        """y = A(x) + sigma_y n, n standard normal from `generator` (a torch.Generator, a list of one per image, or None)."""
+        """y = A(x) + sigma_y n, n standard normal from `generator` (a torch.Generator, one per image, or None)."""
         y = self(x)
         if self.sigma_y == 0:
             return y

@@ -197,7 +197,7 @@ class Walk:
         return noise_like(self.shape, self.device, self.generator)
 
     def standard_noise(self, noise=None):
-        """The walk's standard normal starting noise: `noise` on the device, or a draw (as unconditional sampling draws it)."""
+        """The walk's standard normal starting noise: `noise` on the device, or a draw as sampling draws it."""
         return self.process.initial_noise(self.model, self.shape, noise=noise, device=self.device,
                                           generator=self.generator)
 

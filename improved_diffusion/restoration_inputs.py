@@ -33,7 +33,9 @@ def read_images(path):
     if os.path.isdir(path):
         return _read_folder(path), None
     if not os.path.isfile(path):
-        raise InputError(f"--input {path} does not exist: give an npz (arr_0 uint8 [N x H x W x C]) or a folder of PNGs")
+        raise InputError(
+            f"--input {path} does not exist: give an npz (arr_0 uint8 [N x H x W x C]) or a folder of PNGs"
+        )
     try:
         with np.load(path) as data:
             arrays = {key: data[key] for key in data.files}

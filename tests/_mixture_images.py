@@ -9,7 +9,9 @@ y = A x + n, n ~ N(0, sigma_y^2 I):
     m_k = mu_k + G_k (y - A mu_k),   S_k = s_k^2 (I - G_k A),
     w'_k proportional to w_k N(y; A mu_k, s_k^2 A A^T + sigma_y^2 I)
 
-(the conditioning formulas of a jointly Gaussian (x, y) within each component).
+(the conditioning formulas of a jointly Gaussian (x, y) within each component);
+and GaussianPath, a noise process of any nodes (alpha_k, sigma_k) with that
+mixture's exact denoiser, to run the methods on paths other than the DDPM family's.
 """
 
 import math
@@ -17,6 +19,7 @@ import math
 import torch
 
 from improved_diffusion.mixture import GaussianMixture
+from improved_diffusion.noise_process import NoiseProcess, Nodes
 from improved_diffusion.script_util import create_gaussian_diffusion
 
 C, H, W = 3, 4, 4
@@ -124,5 +127,74 @@ def checkerboard(amplitude):
     return (amplitude * (1 - 2 * ((rows + cols) % 2))).double().expand(C, H, W)
 
 
+def priors(task):
+    """{"independent": mixture, "correlated": mixture} for the task's operator."""
+    if task == "inpaint":
+        known = left_known().double().expand(*SHAPE)
+        level = torch.where(known.bool(), 0.4, 0.0)
+        unknown = 1 - known
+        independent = torch.stack([level + 0.4 * unknown, level - 0.4 * unknown, level]).reshape(3, -1)
+        correlated = three_components(torch.full(SHAPE, 0.4, dtype=torch.float64), 0.4 * (known - unknown))
+    else:
+        pattern = checkerboard(0.3)
+        independent = torch.stack([0.3 + pattern, 0.3 - pattern, torch.full(SHAPE, 0.3, dtype=torch.float64)])
+        independent = independent.reshape(3, -1)
+        correlated = three_components(0.3 + pattern, 0.3 - pattern)
+    return {"independent": GaussianMixture([0.5, 0.3, 0.2], independent, [0.15] * 3), "correlated": correlated}
+
+
 def std_error(p, n):
     return math.sqrt(p * (1 - p) / n)
+
+
+class GaussianPath(NoiseProcess):
+    """
+    A noise process given by its nodes alone, x = alpha_k x_0 + sigma_k eps at
+    node k (the last node clean), whose model is called with the node index
+    and predicts x_0: the interface of noise_process.py without the DDPM
+    family's arithmetic, for any Gaussian path (EDM's alpha = 1, a flow's
+    alpha = 1 - t).
+    """
+
+    def __init__(self, alpha, sigma, coordinates="karras"):
+        self.alpha, self.sigma, self.coordinates = list(alpha) + [1.0], list(sigma) + [0.0], coordinates
+
+    def sampling_nodes(self):
+        count = len(self.alpha) - 1
+        return Nodes(alpha=self.alpha, sigma=self.sigma, times=list(range(count)), timesteps=list(range(count)),
+                     coordinates=self.coordinates)
+
+    def call_model(self, model, x, t, model_kwargs=None):
+        return model(x, t, **(model_kwargs or {}))
+
+    model_output = call_model
+
+    def pred_xstart_from_output(self, output, x, t):
+        return output
+
+    def exact_model(self, mixture):
+        """
+        The mixture's E[x_0 | x] at each node: its DDPM-family denoiser of
+        x / sqrt(alpha^2 + sigma^2) at abar = alpha^2 / (alpha^2 + sigma^2).
+        """
+        alpha, sigma = torch.tensor(self.alpha, dtype=torch.float64), torch.tensor(self.sigma, dtype=torch.float64)
+        scale = (alpha**2 + sigma**2).sqrt()
+
+        def model(x, t, **kwargs):
+            k = t.long().cpu()
+            flat = x.double().cpu().flatten(1) / scale[k, None]
+            return mixture.pred_xstart(flat, (alpha[k] / scale[k])[:, None] ** 2).view_as(x).to(x.dtype)
+
+        return model
+
+
+def edm_like(count=100, sigma_max=20.0, sigma_min=0.01):
+    """alpha = 1, sigma geometric from sigma_max to sigma_min (EDM's path), count noisy nodes."""
+    ratio = (sigma_min / sigma_max) ** (1 / (count - 1))
+    return GaussianPath([1.0] * count, [sigma_max * ratio**k for k in range(count)])
+
+
+def flow_like(count=100):
+    """alpha = 1 - t, sigma = t for t from 1 (pure noise, alpha = 0) down in even steps (rectified flow's path)."""
+    times = [1 - k / count for k in range(count)]
+    return GaussianPath([1 - t for t in times], times, coordinates="linear")

@@ -24,7 +24,6 @@ import pytest
 import torch
 from _mixture_images import (
     SHAPE,
-    checkerboard,
     diffusion_pair,
     exact_draws,
     exact_posterior,
@@ -33,32 +32,15 @@ from _mixture_images import (
     left_known,
     mixture_moments,
     operator_matrix,
+    priors,
     shares,
     std_error,
-    three_components,
 )
 
-from improved_diffusion.mixture import GaussianMixture
 from improved_diffusion.operators import Inpaint, SuperRes
 from improved_diffusion.restoration import restore
 
 N = 2000
-
-
-def priors(task):
-    """{"independent": mixture, "correlated": mixture} for the task's operator."""
-    if task == "inpaint":
-        known = left_known().double().expand(*SHAPE)
-        level = torch.where(known.bool(), 0.4, 0.0)
-        unknown = 1 - known
-        independent = torch.stack([level + 0.4 * unknown, level - 0.4 * unknown, level]).reshape(3, -1)
-        correlated = three_components(torch.full(SHAPE, 0.4, dtype=torch.float64), 0.4 * (known - unknown))
-    else:
-        pattern = checkerboard(0.3)
-        independent = torch.stack([0.3 + pattern, 0.3 - pattern, torch.full(SHAPE, 0.3, dtype=torch.float64)])
-        independent = independent.reshape(3, -1)
-        correlated = three_components(0.3 + pattern, 0.3 - pattern)
-    return {"independent": GaussianMixture([0.5, 0.3, 0.2], independent, [0.15] * 3), "correlated": correlated}
 
 
 def operator_of(task):
