@@ -18,6 +18,7 @@ replace and RePaint paste into x_t; a blur measures each frequency at its own
 gain, and its pseudo-inverse divides by gains down to `cutoff`.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -125,7 +126,9 @@ class Inpaint(Operator):
             )
 
     def to(self, device):
-        return Inpaint(self.mask.to(device), self.sigma_y)
+        moved = copy.copy(self)
+        moved.mask = self.mask.to(device)
+        return moved
 
 
 class SuperRes(Operator):

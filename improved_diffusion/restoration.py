@@ -39,6 +39,7 @@ coefficients are Python floats of the Nodes.
 
 import inspect
 import math
+import weakref
 
 import torch
 
@@ -94,13 +95,20 @@ def sdedit_start(num_steps, t_start):
     return num_steps - max(1, round(t_start * num_steps))
 
 
+# The later walks of each Nodes, made once, so that their timestep tensors are copied to a device once.
+_LATER_WALKS = weakref.WeakKeyDictionary()
+
+
 def nodes_from(nodes, start):
-    """The walk of `nodes` from node `start` on (a Nodes of N - start steps)."""
-    return Nodes(
-        alpha=nodes.alpha[start:], sigma=nodes.sigma[start:], times=nodes.times[start:],
-        timesteps=nodes.timesteps[start:], coordinates=nodes.coordinates, lam=nodes.lam[start:],
-        prior_std=nodes.prior_std,
-    )
+    """The walk of `nodes` from node `start` on (a Nodes of N - start steps, made once per start)."""
+    later = _LATER_WALKS.setdefault(nodes, {})
+    if start not in later:
+        later[start] = Nodes(
+            alpha=nodes.alpha[start:], sigma=nodes.sigma[start:], times=nodes.times[start:],
+            timesteps=nodes.timesteps[start:], coordinates=nodes.coordinates, lam=nodes.lam[start:],
+            prior_std=nodes.prior_std,
+        )
+    return later[start]
 
 
 def ddnm_scale(nodes, k, sigma_y):
