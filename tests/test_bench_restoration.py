@@ -14,7 +14,7 @@ from improved_diffusion import flags, script_util
 from improved_diffusion.run_flags import write_run_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DIGITS_MODEL = {"image_size": 8, "image_channels": 1, "num_channels": 16, "num_res_blocks": 1, "channel_mult": "1,2",
+DIGITS_MODEL = {"image_size": 8, "image_channels": 1, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
                 "attention_resolutions": "", "diffusion_steps": 1000, "noise_schedule": "cosine", "predict_v": True}
 
 
