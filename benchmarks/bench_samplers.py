@@ -2,11 +2,15 @@
 The samplers of SPEC 11 measured three ways.
 
 1. Quality per model evaluation on an exact model (improved_diffusion.mixture:
-   a 2-D Gaussian mixture whose optimal denoiser is known, linear schedule of
-   1000 steps): for each sampler and budget of model evaluations, the Fréchet
-   distance of its samples to the mixture's exact moments and the RMS distance
-   to the exact probability-flow solution from the same x_T. Tables, and a
-   PNG plot of the error against evaluations (--plot).
+   a 2-D Gaussian mixture whose optimal denoiser is known) on each noise
+   process: "vp" (the DDPM family, linear schedule of 1000 steps), "edm"
+   (EDMDiffusion's defaults) and "flow" (FlowDiffusion): for each sampler and
+   budget of model evaluations, the Fréchet distance of its samples to the
+   mixture's exact moments and the RMS distance to the exact probability-flow
+   solution from the same x_T. Tables, the goal check (SPEC 18: on every
+   process the best sampler at 10 evaluations is at least as close in
+   distribution as its Euler at 50) and a PNG plot per process of the error
+   against evaluations (--plot).
 2. Each sampler's own cost per model evaluation, with a near-free model
    (x -> 0.1 x) on a [64 x 3 x 32 x 32] batch, as a ratio to DDIM's in the same run.
 3. --cifar: the wall time of dpmpp_2m with 10 steps against ddim50 with the
@@ -28,7 +32,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from improved_diffusion import samplers
+from improved_diffusion.edm import EDMDiffusion
 from improved_diffusion.evaluation import feature_statistics, frechet_distance
+from improved_diffusion.flow import FlowDiffusion
 from improved_diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from improved_diffusion.mixture import GaussianMixture
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps
@@ -63,47 +69,107 @@ def frechet_to_exact(samples, mixture):
     return frechet_distance(*feature_statistics(samples.numpy()), mean.numpy(), cov.numpy())
 
 
-def quality_table(mixture, budgets, spacing, n):
-    """{sampler: [(evaluations, FD, RMS error) per budget]} and the DDIM-100 and floor rows."""
-    alphas_cumprod = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
-    model = mixture.model(alphas_cumprod)
+class ExactRuns:
+    """
+    One process on a mixture's exact model: sample(sampler, spec, x_T) runs a
+    sampler over the nodes `spec` names, exact(spec, x_T) is the exact
+    probability-flow solution from the same x_T to the last node, then x0-hat.
+    """
+
+    def __init__(self, process, mixture):
+        self.process, self.mixture, self.cache = process, mixture, {}
+        if process == "vp":
+            self.alphas_cumprod = np.cumprod(1 - get_named_beta_schedule("linear", 1000))
+            self.model = mixture.model(self.alphas_cumprod)
+        elif process == "edm":
+            self.diffusion = EDMDiffusion()
+            self.model = mixture.edm_model(self.diffusion.sigma_data)
+        else:
+            self.diffusion = FlowDiffusion()
+            self.model = mixture.flow_model()
+
+    def sample(self, sampler, spec, x_T):
+        kwargs = dict(noise=x_T, clip_denoised=False, generator=torch.Generator().manual_seed(1))
+        if self.process == "vp":
+            return spaced(spec).sample_loop(self.model, x_T.shape, sampler, **kwargs)
+        return self.diffusion.sample_loop(self.model, x_T.shape, sampler, timestep_respacing=spec, **kwargs)
+
+    def exact(self, spec, x_T):
+        mixture = self.mixture
+        if self.process == "vp":
+            ends = (-1, min(spaced(spec).timestep_map))
+        elif self.process == "edm":
+            ends = tuple(self.diffusion.sampling_sigmas(spec)[i] for i in (0, -1))
+        else:
+            ends = tuple(self.diffusion.sampling_times(spec)[i] for i in (0, -1))
+        if ends not in self.cache:
+            if self.process == "vp":
+                abar = self.alphas_cumprod[ends[1]]
+                x = mixture.ode_solution(x_T, self.alphas_cumprod[ends[0]], abar, steps=1000)
+                self.cache[ends] = mixture.pred_xstart(x, abar)
+            elif self.process == "edm":
+                x = mixture.edm_ode_solution(x_T * ends[0], ends[0], ends[1], steps=1000)
+                self.cache[ends] = mixture.denoise(x, 1.0, ends[1])
+            else:
+                x = mixture.flow_ode_solution(x_T * ends[0], ends[0], ends[1], steps=400)
+                self.cache[ends] = mixture.denoise(x, 1 - ends[1], ends[1])
+        return self.cache[ends]
+
+
+def quality_table(process, mixture, budgets, spacing, n):
+    """{sampler: [(evaluations, FD, RMS error) per budget]} of one process, and the floor."""
+    runs = ExactRuns(process, mixture)
     x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    exact = {}
     results = {}
+    floor = float("nan")
     for name in samplers.SAMPLERS:
         rows = []
         for budget in budgets:
             count = steps_for(name, budget)
-            diffusion = spaced(f"{spacing}{count}")
-            t_min = min(diffusion.timestep_map)
-            if t_min not in exact:
-                x = mixture.ode_solution(x_T, alphas_cumprod[-1], alphas_cumprod[t_min], steps=1000)
-                exact[t_min] = mixture.pred_xstart(x, alphas_cumprod[t_min])
-            out = diffusion.sample_loop(model, x_T.shape, name, noise=x_T, clip_denoised=False,
-                                        generator=torch.Generator().manual_seed(1))
-            error = ((out - exact[t_min]) ** 2).sum(1).mean().sqrt().item()
+            exact = runs.exact(f"{spacing}{count}", x_T)
+            out = runs.sample(name, f"{spacing}{count}", x_T)
+            error = ((out - exact) ** 2).sum(1).mean().sqrt().item()
             rows.append((samplers.model_evaluations(name, count), frechet_to_exact(out, mixture), error))
+            if name == "ddim" and budget == max(budgets):
+                floor = frechet_to_exact(exact, mixture)
         results[name] = rows
-    ddim_100 = spaced("ddim100").sample_loop(model, x_T.shape, "ddim", noise=x_T, clip_denoised=False)
-    floor = frechet_to_exact(exact[0], mixture) if 0 in exact else float("nan")
-    return results, frechet_to_exact(ddim_100, mixture), floor
+    return results, floor
 
 
-def print_quality(name, spacing, results, budgets, ddim_100, floor):
-    print(f"\n### {name} mixture, {spacing}N spacing: Fréchet distance to the exact moments (RMS error to the "
-          f"exact ODE solution)\n")
+def ddim_100(mixture, n):
+    """The VP process's DDIM with 100 steps (ddim100): SPEC 11's bar."""
+    runs = ExactRuns("vp", mixture)
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return frechet_to_exact(runs.sample("ddim", "ddim100", x_T), mixture)
+
+
+def goal_line(results, budgets):
+    """SPEC 18's goal: the best sampler at 10 evaluations at least as close in distribution as euler at 50."""
+    if 10 not in budgets or 50 not in budgets:
+        return "goal (best at 10 evaluations vs euler at 50): needs budgets 10 and 50"
+    at_10 = {name: rows[budgets.index(10)] for name, rows in results.items()}
+    best = min(at_10, key=lambda name: at_10[name][1])
+    euler_50 = results["euler"][budgets.index(50)][1]
+    met = "met" if at_10[best][1] <= euler_50 else "not met"
+    return (f"goal {met}: best at 10 evaluations {best} (FD {at_10[best][1]:.2e}) against euler at 50 "
+            f"(FD {euler_50:.2e})")
+
+
+def print_quality(process, name, spacing, results, budgets, floor, extra=""):
+    print(f"\n### {process} process, {name} mixture, {spacing}N spacing: Fréchet distance to the exact moments "
+          f"(RMS error to the exact ODE solution)\n")
     print("| sampler | " + " | ".join(f"{b} evals" for b in budgets) + " |")
     print("| --- |" + " --- |" * len(budgets))
     for sampler, rows in results.items():
         cells = [f"{fd:.2e} ({err:.1e})" + ("" if evals == b else f" [{evals}]") for (evals, fd, err), b in
                  zip(rows, budgets)]
         print(f"| {sampler} | " + " | ".join(cells) + " |")
-    print(f"\nDDIM with 100 steps (ddim100): {ddim_100:.2e}; the exact solution's own distance "
-          f"(the estimate's floor): {floor:.2e}. [k]: k evaluations where the budget does not fit the sampler.")
+    print(f"\n{extra}the exact solution's own distance (the estimate's floor): {floor:.2e}. [k]: k evaluations "
+          f"where the budget does not fit the sampler. {goal_line(results, budgets)}")
 
 
-def plot(path, curves, budgets):
-    """A log-log PNG of RMS error against evaluations, one coloured line per sampler, with a legend."""
+def plot(path, curves, budgets, title):
+    """A log-log PNG of RMS error against evaluations, one coloured line per sampler, with a legend and title."""
     width, height, margin = 720, 480, 60
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -117,6 +183,7 @@ def plot(path, curves, budgets):
         return x, y
 
     draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    draw.text((margin, margin // 2 - 6), title, fill="black")
     for b in budgets:
         x, _ = point(b, 10**low)
         draw.text((x - 6, height - margin + 8), str(b), fill="black")
@@ -209,7 +276,10 @@ def guidance_cost(batch_size, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="5,8,10,15,20,50")
-    parser.add_argument("--spacing", default="logsnr")
+    parser.add_argument("--processes", default="vp,edm,flow")
+    parser.add_argument("--spacing", default="logsnr", help="the vp process's node spacings (comma-separated)")
+    parser.add_argument("--edm_spacing", default="karras,logsnr")
+    parser.add_argument("--flow_spacing", default="uniform,logsnr")
     parser.add_argument("--num_points", type=int, default=20000)
     parser.add_argument("--mixtures", default="sharp,smooth")
     parser.add_argument("--plot", default="", help="write a PNG of error vs evaluations (first mixture)")
@@ -224,12 +294,20 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
-    for k, name in enumerate(args.mixtures.split(",")):
-        results, ddim_100, floor = quality_table(MIXTURES[name], budgets, args.spacing, args.num_points)
-        print_quality(name, args.spacing, results, budgets, ddim_100, floor)
-        if args.plot and k == 0:
-            plot(args.plot, {s: results[s] for s in DETERMINISTIC}, budgets)
-            print(f"\nplot: {args.plot}")
+    spacings = {"vp": args.spacing, "edm": args.edm_spacing, "flow": args.flow_spacing}
+    for process in args.processes.split(","):
+        for k, name in enumerate(args.mixtures.split(",")):
+            for j, spacing in enumerate(spacings[process].split(",")):
+                results, floor = quality_table(process, MIXTURES[name], budgets, spacing, args.num_points)
+                extra = ""
+                if process == "vp":
+                    extra = f"DDIM with 100 steps (ddim100): {ddim_100(MIXTURES[name], args.num_points):.2e}; "
+                print_quality(process, name, spacing, results, budgets, floor, extra)
+                if args.plot and k == 0 and j == 0:
+                    path = args.plot if process == "vp" else args.plot.replace(".png", f"_{process}.png")
+                    plot(path, {s: results[s] for s in DETERMINISTIC}, budgets,
+                         f"{process} process, {name} mixture, {spacing}N spacing")
+                    print(f"\nplot: {path}")
     overhead_table(args.overhead_batch, args.overhead_steps, args.repeats)
     if args.cifar:
         cifar_wall_time(args.cifar_batch, args.repeats)

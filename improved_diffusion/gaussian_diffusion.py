@@ -602,15 +602,12 @@ class GaussianDiffusion(NoiseProcess):
 
         :return: the final [N x C x ...] samples.
         """
-        final = None
-        for final in self.sample_loop_progressive(
+        return samplers.last_sample(self.sample_loop_progressive(
             model, shape, sampler=sampler, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
             cond_fn=cond_fn, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
             null_label=null_label,
-        ):
-            pass
-        return final["sample"]
+        ))
 
     def sample_loop_progressive(self, model, shape, sampler="ddim", noise=None, clip_denoised=True,
                                 denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
@@ -671,13 +668,10 @@ class GaussianDiffusion(NoiseProcess):
         :param x: the [N x C x ...] images x_0.
         :return: the [N x C x ...] latents x_T.
         """
-        final = None
-        for final in self.ddim_reverse_sample_loop_progressive(
+        return samplers.last_sample(self.ddim_reverse_sample_loop_progressive(
             model, x, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
             progress=progress, eta=eta,
-        ):
-            pass
-        return final["sample"]
+        ))
 
     def ddim_reverse_sample_loop_progressive(self, model, x, clip_denoised=True, denoised_fn=None,
                                              model_kwargs=None, progress=False, eta=0.0):

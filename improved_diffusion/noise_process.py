@@ -131,14 +131,12 @@ def ddim_update(pred_xstart, eps, alpha_next, variance_next, noise_std=0.0, nois
         floats or tensors that broadcast against x.
     :param noise_std: c (a float or such a tensor); noise: z, or None to add none.
     """
-    if isinstance(variance_next, torch.Tensor) or isinstance(noise_std, torch.Tensor):
-        root = torch.sqrt(variance_next - noise_std**2)
-    else:
-        root = math.sqrt(max(variance_next - noise_std**2, 0.0))
-    sample = pred_xstart * alpha_next + root * eps
-    if noise is not None:
-        sample = sample + noise_std * noise
-    return sample
+    if isinstance(alpha_next, torch.Tensor) or isinstance(variance_next, torch.Tensor) or \
+            isinstance(noise_std, torch.Tensor):
+        sample = pred_xstart * alpha_next + torch.sqrt(variance_next - noise_std**2) * eps
+        return sample if noise is None else sample + noise_std * noise
+    terms = [(alpha_next, pred_xstart), (math.sqrt(max(variance_next - noise_std**2, 0.0)), eps)]
+    return combine(*terms, *([(noise_std, noise)] if noise is not None else []))
 
 
 class Nodes:

@@ -402,6 +402,14 @@ def model_evaluations(name, num_steps):
     return num_steps
 
 
+def last_sample(steps):
+    """The "sample" of the last dict a sample_loop_progressive yields: the clean [N x C x ...] samples."""
+    final = None
+    for final in steps:
+        pass
+    return final["sample"]
+
+
 def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None, clip_denoised=True,
                             denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
                             generator=None, cond_fn=None, guidance_scale=1.0, guidance_interval=None,
