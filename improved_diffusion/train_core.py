@@ -37,7 +37,6 @@ import signal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import dist_util, logger
@@ -518,6 +517,8 @@ class TrainingCore:
         (The post-hoc profiles count a skipped step as an update of unchanged
         weights, so they need no flag: posthoc_ema.PowerFunctionEMA.)
         """
+        if not self.ema_rate:
+            return
         params = [p.detach() for p in self.params]
         if self.device.type == "cpu":
             if ok.item():
@@ -744,7 +745,7 @@ def log_loss_dict(diffusion, ts, losses):
     :param ts: [N] timesteps; :param losses: dict of [N] loss terms.
     """
     quartile = torch.div(4 * ts, diffusion.num_timesteps, rounding_mode="floor")
-    in_quartile = F.one_hot(quartile, 4).to(torch.float32)  # [N x 4]
+    in_quartile = (quartile[:, None] == torch.arange(4, device=quartile.device)).to(torch.float32)  # [N x 4]
     counts = in_quartile.sum(dim=0)
     for key, values in losses.items():
         values = values.detach().float()
