@@ -1,7 +1,7 @@
 """
 The training options of SPEC §20 on the training core: --grad_clip (the
 update uses the clipped gradient, the logged norm is the one before),
---lr_warmup_steps (the ramp), both resumed bitwise after kill -9;
+--lr_warmup_steps (the ramp) (both resumed bitwise after kill -9: test_train_resume.py);
 --save_format (a model saved as .pt and as .safetensors samples alike); and
 --init_checkpoint (fine-tuning from this library's weights with another class
 count, or from a published guided-diffusion layout, strictly). Also: the
@@ -18,15 +18,10 @@ import pytest
 import torch
 from _train_helpers import (
     TINY_MODEL,
-    assert_same_files,
-    kill_group,
     make_loop,
     run_script,
-    set_names,
-    start_script,
     tiny_flags,
     train_env,  # noqa: F401 (fixture)
-    wait_for,
     write_images,
 )
 
@@ -102,30 +97,6 @@ def test_the_learning_rate_ramps_up_over_the_warmup_then_follows_the_schedule(tm
     expected = [lr * (1 - s / anneal) * min(1.0, (s + 1) / warmup) for s in range(6)]
     assert rates == pytest.approx(expected, rel=1e-12)
     assert rates[0] == pytest.approx(lr / 4 * 1.0) and rates[3] == pytest.approx(lr * 5 / 8)
-
-
-def test_kill_9_then_resume_with_clipping_warmup_and_post_hoc_ema_is_bitwise_exact(tmp_path):
-    images = write_images(tmp_path / "images", 6)
-    flags = dict(
-        TINY_MODEL, data_dir=images, batch_size=2, microbatch=1, dropout=0.1, ema_rate="0.99", save_interval=2,
-        log_interval=2, grad_clip=0.5, lr_warmup_steps=6, lr=2e-3, ema_std="0.05,0.10", ema_snapshot_interval=1,
-    )
-    killed = start_script("image_train.py", dict(flags, max_steps=100000), tmp_path / "killed")
-    status, _, err = run_script("image_train.py", dict(flags, max_steps=8), tmp_path / "whole")
-    assert status == 0, err
-    wait_for(tmp_path / "killed" / "state000004.pt", killed)
-    kill_group(killed)
-    resume = dict(flags, max_steps=8, resume_checkpoint=tmp_path / "killed" / "model000004.pt")
-    status, _, err = run_script("image_train.py", resume, tmp_path / "resumed")
-    assert status == 0, err
-    snapshots = [f"phema_{std}_{step:06d}.pt" for step in range(5, 9) for std in ("0.050", "0.100")]
-    for step in (6, 8):
-        assert_same_files(tmp_path / "whole", tmp_path / "resumed", set_names(step, ("0.99",)))
-    assert_same_files(tmp_path / "whole", tmp_path / "resumed", snapshots)
-    assert not (tmp_path / "resumed" / "phema_0.050_000004.pt").exists()
-    # Clipping was on: the logged norms before clipping exceed the bound.
-    with open(tmp_path / "whole" / "progress.csv", newline="") as f:
-        assert all(float(row["grad_norm"]) > 0.5 for row in csv.DictReader(f))
 
 
 # ---------------------------------------------------------------- the classifier reads nothing back
