@@ -7,8 +7,6 @@ scripts/reconstruct_ema.py, ever closer with more snapshots; train,
 reconstruct and sample end to end; the classifier's profiles; the errors.
 """
 
-import importlib.util
-import pathlib
 import shutil
 
 import numpy as np
@@ -24,23 +22,15 @@ from _train_helpers import (
     train_env,  # noqa: F401 (fixture)
     write_images,
 )
+from test_flags import load_script
 
 from improved_diffusion import logger
 from improved_diffusion.io_util import CheckpointError, load_checkpoint
 from improved_diffusion.posthoc_ema import list_snapshots, snapshot_filename
 from improved_diffusion.run_flags import write_run_flags
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STDS = (0.05, 0.08, 0.10)
 STEPS, INTERVAL = 60, 5
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 RECONSTRUCT = load_script("reconstruct_ema")
 

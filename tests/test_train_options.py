@@ -10,8 +10,6 @@ classifier's steps read nothing back from the device.
 
 import ast
 import csv
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from _train_helpers import (
     train_env,  # noqa: F401 (fixture)
     write_images,
 )
+from test_flags import load_script
 
 from improved_diffusion import flags as flag_table
 from improved_diffusion import logger, script_util
@@ -31,16 +30,8 @@ from improved_diffusion.io_util import load_checkpoint
 from improved_diffusion.run_flags import write_run_flags
 from improved_diffusion.train_util import load_init_weights
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("train_env")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flat(tensors):
