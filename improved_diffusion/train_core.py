@@ -193,6 +193,8 @@ class TrainingCore:
         plan = plan_resume(resume_checkpoint, self.checkpoint_dir, self.ema_rate)
         if plan is None and init_checkpoint:
             self._start_from(init_checkpoint)
+        elif init_checkpoint:
+            logger.log(f"resuming the run in {plan[0].folder}: --init_checkpoint {init_checkpoint} only starts a run")
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rate]
         self.posthoc = PowerFunctionEMA(self.params, self.ema_std) if self.ema_std else None
         self.pending_snapshots = {}  # rank 0: {file name: host state dict} taken since the last save

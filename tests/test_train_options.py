@@ -287,5 +287,5 @@ def test_resume_auto_with_init_checkpoint_starts_from_the_weights_then_resumes_t
     assert first.step == 0 and "starting from the weights in" in (tmp_path / "log.txt").read_text()
     first.run_loop()
     again = make_loop(tmp_path, **dict(args, max_steps=4))
-    assert again.step == 2
+    assert again.step == 2 and "only starts a run" in (tmp_path / "log.txt").read_text()
     assert_same_state(again.model.state_dict(), load_checkpoint(tmp_path / "model000002.pt"))
