@@ -692,7 +692,9 @@ def check_update_options(*, use_fp16=False, use_bf16=False, grad_clip=0.0, lr_wa
 def clip_factor(grad_norm, max_norm):
     """
     The factor min(1, max_norm / (||g|| + 1e-6)) that scales a gradient of
-    norm `grad_norm` (a 0-d tensor, left on its device) to at most `max_norm`.
+    norm `grad_norm` (a 0-d tensor, left on its device) to at most `max_norm`
+    (clipping by the global norm: Pascanu et al. 2013, "On the difficulty of
+    training recurrent neural networks", Algorithm 1).
     """
     return torch.clamp(max_norm / (grad_norm + CLIP_EPS), max=1.0)
 
@@ -702,7 +704,8 @@ def scheduled_lr(lr, step, *, lr_anneal_steps=0, lr_warmup_steps=0):
     The learning rate of update step + 1 (step: updates done before it):
     lr, times 1 - step / lr_anneal_steps with a linear decay, times
     min(1, (step + 1) / lr_warmup_steps) with a warm-up (update n of the
-    first K gets n / K of the rate, update K the full rate).
+    first K gets n / K of the rate, update K the full rate; the linear
+    warm-up of Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 2.2).
     """
     if lr_anneal_steps:
         lr = lr * (1 - step / lr_anneal_steps)
