@@ -4,8 +4,9 @@ update uses the clipped gradient, the logged norm is the one before),
 --lr_warmup_steps (the ramp) (both resumed bitwise after kill -9: test_train_resume.py);
 --save_format (a model saved as .pt and as .safetensors samples alike); and
 --init_checkpoint (fine-tuning from this library's weights with another class
-count, or from a published guided-diffusion layout, strictly). Also: the
-classifier's steps read nothing back from the device.
+count, or from a published guided-diffusion layout, strictly). Also, the
+classifier on the training core: its steps read nothing back from the
+device, and a set it cannot write ends the run naming the set to resume from.
 """
 
 import ast
@@ -26,6 +27,7 @@ from test_flags import load_script
 
 from improved_diffusion import flags as flag_table
 from improved_diffusion import logger, script_util
+from improved_diffusion.checkpointing import CheckpointSaveError
 from improved_diffusion.io_util import load_checkpoint
 from improved_diffusion.run_flags import write_run_flags
 from improved_diffusion.train_util import load_init_weights
@@ -109,6 +111,17 @@ def test_a_classifier_step_reads_nothing_back_from_the_device(tmp_path, monkeypa
     row = logger.dumpkvs()  # the row reads the interval's sums once
     monkeypatch.undo()
     assert reads and {"train_loss", "train_acc@1", "train_loss_q0"} <= set(row)
+
+
+def test_a_classifier_set_that_cannot_be_written_names_the_set_to_resume_from(tmp_path):
+    from test_classifier_train import make_loop as make_classifier_loop
+
+    (tmp_path / "opt000004.pt").mkdir()  # an obstacle where the set of step 4 puts its optimizer file
+    loop = make_classifier_loop(tmp_path, iterations=4, save_interval=2)
+    with pytest.raises(CheckpointSaveError, match=r"checkpoint set of step 4 .*opt000004\.pt failed.*"
+                                                  r"--resume_checkpoint .*model000002\.pt"):
+        loop.run_loop()
+    assert loop.saved_step == 2 and not (tmp_path / "model000004.pt").exists()
 
 
 # ---------------------------------------------------------------- --save_format
