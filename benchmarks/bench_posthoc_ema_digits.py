@@ -49,7 +49,8 @@ def score(model_path, sample_dir, num_samples):
     """The checker's (share, mean confidence, in-distribution share) of samples of `model_path`."""
     run("scripts/image_sample.py", ["--model_path", model_path, *SAMPLER_FLAGS, "--num_samples", num_samples,
                                     "--batch_size", num_samples, "--seed", 0], sample_dir)
-    result = check_digits.check_samples(*check_digits.load_samples(next(sample_dir.glob("samples_*.npz"))))
+    npz = next(sample_dir.glob(f"samples_{num_samples}x*.npz"))
+    result = check_digits.check_samples(*check_digits.load_samples(npz))
     return result["share"], result["mean_confidence"], result["in_distribution"]
 
 
@@ -93,7 +94,7 @@ def main():
     print("\n| weights | sigma_rel | recognized | mean probability of the digit | as close as real digits |")
     print("| --- | --- | --- | --- | --- |")
     for label, sigma, share, confidence, in_distribution in rows:
-        print(f"| {label} | {sigma} | {share:.2f} | {confidence:.2f} | {in_distribution:.2f} |")
+        print(f"| {label} | {sigma} | {share:.3f} | {confidence:.2f} | {in_distribution:.2f} |")
 
 
 if __name__ == "__main__":
