@@ -5,8 +5,7 @@ import sys
 
 import pytest
 import torch
-from _launch import BIN, LAUNCH_VARS, MPIEXEC, ROOT, launch_env
-from _zygote import run_command
+from _launch import BIN, LAUNCH_VARS, MPIEXEC, ROOT, launch_env, run_command
 
 from improved_diffusion import dist_util
 from improved_diffusion.io_util import CheckpointError
