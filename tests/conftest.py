@@ -16,10 +16,13 @@ torch.set_num_threads(1)
 # the download serve a file of their own over http://127.0.0.1 and clear the variable themselves.
 os.environ["IMPROVED_DIFFUSION_OFFLINE"] = "1"
 
-# The files that keep a worker busy longest, longest first: pytest-xdist hands out files in collection order, so
-# the short ones come last and no worker is left alone with a long one.
-LONGEST_FIRST = ("test_e2e.py", "test_benchmarks_digits.py", "test_samplers.py", "test_benchmarks.py",
-                 "test_train_eval.py", "test_classifier_sample.py")
+# The files that keep a worker busy longest (CPU-seconds: 80 to 15, the real launches of ranks and the cold
+# torch.compile of test_e2e.py the largest part), longest first: with --no-loadscope-reorder (make test),
+# pytest-xdist hands out files in collection order, so the short ones come last and no worker is left alone with
+# a long one.
+LONGEST_FIRST = ("test_e2e.py", "test_train_distributed.py", "test_benchmarks_digits.py", "test_train_eval.py",
+                 "test_samplers.py", "test_image_eval.py", "test_checkpoint_saving.py", "test_train_scripts.py",
+                 "test_dist_util.py", "test_classifier_sample.py", "test_benchmarks.py", "test_image_datasets.py")
 
 
 def pytest_collection_modifyitems(items):

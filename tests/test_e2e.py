@@ -59,7 +59,8 @@ def run_script(script, args, log_dir, launcher=None, expect_ok=True, env=None):
     else:
         result = run_command([*launcher, str(path), *args], env=env, timeout=300)
     if expect_ok and result.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        command = " ".join(map(str, result.args))
+        pytest.fail(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -167,7 +168,8 @@ def test_compiled_model_gives_the_eager_samples(workspace, data_dir):
     --compile (torch.compile) changes the speed, not the samples, and compiles
     once: the short last batch (5 samples in batches of 2) runs padded. The
     model has one level and attention only in its middle block: each fused
-    kernel torch.compile builds costs a C++ compilation.
+    kernel torch.compile builds costs a C++ compilation, made in the sampling
+    process itself (one compile thread: no pool of fresh interpreters).
     """
     one_level = [*TINY_MODEL, "--channel_mult", "1", "--attention_resolutions", ""]
     model = train(workspace, "train_one_level", "image_train.py", data_dir, one_level)
@@ -175,8 +177,9 @@ def test_compiled_model_gives_the_eager_samples(workspace, data_dir):
     args = ddim_b2_args(model)
     run_script("image_sample.py", args, log_dir)
     expected = load_only(log_dir, "samples_*.npz")["arr_0"].astype(np.int16)
+    compile_env = {"TORCH_LOGS": "recompiles", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     result = run_script("image_sample.py", [*args, "--compile", "True"], workspace / "ddim_compiled",
-                        launcher=(sys.executable,), env={"TORCH_LOGS": "recompiles"})
+                        launcher=(sys.executable,), env=compile_env)
     assert "Recompiling" not in result.stderr, result.stderr
     compiled = load_only(workspace / "ddim_compiled", "samples_*.npz")["arr_0"].astype(np.int16)
     # Fused kernels round differently in the last bits: a pixel may land one level off.
