@@ -6,7 +6,6 @@ and its exit, not a process of its own.
 """
 
 import contextlib
-import gc
 import io
 import os
 import random
@@ -107,7 +106,6 @@ def _isolated(env, cwd):
     finally:
         dist_util.cleanup_dist()
         logger.reset()
-        gc.collect()  # ends the data-loader workers of iterators the script left behind
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
