@@ -3,7 +3,6 @@
 import contextlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -12,15 +11,12 @@ import numpy as np
 import pytest
 import torch
 from _in_process import run_in_process
-from _launch import kill_tree, run_command, start_command
+from _launch import BIN, MPIEXEC, ROOT, kill_tree, run_command, start_command
 from PIL import Image
 
 from improved_diffusion import logger, script_util
 from improved_diffusion.io_util import load_checkpoint
 from improved_diffusion.train_util import TrainLoop
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BIN = pathlib.Path(sys.executable).parent
 
 # A model small enough for a CPU step in tens of milliseconds.
 TINY_MODEL = {
@@ -191,10 +187,9 @@ def launcher(kind, ranks):
     if kind in ("python", "process"):
         return [sys.executable]
     if kind == "mpiexec":
-        mpiexec = shutil.which("mpiexec", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        if mpiexec is None:
+        if MPIEXEC is None:
             pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
-        return [mpiexec, "-n", str(ranks), sys.executable]
+        return [MPIEXEC, "-n", str(ranks), sys.executable]
     if kind == "torchrun":
         return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
     raise ValueError(kind)

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-from _train_helpers import ROOT, assert_same, make_loop, set_names, tiny_flags, train_env  # noqa: F401 (fixture)
 from _in_process import run_in_process
+from _train_helpers import ROOT, assert_same, make_loop, set_names, tiny_flags, train_env  # noqa: F401 (fixture)
 
 from improved_diffusion import checkpoint_layout, checkpointing, dist_util, script_util
 from improved_diffusion.checkpointing import CheckpointSet

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from _launch import run_command
 from _train_helpers import (
     ROOT,
     TINY_MODEL,
@@ -19,9 +20,7 @@ from _train_helpers import (
     run_script,
     set_names,
     train_env,  # noqa: F401 (fixture)
-    write_images,
 )
-from _launch import run_command
 
 from improved_diffusion import checkpointing
 from improved_diffusion.checkpointing import CheckpointSaveError, CheckpointSet
