@@ -13,13 +13,13 @@ import sys
 import zipfile
 
 import numpy as np
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import dist_util
 from .eval_images import NpzImages
 from .inception import extract_features
 from .io_util import atomic_open
+from .sharding import gather_lists
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool")  # what evaluation.reference_statistics caches
 
@@ -45,12 +45,9 @@ def dataset_features(model, reader, batch_size, desc="features"):
 
 def gather_in_order(parts):
     """Every rank's [(first index, features)] concatenated in index order on rank 0; None elsewhere."""
-    if dist_util.get_world_size() > 1:
-        gathered = [None] * dist_util.get_world_size() if dist_util.get_rank() == 0 else None
-        dist.gather_object(parts, gathered, dst=0)
-        if dist_util.get_rank() != 0:
-            return None
-        parts = [part for rank_parts in gathered for part in rank_parts]
+    parts = gather_lists(parts)
+    if parts is None:
+        return None
     parts.sort(key=lambda part: part[0])
     return {key: np.concatenate([features[key] for _, features in parts]) for key in parts[0][1]}
 

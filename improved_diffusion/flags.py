@@ -59,6 +59,20 @@ def str2bool(v):
     )
 
 
+def image_size(text):
+    """
+    An --image_size: "S" (square) -> S, "H,W" -> "H,W" (a rectangle, kept as
+    text so that flags.json reads back what was written), "S,S" -> S.
+    """
+    try:
+        sides = [int(part) for part in text.split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size S or H,W of positive integers (e.g. 64 or 32,64)")
+    return sides[0] if len(set(sides)) == 1 else f"{sides[0]},{sides[1]}"
+
+
 def type_of(default):
     """The argparse type a default implies: str2bool for booleans, str for None, else its own type."""
     if default is None:
@@ -114,7 +128,8 @@ A, P, T, S = ARCHITECTURE, PROCESS, TRAINING, SAMPLING
 
 FLAGS = _declare(
     # ------------------------------------------------------------ MODEL
-    Flag("image_size", 64, A, "MODEL", "side of the square images the model makes, in pixels"),
+    Flag("image_size", 64, A, "MODEL", 'size of the images the model makes, in pixels: S (square) or H,W',
+         type=image_size),
     Flag("num_channels", 128, A, "MODEL", "width of the UNet's first level"),
     Flag("num_res_blocks", 2, A, "MODEL", "residual blocks per level"),
     Flag("num_heads", 4, A, "MODEL", "attention heads (when --num_head_channels is -1)"),
@@ -186,6 +201,8 @@ FLAGS = _declare(
     Flag("num_workers", 1, T, "TRAIN", "image decoding processes"),
     Flag("allow_mixed_channels", False, T, "TRAIN",
          "accept a folder mixing grayscale, RGB and CMYK files (all converted)"),
+    Flag("random_crop", False, T, "TRAIN",
+         "crop each training image at a random position after resizing (default: the center)"),
     Flag("val_data_dir", "", T, "INPUT", "folder of validation images, named as --data_dir's"),
     Flag("noised", True, T, "TRAIN", "train the classifier on noised images at random timesteps (else t = 0)"),
     Flag("iterations", 150000, T, "TRAIN", "optimizer steps to train for"),
@@ -287,8 +304,8 @@ NOISE_LEVEL = ("diffusion_steps", "noise_schedule", "rescale_timesteps", "rescal
 DIFFUSION_TRAINING = (
     "data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch",
     "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "use_fp16", "fp16_scale_growth", "seed",
-    "max_steps", "use_bf16", "random_flip", "keep_checkpoints", "max_bad_steps", "allow_partial_resume",
-    "check_replicas", "num_workers", "allow_mixed_channels", "eval_interval", "eval_num_samples", "eval_sampler",
+    "max_steps", "use_bf16", "random_flip", "random_crop", "keep_checkpoints", "max_bad_steps",
+    "allow_partial_resume", "check_replicas", "num_workers", "allow_mixed_channels", "eval_interval", "eval_num_samples", "eval_sampler",
     "eval_timestep_respacing", "inception_weights",
 )
 CLASSIFIER_TRAINING = (

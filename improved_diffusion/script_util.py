@@ -16,7 +16,7 @@ import math
 from . import flags as flag_table
 from . import gaussian_diffusion as gd
 from .flags import NUM_CLASSES, str2bool
-from .image_datasets import check_image_channels
+from .image_datasets import check_image_channels, image_hw
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -26,7 +26,7 @@ __all__ = [
     "create_model", "sr_create_model_and_diffusion", "sr_create_model", "create_gaussian_diffusion",
     "create_classifier", "create_classifier_and_diffusion", "model_from_flags", "diffusion_from_flags",
     "has_null_label", "add_dict_to_argparser", "args_to_dict", "default_channel_mult", "parse_channel_mult",
-    "parse_attention_resolutions", "format_numbers", "DEFAULT_CHANNEL_MULT", "SR_DEFAULT_CHANNEL_MULT",
+    "parse_attention_resolutions", "format_numbers", "image_size_hw", "DEFAULT_CHANNEL_MULT", "SR_DEFAULT_CHANNEL_MULT",
 ]
 
 # channel_mult by image size. The published sizes (32, 64, 256, and
@@ -97,38 +97,71 @@ def default_channel_mult(image_size, super_res=False):
     return (0.5,) * extra_levels + DEFAULT_CHANNEL_MULT[largest]
 
 
+def image_size_hw(image_size):
+    """
+    (H, W) of an --image_size: S (square), "H,W" (as the flag parses a
+    rectangle) or a pair.
+    """
+    if isinstance(image_size, int):
+        return image_size, image_size  # a bad square size is for default_channel_mult to name
+    if isinstance(image_size, str):
+        image_size = _parse_ints(image_size, "image_size", 'a size S or "H,W" such as "8,16"')
+        image_size = image_size[0] if len(image_size) == 1 else image_size
+    return image_hw(image_size)
+
+
 def parse_channel_mult(channel_mult, image_size, size_flag="image_size"):
     """
     The width multipliers of each level as a tuple of numbers (ints, or floats
     for fractions such as 0.5; level l is int(num_channels * mult[l]) wide).
 
-    :param channel_mult: "" (the default for image_size), a string such as
-                         "1,2,2,2" or "0.5,1,1,2,2,4,4", or a sequence of numbers.
+    :param channel_mult: "" (the default for the image's shorter side), a
+                         string such as "1,2,2,2" or "0.5,1,1,2,2,4,4", or a sequence of numbers.
+    :param image_size: S, "H,W" or (H, W): each side must halve once per level below the first.
     :param size_flag: the flag naming the image size, for error messages
                       ("large_size": a super-resolution model's defaults).
     """
+    height, width = image_size_hw(image_size)
     if channel_mult in ("", None):
-        return default_channel_mult(image_size, super_res=size_flag == "large_size")
-    mult = _parse_numbers(channel_mult, "channel_mult", 'a comma-separated list such as "1,2,2,2"')
-    if not mult or min(mult) <= 0:
-        raise ValueError(
-            f"--channel_mult {format_numbers(channel_mult)} is invalid: give positive "
-            f'numbers such as "1,2,2,2" or "0.5,1,1,2"'
-        )
+        side = min(height, width)
+        if height != width and not (_is_power_of_two(side) and side >= 8):
+            low, high = 2 ** max(3, side.bit_length() - 1), 2 ** max(3, side.bit_length())
+            raise ValueError(
+                f"--{size_flag} {height},{width}: the default levels follow the shorter side, {side}, which must "
+                f"be a power of two >= 8: use --channel_mult, or a shorter side of {low} or {high}"
+            )
+        mult = default_channel_mult(side, super_res=size_flag == "large_size")
+    else:
+        mult = _parse_numbers(channel_mult, "channel_mult", 'a comma-separated list such as "1,2,2,2"')
+        if not mult or min(mult) <= 0:
+            raise ValueError(
+                f"--channel_mult {format_numbers(channel_mult)} is invalid: give positive "
+                f'numbers such as "1,2,2,2" or "0.5,1,1,2"'
+            )
     factor = 2 ** (len(mult) - 1)
-    if image_size % factor:
+    if height % factor or width % factor:
+        shown = str(height) if height == width else f"{height},{width}"
+        nearest = _nearest_sizes(height, width, factor)
         raise ValueError(
-            f"--{size_flag} {image_size} cannot be halved {len(mult) - 1} times as the "
+            f"--{size_flag} {shown} cannot be halved {len(mult) - 1} times as the "
             f"{len(mult)} levels of --channel_mult {format_numbers(mult)} need: use a size "
-            f"divisible by {factor} or fewer levels"
+            f"divisible by {factor} (the nearest: {' or '.join(nearest)}) or fewer levels"
         )
     return mult
 
 
+def _nearest_sizes(height, width, factor):
+    """The sizes nearest to H x W whose sides are multiples of `factor` (each side rounded down and up)."""
+    sides = [sorted({max(factor, side // factor * factor), -(-side // factor) * factor}) for side in (height, width)]
+    sizes = sorted({(h, w) for h in sides[0] for w in sides[1]}, key=lambda hw: (abs(hw[0] - height) + abs(hw[1] - width), hw))
+    return [str(h) if h == w and height == width else f"{h},{w}" for h, w in sizes[:2]]
+
+
 def parse_attention_resolutions(attention_resolutions, image_size):
     """
-    Downsampling factors with attention: "16,8" -> (image_size // 16, image_size // 8).
-    "" means no attention blocks on the way down or up (the middle block always has one).
+    Downsampling factors with attention: "16,8" -> (S // 16, S // 8) for the
+    shorter side S of `image_size` (S, "H,W" or (H, W)). "" means no attention
+    blocks on the way down or up (the middle block always has one).
     """
     if attention_resolutions in ("", None):
         return ()
@@ -137,7 +170,8 @@ def parse_attention_resolutions(attention_resolutions, image_size):
     )
     if min(resolutions) < 1:
         raise ValueError(f"--attention_resolutions {attention_resolutions} must be positive")
-    return tuple(image_size // res for res in resolutions)
+    side = min(image_size_hw(image_size))
+    return tuple(side // res for res in resolutions)
 
 
 # ---------------------------------------------------------------- factories
@@ -323,7 +357,7 @@ def model_from_flags(flags):
         resblock_updown=flags["resblock_updown"],
         use_new_attention_order=flags["use_new_attention_order"],
         use_fp16=flags["use_fp16"],
-        image_size=size,
+        image_size=size if isinstance(size, int) else image_size_hw(size),
         null_label=null_label,
     )
 

@@ -58,12 +58,7 @@ def sample_in_shards(num_samples, batch_size, draw_batch, spool_dir, desc="sampl
 
 def _gather_round(part):
     """Every rank's (indices, arrays) of this round (None: no batch), as a list on rank 0; [] elsewhere."""
-    world_size = dist_util.get_world_size()
-    if world_size == 1:
-        return [part] if part is not None else []
-    gathered = [None] * world_size if dist_util.get_rank() == 0 else None
-    dist.gather_object(part, gathered, dst=0)
-    return [p for p in gathered or [] if p is not None]
+    return [p for p in gather_lists([part]) or [] if p is not None]
 
 
 class SampleSpool:
@@ -96,6 +91,15 @@ def spool_folder():
         yield folder
 
 
+def gather_lists(items):
+    """Every rank's list `items` concatenated in rank order on rank 0; None on the other ranks."""
+    if dist_util.get_world_size() == 1:
+        return list(items)
+    gathered = [None] * dist_util.get_world_size() if dist_util.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return None if gathered is None else [item for rank_items in gathered for item in rank_items]
+
+
 def gather_parts(parts):
     """
     Concatenate every rank's list of array dicts, in rank order, on rank 0.
@@ -103,10 +107,7 @@ def gather_parts(parts):
     :param parts: list of dicts of NumPy arrays (the same keys in all).
     :return: dict of concatenated arrays on rank 0, None on other ranks.
     """
-    if dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(parts, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-        parts = [part for rank_parts in gathered for part in rank_parts]
+    parts = gather_lists(parts)
+    if parts is None:
+        return None
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}

@@ -27,7 +27,7 @@ from .image_datasets import load_data
 from .progress import TrainingProgress
 from .resample import create_named_schedule_sampler
 from .run_flags import FLAGS_FILENAME, read_run_flags, write_run_flags
-from .script_util import create_classifier, diffusion_from_flags, model_from_flags
+from .script_util import create_classifier, diffusion_from_flags, image_size_hw, model_from_flags
 from .train_state import seed_everything
 from .train_util import TrainLoop, check_eval_interval, get_blob_logdir
 
@@ -101,13 +101,14 @@ def read_data(**kwargs):
 
 
 def training_data(args, image_size):
-    """load_data over --data_dir with the training flags, images of `image_size`."""
+    """load_data over --data_dir with the training flags, images of `image_size` (S, "H,W" or (H, W))."""
     return read_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
-        image_size=image_size,
+        image_size=image_size_hw(image_size),
         class_cond=args.class_cond,
         random_flip=args.random_flip,
+        random_crop=args.random_crop,
         seed=args.seed,
         num_workers=args.num_workers,
         allow_mixed_channels=args.allow_mixed_channels,
@@ -197,7 +198,7 @@ def make_evaluator(args):
     return TrainingEvaluator(
         diffusion=diffusion,
         data_dir=args.data_dir,
-        image_size=args.image_size,
+        image_size=image_size_hw(args.image_size),
         num_samples=args.eval_num_samples,
         batch_size=args.batch_size,
         log_dir=logger.get_dir(),
@@ -219,6 +220,8 @@ def check_classifier_flags(args):
     for flag in ("iterations", "log_interval", "eval_interval", "save_interval", "num_classes", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)} must be at least 1")
+    if not isinstance(args.image_size, int):
+        raise UsageError(f"--image_size {args.image_size}: the classifier takes square images, give one size S")
     if args.classifier_use_fp16:
         raise UsageError(
             "--classifier_use_fp16 True: classifier_train.py trains in float32 (guided-diffusion's float16 "

@@ -22,6 +22,7 @@ from improved_diffusion import flags as flag_table
 from improved_diffusion.errors import InputError, UsageError
 from improved_diffusion.flags import NUM_CLASSES
 from improved_diffusion.run_flags import FLAGS_FILENAME, read_run_flags
+from improved_diffusion.script_util import image_size_hw
 
 
 def sampling_classifier_flags(args, explicit):
@@ -47,6 +48,8 @@ def sampling_classifier_flags(args, explicit):
                 "classifier_train.py run); drop --classifier_scale to sample without classifier guidance"
             )
         return None
+    if not isinstance(args.image_size, int):
+        raise UsageError(f"--image_size {args.image_size}: classifier guidance takes square images (one size S)")
     flags = {k: getattr(args, k) for k in flag_table.CLASSIFIER[1:]}
     flags.update(image_size=args.image_size, image_channels=args.image_channels, num_classes=NUM_CLASSES)
     saved = read_run_flags(args.classifier_path)
@@ -177,7 +180,7 @@ def main(argv=None):
     elif classifier_flags is not None:
         logger.log(f"classifier {args.classifier_path} loaded and checked, not evaluated at --classifier_scale 0")
     model_fn = model if args.class_cond else without_labels(model)
-    shape = (args.image_channels, args.image_size, args.image_size)
+    shape = (args.image_channels, *image_size_hw(args.image_size))
 
     def draw_batch(indices):
         labels = sample_util.batch_labels(args, indices)

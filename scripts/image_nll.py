@@ -16,6 +16,7 @@ import torch.distributed as dist
 from improved_diffusion import cli, dist_util, image_output, logger, sample_util, sharding
 from improved_diffusion.errors import UsageError
 from improved_diffusion.sample_seeds import sample_generators
+from improved_diffusion.script_util import image_size_hw
 from improved_diffusion.train_cli import read_data
 
 TERMS = ("vb", "mse", "xstart_mse", "prior_bpd", "total_bpd")
@@ -67,7 +68,7 @@ def main(argv=None):
     if not args.data_dir:
         raise UsageError("--data_dir is required: a folder of images to evaluate")
     model, diffusion = sample_util.prepare(args, describe_sampler=False)
-    data = read_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+    data = read_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=image_size_hw(args.image_size),
                      class_cond=args.class_cond, deterministic=True, image_channels=args.image_channels)
     result = sharding.gather_parts(evaluate(model, diffusion, data, args))
     if result is not None:

@@ -9,6 +9,7 @@ on --seed, not on --batch_size or the number of ranks.
 
 from improved_diffusion import cli, dist_util, image_output, sample_util
 from improved_diffusion.errors import UsageError
+from improved_diffusion.script_util import image_size_hw
 
 
 def check_class_label(args):
@@ -26,7 +27,7 @@ def main(argv=None):
     args, _ = sample_util.parse_sampling_flags("image_sample", argv, __doc__)
     check_class_label(args)
     model, diffusion = sample_util.prepare(args)
-    shape = (args.image_channels, args.image_size, args.image_size)
+    shape = (args.image_channels, *image_size_hw(args.image_size))
 
     def draw_batch(indices):
         out = {}

@@ -15,6 +15,7 @@ from improved_diffusion import cli, dist_util, logger, sample_util, samplers
 from improved_diffusion.errors import UsageError
 from improved_diffusion.io_util import atomic_write_bytes
 from improved_diffusion.sample_seeds import sample_generators
+from improved_diffusion.script_util import image_size_hw
 from improved_diffusion.timestep_search import search_timesteps
 
 
@@ -37,7 +38,7 @@ def main(argv=None):
     device = dist_util.dev()
     indices = range(args.num_samples)
     generators = sample_generators(args.seed, indices, device)
-    shape = (args.num_samples, args.image_channels, args.image_size, args.image_size)
+    shape = (args.num_samples, args.image_channels, *image_size_hw(args.image_size))
     x_T = samplers.noise_like(shape, device, generators)
     model_kwargs = {}
     if args.class_cond:

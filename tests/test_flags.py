@@ -53,7 +53,7 @@ TRAINING = {
     "data_dir": "", "schedule_sampler": "uniform", "lr": 0.0001, "weight_decay": 0.0, "lr_anneal_steps": 0,
     "batch_size": 1, "microbatch": -1, "ema_rate": "0.9999", "log_interval": 10, "save_interval": 10000,
     "resume_checkpoint": "", "use_fp16": False, "fp16_scale_growth": 0.001, "seed": 0, "max_steps": 0,
-    "use_bf16": False, "random_flip": False, "keep_checkpoints": 0, "max_bad_steps": 20,
+    "use_bf16": False, "random_flip": False, "random_crop": False, "keep_checkpoints": 0, "max_bad_steps": 20,
     "allow_partial_resume": False, "check_replicas": False, "num_workers": 1, "allow_mixed_channels": False,
     "eval_interval": 0, "eval_num_samples": 1000, "eval_sampler": "ddim", "eval_timestep_respacing": "ddim25",
     "inception_weights": "",
