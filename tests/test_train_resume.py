@@ -65,10 +65,10 @@ def test_kill_9_then_resume_matches_the_uninterrupted_script_run(tmp_path, optio
         ema_rate=",".join(RATES), save_interval=2, log_interval=2, **options,
     )
     killed = start_script("image_train.py", dict(flags, max_steps=100000), tmp_path / "killed")
-    status, _, err = run_script("image_train.py", dict(flags, max_steps=8), tmp_path / "whole")
-    assert status == 0, err
     wait_for(tmp_path / "killed" / "state000004.pt", killed)
     kill_group(killed)
+    status, _, err = run_script("image_train.py", dict(flags, max_steps=8), tmp_path / "whole")
+    assert status == 0, err
     resume = dict(flags, max_steps=8, resume_checkpoint=tmp_path / "killed" / "model000004.pt")
     status, _, err = run_script("image_train.py", resume, tmp_path / "resumed")
     assert status == 0, err
