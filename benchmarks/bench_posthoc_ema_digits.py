@@ -18,9 +18,7 @@ the demo.
 """
 
 import argparse
-import os
 import pathlib
-import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -29,6 +27,7 @@ sys.path.insert(0, str(ROOT / "datasets"))
 import check_digits  # noqa: E402  (datasets/ is not a package on sys.path otherwise)
 
 from improved_diffusion.posthoc_ema import list_snapshots, representable_std_range  # noqa: E402
+from digits_runs import run, write_digits  # noqa: E402
 from improved_diffusion.precision import auto_bf16  # noqa: E402
 
 # scripts/demo.sh's flags.
@@ -38,11 +37,6 @@ DIFFUSION_FLAGS = ["--diffusion_steps", 1000, "--noise_schedule", "cosine", "--p
 SAMPLER_FLAGS = ["--sampler", "dpmpp_2m", "--timestep_respacing", "logsnr20"]
 EMA = "0.995"
 
-
-def run(script, args, log_dir):
-    env = dict(os.environ, OPENAI_LOGDIR=str(log_dir))
-    subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
 
 
 def score(model_path, sample_dir, num_samples):
@@ -66,8 +60,7 @@ def main():
     args = parser.parse_args()
     out = pathlib.Path(args.out_dir)
     data_dir, run_dir = out / "digits", out / "run"
-    subprocess.run([sys.executable, str(ROOT / "datasets" / "digits.py"), "--out_dir", data_dir, "--image_size", "8"],
-                   check=True, stdout=subprocess.DEVNULL)
+    write_digits(data_dir)
     train = ["--data_dir", data_dir, *MODEL_FLAGS, *DIFFUSION_FLAGS, "--lr", "2e-3", "--batch_size", 64,
              "--ema_rate", EMA, "--max_steps", args.steps, "--save_interval", args.steps, "--log_interval", 100,
              "--resume_checkpoint", "auto", "--seed", 0, "--use_bf16", auto_bf16("cpu"), "--ema_std", args.ema_std,
