@@ -26,12 +26,13 @@ $(VENV)/.installed-%: setup.py
 	@echo "==> $(VENV) is ready"
 
 # The suite runs on every core, at most 8 (pytest-xdist; each test uses one thread; one file
-# per worker at a time, so its trained fixtures are built once);
+# per worker at a time, so its trained fixtures are built once; files handed out in the order
+# tests/conftest.py gives, the longest first), and ends with its 15 slowest tests;
 # TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= auto
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 demo: $(VENV)/.installed-demo
 	bash scripts/demo.sh $(PY)

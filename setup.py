@@ -27,8 +27,9 @@ setup(
         # Checkpoints in the safetensors format (reading .safetensors files, --save_format safetensors,
         # scripts/convert_checkpoint.py).
         "safetensors": ["safetensors"],
-        # pytest-xdist spreads the suite over the cores (`make test`), halving its time on two.
-        "test": ["pytest", "pytest-xdist", "scikit-learn", "lmdb", "mpich", "mpi4py", "scipy", "tensorboard",
+        # pytest-xdist spreads the suite over the cores (`make test`), halving its time on two; 3.8 brought
+        # --no-loadscope-reorder, which keeps the longest-first order of tests/conftest.py.
+        "test": ["pytest", "pytest-xdist>=3.8", "scikit-learn", "lmdb", "mpich", "mpi4py", "scipy", "tensorboard",
                  "matplotlib", "safetensors"],
         "demo": ["scikit-learn"],
     },

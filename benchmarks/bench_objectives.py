@@ -17,9 +17,7 @@ a CPU that computes it natively (precision.auto_bf16).
 """
 
 import argparse
-import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -31,6 +29,7 @@ import check_digits  # noqa: E402  (datasets/ is not a package on sys.path other
 import digits  # noqa: E402
 
 from improved_diffusion.evaluation import feature_statistics, frechet_distance  # noqa: E402
+from digits_runs import run, write_digits  # noqa: E402
 from improved_diffusion.precision import auto_bf16  # noqa: E402
 
 MODEL_FLAGS = ["--image_size", "8", "--num_channels", "64", "--num_res_blocks", "1", "--channel_mult", "1,2",
@@ -46,11 +45,6 @@ VARIANTS = {
 DEFAULT_VARIANTS = "eps,eps_minsnr5,v"
 EMA = "0.995"
 
-
-def run(script, args, log_dir):
-    env = dict(os.environ, OPENAI_LOGDIR=str(log_dir))
-    subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
 
 
 def checker_logits(images):
@@ -74,8 +68,7 @@ def main():
     args = parser.parse_args()
     out = pathlib.Path(args.out_dir)
     data_dir = out / "digits"
-    subprocess.run([sys.executable, str(ROOT / "datasets" / "digits.py"), "--out_dir", data_dir, "--image_size", "8"],
-                   check=True, stdout=subprocess.DEVNULL)
+    write_digits(data_dir)
     steps = [int(s) for s in args.steps.split(",")]
     real = feature_statistics(real_logits())
     rows = []

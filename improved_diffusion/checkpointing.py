@@ -6,17 +6,23 @@ A set for step N (N = optimizer updates in the weights) is, in write order:
 
     modelNNNNNN.pt            the UNet's state dict (the reference's format)
     ema_{rate}_NNNNNN.pt      one per EMA rate, same keys as the model
+    phema_{std}_MMMMMM.pt     with --ema_std: the post-hoc EMA snapshots taken
+                              since the previous set (steps M <= N), same keys
     optNNNNNN.pt              the AdamW state dict
     stateNNNNNN.pt            everything else exact resume needs (written last)
 
 With save_format "safetensors" the model and EMA files are
-modelNNNNNN.safetensors and ema_{rate}_NNNNNN.safetensors (the optimizer and
-state files stay torch pickles); everything below accepts sets of either format.
+modelNNNNNN.safetensors and ema_{rate}_NNNNNN.safetensors (the optimizer,
+state and snapshot files stay torch pickles); everything below accepts sets of
+either format. Snapshots are not needed to resume (the state file holds the
+tracked profiles); they belong to the set they were written with.
 
 Each file goes to a temporary name and is renamed (io_util), and the state
 file comes last, so a set is complete exactly when its state file exists.
 Retention removes a set's state file first, so a half-removed set is never
-taken for a complete one. A save that fails removes what it wrote of its set
+taken for a complete one, and removes the snapshots written with a removed set
+(steps up to its N). Files that scripts/reconstruct_ema.py writes
+(ema_std{std}_NNNNNN.pt) are never removed. A save that fails removes what it wrote of its set
 and raises CheckpointSaveError, which says which set is the newest complete one.
 """
 
@@ -32,8 +38,13 @@ _STEP_DIGITS = r"(\d{6,})"
 _WEIGHTS_SUFFIX = r"\.(?:pt|safetensors)"
 _MODEL_RE = re.compile(rf"^model{_STEP_DIGITS}{_WEIGHTS_SUFFIX}$")
 _STATE_RE = re.compile(rf"^state{_STEP_DIGITS}\.pt$")
-_ANY_RE = re.compile(rf"^(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}{_WEIGHTS_SUFFIX}$")
-_TEMP_RE = re.compile(rf"^\.(?:model|opt|state|ema_[^_]+_){_STEP_DIGITS}{_WEIGHTS_SUFFIX}\.[^.]+\.tmp$")  # io_util's
+# The files of a set: an EMA rate is a float as str() writes it (0.9999, 1e-05), so the rate pattern
+# leaves out the ema_std{std}_ files of scripts/reconstruct_ema.py.
+_SET_FILE = rf"(?:model|opt|state|ema_[0-9][0-9.e+-]*_){_STEP_DIGITS}{_WEIGHTS_SUFFIX}"
+_SNAPSHOT_FILE = rf"phema_[0-9]+\.[0-9]+_{_STEP_DIGITS}\.pt"  # posthoc_ema.snapshot_filename
+_ANY_RE = re.compile(rf"^{_SET_FILE}$")
+_SNAPSHOT_RE = re.compile(rf"^{_SNAPSHOT_FILE}$")
+_TEMP_RE = re.compile(rf"^\.(?:{_SET_FILE}|{_SNAPSHOT_FILE})\.[^.]+\.tmp$")  # io_util's
 
 
 class CheckpointSaveError(OSError, ValueError):
@@ -85,16 +96,19 @@ class CheckpointSet:
         self.opt = bf.join(folder, f"opt{step:06d}.pt")
         self.state = bf.join(folder, f"state{step:06d}.pt")
 
-    def save(self, model_state, ema_states, opt_state, run_state):
+    def save(self, model_state, ema_states, opt_state, run_state, snapshots=None):
         """
         Write the set, state file last. If a file cannot be written, the files
         of this set written so far are removed (the temporary file too), and
         CheckpointSaveError says why and which complete set is the newest.
 
         :param ema_states: {rate: state dict}, one per rate of this set.
+        :param snapshots: {file name: state dict} of post-hoc EMA snapshots
+            (posthoc_ema.snapshot_filename), written after the EMA files.
         """
+        snapshot_files = [(bf.join(self.folder, name), state) for name, state in (snapshots or {}).items()]
         contents = [(self.model, model_state), *((p, ema_states[r]) for r, p in self.emas.items()),
-                    (self.opt, opt_state), (self.state, run_state)]
+                    *snapshot_files, (self.opt, opt_state), (self.state, run_state)]
         written = []
         for path, content in contents:
             try:
@@ -236,7 +250,7 @@ def _incomplete_set_message(ckpt, missing):
     """Why the set cannot be resumed as is: the `missing` paths; names the newest complete set."""
     latest = latest_complete(ckpt.folder)
     if latest is None:
-        hint = f"there is no complete set in {ckpt.folder}"
+        hint = f"no set there is complete ({ckpt.folder})"
     else:
         hint = f"the newest complete set in {ckpt.folder} is {bf.basename(latest)}"
     return (
@@ -252,21 +266,29 @@ def _incomplete_set_message(ckpt, missing):
 def prune(folder, keep):
     """
     Keep the newest `keep` complete sets in `folder`; remove every checkpoint
-    file of an older step (stale incomplete sets included). No-op when keep <= 0.
+    file of an older step (stale incomplete sets included) and the post-hoc
+    EMA snapshots written with the removed sets (steps up to the newest
+    removed one). No-op when keep <= 0.
     """
     steps = complete_steps(folder)
     if keep <= 0 or len(steps) <= keep:
         return
-    oldest_kept = steps[-keep]
-    doomed = [n for n in bf.listdir(folder) if _step_of_file(n) is not None and _step_of_file(n) < oldest_kept]
+    oldest_kept, newest_removed = steps[-keep], steps[-keep - 1]
+    doomed = []
+    for name in bf.listdir(folder):
+        step, last = _step_of_file(name, _ANY_RE), oldest_kept - 1
+        if step is None:
+            step, last = _step_of_file(name, _SNAPSHOT_RE), newest_removed
+        if step is not None and step <= last:
+            doomed.append(name)
     doomed.sort(key=lambda n: not n.startswith("state"))
     for name in doomed:
         bf.remove(bf.join(folder, name))
 
 
-def _step_of_file(name):
-    """N for a checkpoint file name of any kind, else None."""
-    match = _ANY_RE.match(name)
+def _step_of_file(name, pattern):
+    """N for a file name that `pattern` matches (its first group), else None."""
+    match = pattern.match(name)
     return int(match.group(1)) if match else None
 
 

@@ -13,34 +13,26 @@ as the diffusion model does (mapped to the base process and rescaled with
 --rescale_timesteps, GaussianDiffusion._call_model), which is also how the
 samplers hand them to cond_fn.
 
-Checkpoints (checkpointing.CheckpointSet without EMA files), for step N =
-optimizer updates in the weights: modelNNNNNN.pt (the classifier's state
-dict, guided-diffusion's format), optNNNNNN.pt (AdamW) and stateNNNNNN.pt
-(every rank's random streams and data positions, the flags), each written to
-a temporary name and renamed, the state file last. A run resumed from a set
-continues bitwise as the uninterrupted run would have (CPU, same ranks).
+Checkpoints (checkpointing.CheckpointSet without EMA files, with post-hoc
+EMA snapshots under --ema_std), for step N = optimizer updates in the
+weights: modelNNNNNN.pt (the classifier's state dict, guided-diffusion's
+format), optNNNNNN.pt (AdamW) and stateNNNNNN.pt (every rank's random streams
+and data positions, the flags), each written to a temporary name and renamed,
+the state file last. A run resumed from a set continues bitwise as the
+uninterrupted run would have (CPU, same ranks).
 """
 
-import contextlib
-import signal
-
-import blobfile as bf
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import dist_util, logger
+from . import dist_util
 from . import flags as flag_table
-from .checkpointing import CheckpointSet, latest_complete, plan_resume
 from .errors import InputError, UsageError
 from .io_util import CheckpointError
 from .resample import UniformSampler
 from .run_flags import FLAGS_FILENAME
 from .script_util import create_classifier
-from .train_state import StopRequest, capture_rng, control_group, restore_rng, seed_streams
-from .train_util import get_blob_logdir, log_loss_dict
-
-STATE_FORMAT = 1
+from .train_core import TrainingCore, log_loss_dict
 
 # The classifier flags its weights' layout depends on.
 CLASSIFIER_ARCHITECTURE = flag_table.names_of_kind(flag_table.CLASSIFIER[1:], flag_table.ARCHITECTURE)
@@ -90,188 +82,77 @@ def top_k_accuracy(logits, labels, k):
 # ---------------------------------------------------------------- training
 
 
-class ClassifierTrainLoop:
+class ClassifierTrainLoop(TrainingCore):
     """
-    Trains a noisy classifier (guided-diffusion's classifier_train.py) with
-    checkpoints that resume exactly and a clean stop on SIGTERM / SIGINT.
+    Trains a noisy classifier (guided-diffusion's classifier_train.py): a
+    thin loop over train_core.TrainingCore (microbatches, the update,
+    checkpoints that resume exactly, stop signals) that adds the
+    cross-entropy on noised images and the train_ / val_ metrics.
 
     :param model: an EncoderUNetModel, forward(x, timesteps) -> [N x classes] logits.
     :param diffusion: the process whose q_sample noises the images.
     :param data: an iterator of (images [N x C x H x W] in [-1, 1], {"y": [N]
         labels}); if it has state_dict() and load_state_dict(), its position
         is saved and restored on resume. `val_data` likewise, or None.
-    :param batch_size: images per rank per step.
-    :param microbatch: split each batch into parts of this many images for
-        gradient accumulation, each weighted by its share of the batch (-1 or 0: no split).
     :param iterations: train until this many optimizer steps.
     :param eval_interval: with val_data, log the val_ metrics of one
         validation batch every this many steps.
-    :param resume_checkpoint: "" (start afresh), a modelNNNNNN.pt path, a log
-        directory (its newest complete set) or "auto" (the newest complete set
-        in `checkpoint_dir`, if any).
     :param noised: train at timesteps from `schedule_sampler` (default
         uniform) on q_sample'd images; False: t = 0 on clean images.
     :param anneal_lr: decay the learning rate linearly to 0 over `iterations`.
-    :param seed: seeds this rank's dropout and sampling streams (mixed with
-        the rank); None: draw them from torch's global generator.
-    :param run_flags: the run's flags (plain data), saved in state files.
-    :param checkpoint_dir: where checkpoints go; default the logger's directory.
+    :param options: the keywords of train_core.TrainingCore (batch_size,
+        microbatch, lr, log_interval, save_interval, resume_checkpoint,
+        weight_decay, seed, run_flags, checkpoint_dir, ema_std, ...), but its
+        max_steps and lr_anneal_steps, which `iterations` and `anneal_lr` set.
     """
 
-    def __init__(
-        self,
-        *,
-        model,
-        diffusion,
-        data,
-        batch_size,
-        microbatch,
-        lr,
-        iterations,
-        log_interval,
-        save_interval,
-        resume_checkpoint,
-        val_data=None,
-        eval_interval=5,
-        noised=True,
-        schedule_sampler=None,
-        weight_decay=0.0,
-        anneal_lr=False,
-        seed=None,
-        run_flags=None,
-        checkpoint_dir=None,
-    ):
-        self.model = model
+    def __init__(self, *, diffusion, iterations, val_data=None, eval_interval=5, noised=True, anneal_lr=False,
+                 schedule_sampler=None, **options):
         self.diffusion = diffusion
-        self.data = data
         self.val_data = val_data
-        self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
-        self.lr = lr
         self.iterations = iterations
-        self.log_interval = log_interval
-        self.save_interval = save_interval
         self.eval_interval = eval_interval
         self.noised = noised
-        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.anneal_lr = anneal_lr
-        self.seed = seed
-        self.run_flags = dict(run_flags or {})
-        self.checkpoint_dir = checkpoint_dir or get_blob_logdir()
+        super().__init__(schedule_sampler=schedule_sampler or UniformSampler(diffusion), max_steps=iterations,
+                         lr_anneal_steps=iterations if anneal_lr else 0, **options)
 
-        self.device = next(model.parameters()).device
-        self.rank = dist_util.get_rank() if dist_util.is_initialized() else 0
-        self.world_size = dist_util.get_world_size() if dist_util.is_initialized() else 1
-        self.step = 0
-        self.saved_step = None
-        self.stop = StopRequest()
-        self.stop_signal = None
-        self.generator = torch.Generator(self.device)
-        self._seed_streams()
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.ddp_model = model if self.world_size == 1 else DDP(
-            model, device_ids=[self.device] if self.device.type == "cuda" else None
-        )
-        self._control_group = control_group(self.world_size)
-        self._resume(resume_checkpoint)
+    # ----- the core's hooks --------------------------------------------------
 
-    def _seed_streams(self):
-        """Seed dropout (torch's global generator) and timestep/noise sampling (self.generator) for self.step."""
-        seed_streams(self.generator, self.seed, self.rank, self.step)
+    def _step_gradient(self, batch, cond):
+        return self.forward_backward(batch, cond["y"])
 
-    # ----- resume ------------------------------------------------------------
-
-    def _resume(self, resume_checkpoint):
-        """Load the checkpoint set that `resume_checkpoint` designates, if any (every rank)."""
-        plan = plan_resume(resume_checkpoint, self.checkpoint_dir, [])
-        if plan is None:
-            return
-        ckpt, missing, _ = plan
-        if missing:
-            latest = latest_complete(ckpt.folder)
-            hint = f"the newest complete set there is {bf.basename(latest)}" if latest else "no set there is complete"
-            raise CheckpointError(
-                f"cannot resume from {ckpt.model}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                f"missing, so the checkpoint set of step {ckpt.step} is incomplete (an interrupted save, or a "
-                f"classifier not written by classifier_train.py); {hint}"
-            )
-        logger.log(f"loading the classifier from checkpoint: {ckpt.model}...")
-        state = dist_util.load_state_dict(ckpt.model)
+    def _load_model_weights(self, state, source):
         mismatch = state_dict_mismatch(self.model, state)
         if mismatch:
             raise CheckpointError(
-                f"{ckpt.model} does not fit this classifier ({mismatch}): give the classifier flags of the "
+                f"{source} does not fit this classifier ({mismatch}): give the classifier flags of the "
                 f"run that wrote it (its {FLAGS_FILENAME})"
             )
         self.model.load_state_dict(state)
-        try:
-            self.opt.load_state_dict(dist_util.load_state_dict(ckpt.opt))
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{ckpt.opt} does not fit this classifier's parameters ({exc})") from exc
-        self.step = self.saved_step = ckpt.step
-        self._load_run_state(ckpt.state, ckpt.step)
 
-    def _load_run_state(self, path, step):
-        """Restore the random streams, data positions and sampler state of the state file of step `step`."""
-        state = dist_util.load_state_dict(path)
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("step") != step:
-            raise CheckpointError(f"{path} is not the state file of step {step} written by classifier_train.py")
-        if state["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{path} was written by a run with {state['world_size']} rank(s), this run has {self.world_size}: "
-                f"the random streams and data positions are per rank, resume with {state['world_size']}"
-            )
-        if state["sampler"] and hasattr(self.schedule_sampler, "load_state_dict"):
-            self.schedule_sampler.load_state_dict(state["sampler"])
-        mine = state["ranks"][self.rank]
-        restore_rng(mine["rng"], self.generator)
-        for loader, position in ((self.data, mine["data"]), (self.val_data, mine["val_data"])):
-            if position is not None and hasattr(loader, "load_state_dict"):
-                loader.load_state_dict(position)
+    def _evaluate_if_due(self):
+        """The val_ metrics every eval_interval steps, written with the next row."""
+        if self.val_data is not None and self.step % self.eval_interval == 0:
+            self.evaluate()
+        return False
 
-    # ----- training ----------------------------------------------------------
+    def _loaders(self):
+        return {"data": self.data, "val_data": self.val_data}
 
-    def run_loop(self):
-        """
-        Train until `iterations` steps or a stop signal, logging every
-        log_interval steps and saving every save_interval steps and at the
-        end. After SIGTERM or SIGINT (on any rank) every rank finishes its
-        step, the set is saved and the loop returns with `stop_signal` set.
-        """
-        with self.stop.installed():
-            while self.step < self.iterations:
-                batch, cond = next(self.data)
-                self.run_step(batch, cond)
-                self._after_step()
-                if self._stop_agreed():
-                    break
-            if self.saved_step != self.step:
-                self.save()
-        if self.stop_signal is not None:
-            logger.log(f"stopped by {signal.Signals(self.stop_signal).name} after saving step {self.step}")
-
-    def run_step(self, batch, cond):
-        """
-        One optimizer step on this rank's batch (the gradient is averaged over ranks).
-
-        :param batch: [N x C x H x W] images in [-1, 1]; :param cond: {"y": [N] labels}.
-        """
-        self.opt.zero_grad(set_to_none=True)
-        self.forward_backward(batch, cond["y"])
-        for group in self.opt.param_groups:
-            group["lr"] = self._current_lr()
-        self.opt.step()
-        self.step += 1
-        logger.logkv("step", self.step)
-        logger.logkv("samples", self.step * self.batch_size * self.world_size)
+    # ----- the loss ----------------------------------------------------------
 
     def forward_backward(self, batch, labels):
-        """Accumulate the gradient of the batch's mean cross-entropy; log the train_ metrics."""
+        """
+        Accumulate the gradient of the batch's mean cross-entropy; log the
+        train_ metrics; return the loss (0-d, detached).
+
+        :param batch: [N x C x H x W] images in [-1, 1]; :param labels: [N] classes.
+        """
         x_t, t, labels = self._noised(batch, labels)
-        for part, is_last in self._parts(len(labels)):
-            with self._no_sync_unless(is_last):
-                loss = self._losses(self.ddp_model, x_t[part], t[part], labels[part], "train")
-                (loss.mean() * (len(loss) / len(labels))).backward()
+        return self._backward_in_parts(
+            len(labels), lambda part: self._losses(self._model_fn, x_t[part], t[part], labels[part], "train").mean()
+        )
 
     def evaluate(self):
         """Log the val_ metrics of the next validation batch (eval mode, no gradient)."""
@@ -285,15 +166,11 @@ class ClassifierTrainLoop:
 
     def _noised(self, batch, labels):
         """(x_t [N x C x H x W], t [N], labels [N]) on the device: q_sample at sampled t, or t = 0 and x_0."""
-        batch, labels = batch.to(self.device), labels.to(self.device)
+        batch, labels = self._to_device(batch), self._to_device(labels)
         if not self.noised:
             return batch, torch.zeros(len(batch), dtype=torch.long, device=self.device), labels
         t, _ = self.schedule_sampler.sample(len(batch), self.device, generator=self.generator)
         return self.diffusion.q_sample(batch, t, generator=self.generator), t, labels
-
-    def _parts(self, size):
-        """(slice, is_last) of each microbatch of a batch of `size`."""
-        return [(slice(s, s + self.microbatch), s + self.microbatch >= size) for s in range(0, size, self.microbatch)]
 
     def _losses(self, model, x_t, t, labels, prefix):
         """[n] cross-entropy of a microbatch; logs it and the top-1 and top-5 accuracy, per quartile of t too."""
@@ -305,69 +182,6 @@ class ClassifierTrainLoop:
             f"{prefix}_acc@5": top_k_accuracy(logits, labels, 5),
         })
         return loss
-
-    def _no_sync_unless(self, is_last):
-        """DDP's no_sync (gradients stay local) for all but the last microbatch."""
-        if is_last or self.world_size == 1:
-            return contextlib.nullcontext()
-        return self.ddp_model.no_sync()
-
-    def _current_lr(self):
-        """The learning rate of the step about to be taken (linear decay to 0 with anneal_lr)."""
-        return self.lr * (1 - self.step / self.iterations) if self.anneal_lr else self.lr
-
-    def _after_step(self):
-        if self.val_data is not None and self.step % self.eval_interval == 0:
-            self.evaluate()
-        if self.step % self.log_interval == 0:
-            logger.dumpkvs()
-        if self.step % self.save_interval == 0:
-            self.save()
-
-    def _stop_agreed(self):
-        """Whether any rank received a stop signal (the same answer on every rank)."""
-        self.stop_signal = self.stop.agreed(self.world_size, self._control_group)
-        return self.stop_signal is not None
-
-    # ----- saving ------------------------------------------------------------
-
-    def save(self):
-        """
-        Write the checkpoint set of the current step (call on every rank: the
-        per-rank random and data states are gathered; only rank 0 writes).
-        """
-        run_state = self._run_state()
-        error = None
-        if self.rank == 0:
-            logger.log(f"saving the classifier's checkpoint set of step {self.step} in {self.checkpoint_dir}...")
-            try:
-                CheckpointSet(self.checkpoint_dir, self.step, []).save(
-                    self.model.state_dict(), {}, self.opt.state_dict(), run_state
-                )
-            except Exception as exc:
-                dist_util.broadcast_object(f"{type(exc).__name__}: {exc}")
-                raise
-        error = dist_util.broadcast_object(error)
-        if error is not None:
-            raise RuntimeError(f"rank 0 failed to save the checkpoint set of step {self.step}: {error}")
-        self.saved_step = self.step
-
-    def _run_state(self):
-        """Everything beyond weights and AdamW that exact resume needs (gathers every rank's part)."""
-        local = {
-            "rng": capture_rng(self.generator),
-            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
-            "val_data": self.val_data.state_dict() if hasattr(self.val_data, "state_dict") else None,
-        }
-        sampler = self.schedule_sampler
-        return {
-            "format": STATE_FORMAT,
-            "step": self.step,
-            "world_size": self.world_size,
-            "flags": self.run_flags,
-            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
-            "ranks": dist_util.all_gather_object(local),
-        }
 
 
 def state_dict_mismatch(model, state):

@@ -210,6 +210,16 @@ FLAGS = _declare(
          'post-hoc EMA: sigma_rel of the power-function EMA profiles to track, e.g. "0.05,0.10" ("": none)'),
     Flag("ema_snapshot_interval", 0, T, "TRAIN",
          "store a snapshot of each --ema_std profile every this many steps (0: at every save)"),
+    Flag("grad_clip", 0.0, T, "TRAIN",
+         "scale the gradient down to this global norm before each update when it is longer (0: off); "
+         "the logged grad_norm is the norm before clipping"),
+    Flag("lr_warmup_steps", 0, T, "TRAIN",
+         "raise the learning rate linearly from 0 over the first K updates, then follow the schedule (0: off)"),
+    Flag("save_format", "pt", T, "TRAIN", "format of the model and EMA files of checkpoint sets",
+         choices=("pt", "safetensors")),
+    Flag("init_checkpoint", "", T, "TRAIN",
+         "start a new run from these weights (a model or EMA file, .pt or .safetensors, or a published "
+         "checkpoint) with a fresh optimizer, EMA, step count and schedule"),
     Flag("anneal_lr", False, T, "TRAIN", "decay the learning rate linearly to 0 over --iterations"),
     # ------------------------------------------------------------ EVAL
     Flag("eval_interval", 0, T, "EVAL",
@@ -326,11 +336,16 @@ DIFFUSION_TRAINING = (
     "allow_partial_resume", "check_replicas", "num_workers", "allow_mixed_channels", "eval_interval", "eval_num_samples", "eval_sampler",
     "eval_timestep_respacing", "inception_weights",
 )
+# The options of the training core (train_core.py) that every training script takes.
+TRAINING_CORE = (
+    "ema_std", "ema_snapshot_interval", "grad_clip", "lr_warmup_steps", "save_format", "init_checkpoint",
+)
+DIFFUSION_TRAINING += TRAINING_CORE
 CLASSIFIER_TRAINING = (
     "data_dir", "val_data_dir", "noised", "iterations", "lr", "weight_decay", "anneal_lr", "batch_size",
     "microbatch", "schedule_sampler", "resume_checkpoint", "log_interval", "eval_interval", "save_interval",
-    "seed", "num_classes", "image_channels",
-)
+    "seed", "num_classes", "image_channels", "allow_partial_resume", "keep_checkpoints",
+) + TRAINING_CORE
 # What every sampling script adds to its own flags.
 COMMON_SAMPLING = ("seed", "use_bf16", "use_fp16", "compile")
 SAMPLER = ("sampler", "sample_name", "guidance_scale", "guidance_interval")

@@ -250,11 +250,16 @@ class Logger:
         self.counts.pop(key, None)
         self.values[key] = _detach(val)
 
-    def logkv_mean(self, key, val):
-        """Add `val` (a number or a one-element tensor, left on its device) to the key's mean."""
+    def logkv_mean(self, key, val, count=1):
+        """
+        Add `val` (a number or a one-element tensor, left on its device) to the
+        key's mean. With `count` (a number or a one-element tensor), `val` is
+        the sum of that many values; a key whose counts add up to 0 by the dump
+        is left out of it.
+        """
         self.values.pop(key, None)
         self.sums[key] = self.sums.get(key, 0.0) + _summable(key, val)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[key] = self.counts.get(key, 0) + _summable(key, count)
 
     def getkvs(self):
         """The values a dump would write now, as plain Python numbers (clears nothing)."""
@@ -263,7 +268,10 @@ class Logger:
     def _values_and_counts(self):
         """{key: (plain value, how many values it averages)}; reads tensors back once."""
         pairs = {k: (_to_python(v), 1) for k, v in self.values.items()}
-        pairs.update({k: (_to_python(s) / self.counts[k], self.counts[k]) for k, s in self.sums.items()})
+        for key, total in self.sums.items():
+            count = _to_python(self.counts[key])
+            if count:
+                pairs[key] = (_to_python(total) / count, count)
         return pairs
 
     def dumpkvs(self):
@@ -361,9 +369,12 @@ def logkv(key, val):
     get_current().logkv(key, val)
 
 
-def logkv_mean(key, val):
-    """Average `val` into `key` until the next dump (0-d tensors stay on device until then)."""
-    get_current().logkv_mean(key, val)
+def logkv_mean(key, val, count=1):
+    """
+    Average `val` into `key` until the next dump (0-d tensors stay on device
+    until then); with `count`, `val` is the sum of `count` values (Logger.logkv_mean).
+    """
+    get_current().logkv_mean(key, val, count)
 
 
 def logkvs(d):

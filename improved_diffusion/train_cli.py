@@ -19,7 +19,7 @@ import torch
 
 from . import dist_util, logger, samplers
 from . import flags as flag_table
-from .checkpointing import resolve_resume
+from .checkpointing import check_save_format, resolve_resume
 from .classifier_util import ClassifierTrainLoop
 from .errors import InputError, UsageError
 from .evaluation import TrainingEvaluator
@@ -28,8 +28,9 @@ from .progress import TrainingProgress
 from .resample import create_named_schedule_sampler
 from .run_flags import FLAGS_FILENAME, read_run_flags, write_run_flags
 from .script_util import create_classifier, diffusion_from_flags, image_size_hw, model_from_flags
+from .train_core import check_update_options, get_blob_logdir, parse_ema_stds
 from .train_state import seed_everything
-from .train_util import TrainLoop, check_eval_interval, get_blob_logdir
+from .train_util import TrainLoop, check_eval_interval
 
 
 def exit_status(loop):
@@ -51,6 +52,56 @@ def start_run(script, args):
     if dist_util.get_rank() == 0:
         write_run_flags(logger.get_dir(), vars(args))
     seed_everything(args.seed)
+
+
+def check_core_flags(args):
+    """
+    UsageError naming the flag for training-core options that cannot work:
+    --ema_std, the update's options, --save_format, and --init_checkpoint
+    with --resume_checkpoint (only "auto" may go with it: the run resumes
+    when its folder has a complete set, and starts from the weights otherwise).
+    """
+    try:
+        parse_ema_stds(args.ema_std)
+    except ValueError as exc:
+        raise UsageError(f"--ema_std {args.ema_std}: {exc}") from None
+    try:
+        check_update_options(grad_clip=args.grad_clip, lr_warmup_steps=args.lr_warmup_steps,
+                             ema_snapshot_interval=args.ema_snapshot_interval)
+        check_save_format(args.save_format)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.init_checkpoint and args.resume_checkpoint not in ("", "auto"):
+        raise UsageError(
+            f"--init_checkpoint {args.init_checkpoint} and --resume_checkpoint {args.resume_checkpoint} exclude "
+            "each other: --resume_checkpoint continues a run of this library exactly, --init_checkpoint starts a "
+            "new one from other weights; give one (or --resume_checkpoint auto, which resumes this run's folder "
+            "when it has a complete set)"
+        )
+
+
+def core_options(args):
+    """The keyword arguments of train_core.TrainingCore that every training script's flags give."""
+    return dict(
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        seed=args.seed,
+        keep_checkpoints=args.keep_checkpoints,
+        allow_partial_resume=args.allow_partial_resume,
+        run_flags=vars(args),
+        progress=TrainingProgress(enabled=dist_util.get_rank() == 0),
+        ema_std=args.ema_std,
+        ema_snapshot_interval=args.ema_snapshot_interval,
+        grad_clip=args.grad_clip,
+        lr_warmup_steps=args.lr_warmup_steps,
+        save_format=args.save_format,
+        init_checkpoint=args.init_checkpoint,
+    )
 
 
 def check_resume_flags(script, args):
@@ -127,6 +178,7 @@ def train_diffusion(script, args, explicit, make_data):
     """
     if not args.data_dir:
         raise UsageError("--data_dir is required: a folder of training images")
+    check_core_flags(args)
     resolve_null_label(args, explicit)
     flags = vars(args)
     with torch.device("meta"):  # flags that build no model fail before any work, without allocating it
@@ -146,30 +198,19 @@ def train_diffusion(script, args, explicit, make_data):
         model=model,
         diffusion=diffusion,
         data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
         ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
         use_fp16=args.use_fp16,
         fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
         use_bf16=args.use_bf16,
-        seed=args.seed,
         max_steps=args.max_steps,
-        keep_checkpoints=args.keep_checkpoints,
         max_bad_steps=args.max_bad_steps,
-        allow_partial_resume=args.allow_partial_resume,
-        run_flags=flags,
         check_replicas=args.check_replicas,
         evaluator=evaluator,
         eval_interval=args.eval_interval,
         class_dropout_prob=args.class_dropout_prob,
-        progress=TrainingProgress(enabled=dist_util.get_rank() == 0),
+        **core_options(args),
     )
     loop.run_loop()
     return loop
@@ -237,6 +278,7 @@ def train_classifier(args):
     :return: the finished ClassifierTrainLoop.
     """
     check_classifier_flags(args)
+    check_core_flags(args)
     classifier_flags = [args.image_size, args.classifier_use_fp16, args.classifier_width, args.classifier_depth,
                         args.classifier_attention_resolutions, args.classifier_use_scale_shift_norm,
                         args.classifier_resblock_updown, args.classifier_pool, args.num_classes, args.image_channels]
@@ -257,20 +299,12 @@ def train_classifier(args):
         diffusion=diffusion,
         data=data,
         val_data=val_data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
         iterations=args.iterations,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
         eval_interval=args.eval_interval,
         noised=args.noised,
         schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
         anneal_lr=args.anneal_lr,
-        seed=args.seed,
-        run_flags=vars(args),
+        **core_options(args),
     )
     loop.run_loop()
     return loop

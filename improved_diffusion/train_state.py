@@ -80,33 +80,19 @@ def _as_tuples(value):
 
 class StepStats:
     """
-    Per-interval statistics accumulated on the device: loss sums per quartile
-    of t, grad-norm sums, good and skipped (non-finite) step counts, and the
-    longest run of consecutive skipped steps. read() brings them to the host
-    in one transfer.
+    Per-interval statistics of the updates, accumulated on the device:
+    grad-norm sums, good and skipped (non-finite) step counts, and the longest
+    run of consecutive skipped steps. read() brings them to the host in one
+    transfer. (The loss terms go to the logger as device tensors: train_core.log_loss_dict.)
     """
 
-    def __init__(self, num_timesteps, device):
-        self.num_timesteps = num_timesteps
+    def __init__(self, device):
         self.device = device
-        self.quartile_sums = {}
-        self.quartile_counts = torch.zeros(4, dtype=torch.float64, device=device)
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.good_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_streak = torch.zeros((), dtype=torch.int64, device=device)
         self.longest_bad_streak = torch.zeros((), dtype=torch.int64, device=device)
-
-    def add_losses(self, t, losses):
-        """
-        :param t: [N] int timesteps.
-        :param losses: {key: [N] tensor} of per-example terms.
-        """
-        quartile = torch.div(4 * t, self.num_timesteps, rounding_mode="floor")
-        self.quartile_counts.index_add_(0, quartile, torch.ones_like(t, dtype=torch.float64))
-        for key, values in losses.items():
-            sums = self.quartile_sums.setdefault(key, torch.zeros(4, dtype=torch.float64, device=self.device))
-            sums.index_add_(0, quartile, values.detach().to(torch.float64))
 
     def add_step(self, ok, grad_norm):
         """
@@ -124,23 +110,13 @@ class StepStats:
         The interval's statistics as Python numbers (one device-to-host copy),
         then start a new interval (the current bad streak carries over).
 
-        :return: dict with "quartiles" {key_qI: mean} (quartiles with samples
-            only), "grad_norm" (mean over applied steps, or None), "bad_steps",
-            "longest_bad_streak", "bad_streak".
+        :return: dict with "grad_norm" (mean over applied steps, or None),
+            "bad_steps", "longest_bad_streak", "bad_streak".
         """
-        keys = sorted(self.quartile_sums)
         scalars = [self.grad_norm_sum, self.good_steps, self.bad_steps, self.longest_bad_streak, self.bad_streak]
-        flat = torch.cat(
-            [self.quartile_counts] + [self.quartile_sums[k] for k in keys] + [s.reshape(1).double() for s in scalars]
-        ).tolist()
-        counts, rest = flat[:4], flat[4:]
-        quartiles = {
-            f"{key}_q{q}": rest[4 * i + q] / counts[q] for i, key in enumerate(keys) for q in range(4) if counts[q]
-        }
-        grad_norm_sum, good, bad, longest, streak = rest[4 * len(keys) :]
+        grad_norm_sum, good, bad, longest, streak = torch.stack([s.double() for s in scalars]).tolist()
         self._start_interval()
         return {
-            "quartiles": quartiles,
             "grad_norm": grad_norm_sum / good if good else None,
             "bad_steps": int(bad),
             "longest_bad_streak": int(longest),
@@ -148,9 +124,6 @@ class StepStats:
         }
 
     def _start_interval(self):
-        self.quartile_counts.zero_()
-        for sums in self.quartile_sums.values():
-            sums.zero_()
         self.grad_norm_sum.zero_()
         self.good_steps.zero_()
         self.bad_steps.zero_()

@@ -2,9 +2,10 @@
 One rank of the multi-process dist_util test (run by tests/test_dist_util.py
 under mpiexec or torchrun, or alone). Usage:
 
-    _dist_worker.py OUT_DIR GOOD_CKPT MISSING_PATH TRUNCATED_CKPT
+    _dist_worker.py OUT_DIR GOOD_CKPT MISSING_PATH TRUNCATED_CKPT [GOOD_CKPT MISSING_PATH TRUNCATED_CKPT ...]
 
-Writes OUT_DIR/rank<R>.json with what this rank observed.
+Writes OUT_DIR/rank<R>.json with what this rank observed (for each three
+checkpoints: the good one's weight sum, the errors of the other two).
 """
 
 import json
@@ -34,14 +35,18 @@ def default_log_dir(scratch):
     return logger.get_dir()
 
 
-def main(out_dir, good, missing, truncated):
+def main(out_dir, *checkpoints):
     dist_util._BROADCAST_CHUNK_BYTES = 1000  # several chunks even for a small file
     dist_util.setup_dist()
     dist_util.setup_dist()
     rank = dist_util.get_rank()
     params = [torch.full((3,), float(rank)), torch.full((2, 2), float(rank) + 10)]
     dist_util.sync_params(params)
-    state = dist_util.load_state_dict(good, map_location="cpu")
+    read = [
+        {"weight_sum": float(dist_util.load_state_dict(good, map_location="cpu")["weight"].sum()),
+         "missing_error": checkpoint_error(missing), "truncated_error": checkpoint_error(truncated)}
+        for good, missing, truncated in (checkpoints[i : i + 3] for i in range(0, len(checkpoints), 3))
+    ]
     mean = dist_util.all_reduce_mean(torch.tensor([float(rank)]))
     result = {
         "rank": rank,
@@ -50,9 +55,7 @@ def main(out_dir, good, missing, truncated):
         "device": str(dist_util.dev()),
         "backend": torch.distributed.get_backend(),
         "synced": [p.flatten().tolist() for p in params],
-        "weight_sum": float(state["weight"].sum()),
-        "missing_error": checkpoint_error(missing),
-        "truncated_error": checkpoint_error(truncated),
+        "checkpoints": read,
         "mean": mean.item(),
         "gathered": dist_util.all_gather_object(rank * 2),
         "broadcast": dist_util.broadcast_object(f"from {rank}"),
@@ -66,4 +69,4 @@ def main(out_dir, good, missing, truncated):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

@@ -1,10 +1,8 @@
-"""Shared pieces of the training tests: tiny models, image folders, script launches, checkpoint comparison."""
+"""Shared pieces of the training tests: tiny models, image folders, script runs and launches, checkpoint comparison."""
 
 import contextlib
 import os
 import pathlib
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,15 +10,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from _zygote import run_command, start_command
+from _in_process import run_in_process
+from _launch import BIN, MPIEXEC, ROOT, kill_tree, run_command, start_command
 from PIL import Image
 
 from improved_diffusion import logger, script_util
 from improved_diffusion.io_util import load_checkpoint
 from improved_diffusion.train_util import TrainLoop
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BIN = pathlib.Path(sys.executable).parent
 
 # A model small enough for a CPU step in tens of milliseconds.
 TINY_MODEL = {
@@ -184,14 +180,16 @@ def script_env(log_dir, threads=1):
 
 
 def launcher(kind, ranks):
-    """The command prefix that starts `ranks` processes of a Python script ("python", "mpiexec", "torchrun")."""
-    if kind == "python":
+    """
+    The command prefix that starts `ranks` processes of a Python script:
+    "python" or "process" (a fresh interpreter), "mpiexec", "torchrun".
+    """
+    if kind in ("python", "process"):
         return [sys.executable]
     if kind == "mpiexec":
-        mpiexec = shutil.which("mpiexec", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        if mpiexec is None:
+        if MPIEXEC is None:
             pytest.skip("mpiexec not installed (pip install mpich mpi4py)")
-        return [mpiexec, "-n", str(ranks), sys.executable]
+        return [MPIEXEC, "-n", str(ranks), sys.executable]
     if kind == "torchrun":
         return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
     raise ValueError(kind)
@@ -204,15 +202,24 @@ def script_command(script, flags, kind, ranks):
 
 def start_script(script, flags, log_dir, kind="python", ranks=1):
     """
-    Start scripts/`script` in its own process group; returns a Popen (stdout+stderr
-    piped), or where _zygote forks it (plain python, torchrun's agent) a
-    _zygote.Launch with the same poll, wait, send_signal and communicate.
+    Start scripts/`script` in a real process (a fresh interpreter for "python",
+    or the ranks of a launcher) in its own session; returns a
+    _launch.Launch (a subprocess.Popen whose communicate() gives the text
+    written to stdout and stderr).
     """
     return start_command(script_command(script, flags, kind, ranks), env=script_env(log_dir), cwd=ROOT)
 
 
 def run_script(script, flags, log_dir, kind="python", ranks=1, timeout=180):
-    """Run scripts/`script` to the end; returns (returncode, stdout, stderr)."""
+    """
+    Run scripts/`script` to the end; returns (returncode, stdout, stderr).
+    kind "python" runs it in this process (_in_process.run_in_process, as
+    `python script.py` would; `timeout` does not apply); "process",
+    "mpiexec" and "torchrun" launch real processes, killed past `timeout`.
+    """
+    if kind == "python":
+        result = run_in_process(ROOT / "scripts" / script, cli_flags(flags), env=script_env(log_dir), cwd=ROOT)
+        return result.returncode, result.stdout, result.stderr
     try:
         result = run_command(script_command(script, flags, kind, ranks), env=script_env(log_dir), cwd=ROOT,
                              timeout=timeout)
@@ -239,6 +246,5 @@ def wait_for(path, proc, min_lines=0, timeout=120):
 
 
 def kill_group(proc):
-    """SIGKILL the process group that start_script started, and reap it."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    """SIGKILL what start_script started (its session and every process below it: kill -9), and reap it."""
+    kill_tree(proc)

@@ -1,13 +1,14 @@
 """
-The benchmark scripts run as their README says, at the smallest sizes (this
-checks that they work, not how fast anything is: timings are never asserted).
+The benchmark scripts run as their README says (`python benchmarks/NAME.py
+...`, here in this process), at the smallest sizes (this checks that they
+work, not how fast anything is: timings are never asserted).
 """
 
 import os
 import pathlib
 
 import pytest
-from _zygote import run_python
+from _in_process import run_in_process
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ SMOKE_RUNS = {
 
 def run_benchmark(script, args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return run_python([ROOT / "benchmarks" / script, *args], cwd=ROOT, env=env, timeout=300)
+    return run_in_process(ROOT / "benchmarks" / script, args, cwd=ROOT, env=env)
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE_RUNS))

@@ -2,21 +2,22 @@
 The digits benchmarks run as their docstrings say, at their smallest sizes:
 bench_objectives.py trains one step of the classifier-free-guidance variant,
 and bench_samplers_digits.py samples its checkpoint with samplers and with
-guidance. This checks that they work; nothing is timed or scored. The
-scripts they run fork from the suite's launch server (_zygote.forking_env).
+guidance. This checks that they work; nothing is timed or scored. Each
+runs in this process as `python benchmarks/NAME.py` would run it; the
+scripts bench_objectives.py starts are fresh interpreters.
 """
 
 import os
 import pathlib
 
-from _zygote import forking_env, run_python
+from _in_process import run_in_process
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_benchmark(script, args):
-    env = forking_env(dict(os.environ, OMP_NUM_THREADS="1"))
-    result = run_python([ROOT / "benchmarks" / script, *args], cwd=ROOT / "benchmarks", env=env, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = run_in_process(ROOT / "benchmarks" / script, args, cwd=ROOT / "benchmarks", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) >= 3, f"expected a markdown table:\n{result.stdout}"

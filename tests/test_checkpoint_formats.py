@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
+from _in_process import run_in_process
 from _train_helpers import ROOT, assert_same, make_loop, set_names, tiny_flags, train_env  # noqa: F401 (fixture)
-from _zygote import run_command
 
 from improved_diffusion import checkpoint_layout, checkpointing, dist_util, script_util
 from improved_diffusion.checkpointing import CheckpointSet
@@ -202,8 +202,8 @@ def test_convert_bad_inputs_exit_1_naming_the_file(tmp_path):
     }
     for name, needle in cases.items():
         output = "out.pt" if name.endswith(".safetensors") else "out.safetensors"
-        result = run_command([sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"), str(tmp_path / name),
-                              str(tmp_path / output)], cwd=ROOT, timeout=120)
+        result = run_in_process(ROOT / "scripts" / "convert_checkpoint.py", [tmp_path / name, tmp_path / output],
+                                cwd=ROOT)
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert needle in result.stderr and "Traceback" not in result.stderr

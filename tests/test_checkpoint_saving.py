@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from _launch import run_command
 from _train_helpers import (
     ROOT,
     TINY_MODEL,
@@ -19,9 +20,7 @@ from _train_helpers import (
     run_script,
     set_names,
     train_env,  # noqa: F401 (fixture)
-    write_images,
 )
-from _zygote import run_command
 
 from improved_diffusion import checkpointing
 from improved_diffusion.checkpointing import CheckpointSaveError, CheckpointSet
@@ -125,15 +124,9 @@ def test_train_loop_save_raises_the_save_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"), 8)
-
-
-@pytest.fixture(scope="module")
-def whole_run(images, tmp_path_factory):
-    """image_train.py for 4 steps with sets at 2 and 4, on a roomy disk."""
-    log_dir = tmp_path_factory.mktemp("whole")
-    status, _, err = run_script("image_train.py", dict(TRAIN, data_dir=images), log_dir)
+def whole_run(tiny_run):
+    """image_train.py for 4 steps (TRAIN) with sets at 2 and 4, on a roomy disk (conftest's tiny_run)."""
+    log_dir, status, _, err = tiny_run
     assert status == 0, err
     return log_dir
 
@@ -167,7 +160,7 @@ def small_tmpfs(tmp_path):
 
 
 def test_a_full_disk_during_training_ends_with_one_error_and_the_earlier_set_resumes(
-    images, whole_run, small_tmpfs, tmp_path
+    tiny_images, whole_run, small_tmpfs, tmp_path
 ):
     sizes = {p.name: p.stat().st_size for p in whole_run.iterdir()}
     set_4 = sum(size for name, size in sizes.items() if "000004" in name)
@@ -177,7 +170,7 @@ def test_a_full_disk_during_training_ends_with_one_error_and_the_earlier_set_res
     full = small_tmpfs(pages + 64 * 1024 + set_4 // 2)
     assert rest < pages + set_4 // 2 < rest + set_4
 
-    status, _, err = run_script("image_train.py", dict(TRAIN, data_dir=images), full)
+    status, _, err = run_script("image_train.py", dict(TRAIN, data_dir=tiny_images), full)
     assert_one_error_line_per_rank(status, err, 1, f"checkpoint set of step 4 in {full}", "No space left on device",
                                    f"--resume_checkpoint {full / 'model000002.pt'}")
     assert not [p.name for p in full.iterdir() if "000004" in p.name or p.name.endswith(".tmp")]
@@ -185,16 +178,16 @@ def test_a_full_disk_during_training_ends_with_one_error_and_the_earlier_set_res
     assert_same_files(full, whole_run, set_2)  # the earlier set is whole and holds what the run saved
 
     resumed = tmp_path / "resumed"
-    status, _, err = run_script("image_train.py", dict(TRAIN, data_dir=images,
+    status, _, err = run_script("image_train.py", dict(TRAIN, data_dir=tiny_images,
                                                       resume_checkpoint=full / "model000002.pt"), resumed)
     assert status == 0, err
     assert_same_files(resumed, whole_run, set_names(4, ("0.9999",)))
 
 
-def test_every_rank_ends_with_the_same_error_line(images, tmp_path):
+def test_every_rank_ends_with_the_same_error_line(tiny_images, tmp_path):
     log_dir = tmp_path / "two_ranks"
     (log_dir / "opt000004.pt").mkdir(parents=True)
-    status, _, err = run_script("image_train.py", dict(TRAIN, data_dir=images), log_dir, kind="mpiexec", ranks=2)
+    status, _, err = run_script("image_train.py", dict(TRAIN, data_dir=tiny_images), log_dir, kind="mpiexec", ranks=2)
     assert_one_error_line_per_rank(status, err, 2, f"checkpoint set of step 4 in {log_dir}", "Is a directory",
                                    f"--resume_checkpoint {log_dir / 'model000002.pt'}")
     assert checkpointing.latest_complete(str(log_dir)) == str(log_dir / "model000002.pt")

@@ -2,10 +2,12 @@
 End to end: tiny models trained for a few steps by image_train.py and
 super_res_train.py feed image_sample.py (DDPM and DDIM, with and without
 class conditioning), image_nll.py and super_res_sample.py, each run as a user
-would run it, in a subprocess (some under mpiexec or torchrun with 2 ranks).
+would run it: in this process as `python script.py` would run it, and as
+real processes where the process is the subject (2 ranks under mpiexec or
+torchrun; --compile, whose TORCH_LOGS torch reads as it loads).
 
 Every run uses one CPU thread per process, so that a sample's arithmetic, and
-hence its bits, are the same in every launch that is compared.
+hence its bits, are the same in every run that is compared.
 """
 
 import json
@@ -16,7 +18,8 @@ import sys
 
 import numpy as np
 import pytest
-from _zygote import run_command
+from _in_process import run_in_process
+from _launch import run_command
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -43,13 +46,21 @@ TINY_SR_MODEL = [
 DDIM = ["--use_ddim", "True", "--timestep_respacing", "ddim5"]
 
 
-def run_script(script, args, log_dir, launcher=(sys.executable,), expect_ok=True, env=None):
-    """Run scripts/`script` with `args` logging to `log_dir` (`env`: more variables); return the CompletedProcess."""
+def run_script(script, args, log_dir, launcher=None, expect_ok=True, env=None):
+    """
+    Run scripts/`script` with `args` logging to `log_dir` (`env`: more
+    variables): in this process, or in the real processes that `launcher`
+    (a command prefix) starts; return the CompletedProcess.
+    """
     env = dict(os.environ, OPENAI_LOGDIR=str(log_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    command = [*launcher, str(ROOT / "scripts" / script), *map(str, args)]
-    result = run_command(command, env=env, timeout=300)
+    path, args = ROOT / "scripts" / script, [str(a) for a in args]
+    if launcher is None:
+        result = run_in_process(path, args, env=env)
+    else:
+        result = run_command([*launcher, str(path), *args], env=env, timeout=300)
     if expect_ok and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        command = " ".join(map(str, result.args))
+        pytest.fail(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -157,7 +168,8 @@ def test_compiled_model_gives_the_eager_samples(workspace, data_dir):
     --compile (torch.compile) changes the speed, not the samples, and compiles
     once: the short last batch (5 samples in batches of 2) runs padded. The
     model has one level and attention only in its middle block: each fused
-    kernel torch.compile builds costs a C++ compilation.
+    kernel torch.compile builds costs a C++ compilation, made in the sampling
+    process itself (one compile thread: no pool of fresh interpreters).
     """
     one_level = [*TINY_MODEL, "--channel_mult", "1", "--attention_resolutions", ""]
     model = train(workspace, "train_one_level", "image_train.py", data_dir, one_level)
@@ -165,8 +177,9 @@ def test_compiled_model_gives_the_eager_samples(workspace, data_dir):
     args = ddim_b2_args(model)
     run_script("image_sample.py", args, log_dir)
     expected = load_only(log_dir, "samples_*.npz")["arr_0"].astype(np.int16)
+    compile_env = {"TORCH_LOGS": "recompiles", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     result = run_script("image_sample.py", [*args, "--compile", "True"], workspace / "ddim_compiled",
-                        env={"TORCH_LOGS": "recompiles"})
+                        launcher=(sys.executable,), env=compile_env)
     assert "Recompiling" not in result.stderr, result.stderr
     compiled = load_only(workspace / "ddim_compiled", "samples_*.npz")["arr_0"].astype(np.int16)
     # Fused kernels round differently in the last bits: a pixel may land one level off.

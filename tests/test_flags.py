@@ -49,6 +49,11 @@ CLASSIFIER = {
     "classifier_attention_resolutions": "32,16,8", "classifier_use_scale_shift_norm": True,
     "classifier_resblock_updown": True, "classifier_pool": "attention",
 }
+# The training core's options (SPEC 17, 20), in every training script.
+TRAINING_CORE = {
+    "ema_std": "", "ema_snapshot_interval": 0, "grad_clip": 0.0, "lr_warmup_steps": 0, "save_format": "pt",
+    "init_checkpoint": "",
+}
 TRAINING = {
     "data_dir": "", "schedule_sampler": "uniform", "lr": 0.0001, "weight_decay": 0.0, "lr_anneal_steps": 0,
     "batch_size": 1, "microbatch": -1, "ema_rate": "0.9999", "log_interval": 10, "save_interval": 10000,
@@ -56,7 +61,7 @@ TRAINING = {
     "use_bf16": False, "random_flip": False, "random_crop": False, "keep_checkpoints": 0, "max_bad_steps": 20,
     "allow_partial_resume": False, "check_replicas": False, "num_workers": 1, "allow_mixed_channels": False,
     "eval_interval": 0, "eval_num_samples": 1000, "eval_sampler": "ddim", "eval_timestep_respacing": "ddim25",
-    "inception_weights": "",
+    "inception_weights": "", **TRAINING_CORE,
 }
 COMMON_SAMPLING = {"seed": -1, "use_bf16": False, "use_fp16": False, "compile": False}
 SAMPLER = {"sampler": "", "sample_name": "", "guidance_scale": 1.0, "guidance_interval": ""}
@@ -74,7 +79,8 @@ SCRIPT_DEFAULTS = {
         "data_dir": "", "val_data_dir": "", "noised": True, "iterations": 150000, "lr": 0.0003, "weight_decay": 0.0,
         "anneal_lr": False, "batch_size": 4, "microbatch": -1, "schedule_sampler": "uniform",
         "resume_checkpoint": "", "log_interval": 10, "eval_interval": 5, "save_interval": 10000, "seed": 0,
-        "num_classes": 1000, "image_channels": 3, **CLASSIFIER, **DIFFUSION,
+        "num_classes": 1000, "image_channels": 3, "allow_partial_resume": False, "keep_checkpoints": 0,
+        **TRAINING_CORE, **CLASSIFIER, **DIFFUSION,
     },
     "image_sample": {**IMAGE_SAMPLING, **MODEL_AND_DIFFUSION, **NEW_MODEL_FLAGS},
     "super_res_sample": {

@@ -10,8 +10,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from _in_process import run_in_process
+from _launch import run_command
 from _train_helpers import ROOT, launcher, script_env
-from _zygote import run_command, run_python
 from PIL import Image
 from test_evaluation import random_inception
 
@@ -57,9 +58,13 @@ def write_folder(path, images):
 
 
 def run_eval(ref, samples, weights, output, kind="python", ranks=1, extra=()):
-    cmd = launcher(kind, ranks) + [str(SCRIPT), str(ref), str(samples), "--inception_weights", str(weights),
-                                   "--batch_size", str(BATCH), "--output", str(output), *extra]
-    proc = run_command(cmd, cwd=ROOT, env=script_env(output.parent), timeout=180)
+    """image_eval.py in this process ("python") or on `ranks` real ranks; (the metrics it wrote, its stdout)."""
+    args = [ref, samples, "--inception_weights", weights, "--batch_size", BATCH, "--output", output, *extra]
+    if kind == "python":
+        proc = run_in_process(SCRIPT, args, cwd=ROOT, env=script_env(output.parent))
+    else:
+        proc = run_command(launcher(kind, ranks) + [SCRIPT, *args], cwd=ROOT, env=script_env(output.parent),
+                           timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(output.read_text()), proc.stdout
 
@@ -176,7 +181,6 @@ def test_bad_inputs_fail_before_any_work(script, weights, tmp_path, ref, samples
 
 def test_errors_print_one_line_without_a_traceback(tmp_path):
     np.savez(tmp_path / "r.npz", images=np.zeros((6, 8, 8, 3), np.uint8))
-    proc = run_python([SCRIPT, tmp_path / "r.npz", tmp_path / "r.npz"], cwd=ROOT, env=script_env(tmp_path),
-                      timeout=120)
+    proc = run_in_process(SCRIPT, [tmp_path / "r.npz", tmp_path / "r.npz"], cwd=ROOT, env=script_env(tmp_path))
     assert proc.returncode == 1
     assert "error: " in proc.stderr and "has no arr_0" in proc.stderr and "Traceback" not in proc.stderr

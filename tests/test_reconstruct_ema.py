@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _zygote import run_python
+from _in_process import run_in_process
 
 from improved_diffusion.io_util import atomic_torch_save, load_checkpoint
 from improved_diffusion.posthoc_ema import PowerFunctionEMA, snapshot_filename
@@ -157,7 +157,7 @@ def test_several_stds_write_one_file_each_and_the_result_samples(run_dir, tmp_pa
     env = dict(os.environ, OPENAI_LOGDIR=str(log_dir), OMP_NUM_THREADS="1")
     args = ["--model_path", folder / made[0], "--use_ddim", "True", "--timestep_respacing", "ddim3",
             "--num_samples", "2", "--batch_size", "2"]
-    result = run_python([ROOT / "scripts" / "image_sample.py", *map(str, args)], env=env, cwd=ROOT)
+    result = run_in_process(ROOT / "scripts" / "image_sample.py", args, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     with np.load(log_dir / "samples_2x8x8x3.npz") as data:
         assert data["arr_0"].shape == (2, 8, 8, 3) and data["arr_0"].dtype == np.uint8
@@ -220,8 +220,8 @@ def test_a_corrupt_snapshot_exits_1_naming_the_file(run_dir, tmp_path):
     folder = fresh_copy(run_dir, tmp_path)
     bad = folder / snapshot_filename(0.10, 100)
     bad.write_bytes(bad.read_bytes()[:500])
-    result = run_python([SCRIPT, "--log_dir", str(folder), "--ema_std", "0.08"], cwd=ROOT,
-                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = run_in_process(SCRIPT, ["--log_dir", folder, "--ema_std", "0.08"], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: cannot load {bad} as a checkpoint")
     assert len(result.stderr.splitlines()) == 1, result.stderr
@@ -241,7 +241,7 @@ def test_a_snapshot_of_another_model_exits_1_naming_the_file(run_dir, tmp_path, 
 
 def test_runs_as_a_script(run_dir, tmp_path):
     folder = fresh_copy(run_dir, tmp_path)
-    result = run_python([SCRIPT, "--log_dir", str(folder), "--ema_std", "0.09"], cwd=ROOT,
-                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = run_in_process(SCRIPT, ["--log_dir", folder, "--ema_std", "0.09"], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr
     assert (folder / f"ema_std0.090_{NUM_UPDATES:06d}.pt").exists() and result.stderr == ""

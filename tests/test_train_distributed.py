@@ -1,9 +1,9 @@
 """Two ranks under mpiexec and torchrun: identical replicas, the same run either way, exact resume after kill -9."""
 
-import os
 import signal
 
 import pytest
+from _launch import signal_tree
 from _train_helpers import (
     TINY_MODEL,
     assert_same_files,
@@ -81,7 +81,7 @@ def test_sigterm_saves_one_complete_set_on_two_ranks(images, tmp_path, kind, eve
     proc = start_script("image_train.py", flags, tmp_path, kind, 2)
     wait_for(tmp_path / "progress.csv", proc, min_lines=1)
     if everyone:
-        os.killpg(proc.pid, signal.SIGTERM)
+        signal_tree(proc, signal.SIGTERM)
     else:
         proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

@@ -42,12 +42,12 @@ def runs(setup, tmp_path_factory):
     """An uninterrupted 10-step run, and one killed after its step-4 checkpoint and resumed to step 10."""
     root = tmp_path_factory.mktemp("runs")
     killed = start_script("image_train.py", dict(setup, max_steps=100000), root / "killed")
-    status, _, err = run_script("image_train.py", dict(setup, max_steps=10), root / "whole", timeout=240)
-    assert status == 0, err
     wait_for(root / "killed" / "state000004.pt", killed, timeout=240)
     kill_group(killed)
+    status, _, err = run_script("image_train.py", dict(setup, max_steps=10), root / "whole")
+    assert status == 0, err
     resume = dict(setup, max_steps=10, resume_checkpoint=root / "killed" / "model000004.pt")
-    status, _, err = run_script("image_train.py", resume, root / "resumed", timeout=240)
+    status, _, err = run_script("image_train.py", resume, root / "resumed")
     assert status == 0, err
     return root
 

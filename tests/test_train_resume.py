@@ -1,5 +1,7 @@
 """Exact resume: a run interrupted at any checkpoint and resumed ends bitwise where the uninterrupted run does."""
 
+import csv
+
 import pytest
 from _train_helpers import (
     TINY_MODEL,
@@ -51,22 +53,33 @@ def test_resumed_loop_matches_the_uninterrupted_one(tmp_path):
         assert_same_files(tmp_path / "whole", tmp_path / "parts", set_names(step, RATES))
 
 
-def test_kill_9_then_resume_matches_the_uninterrupted_script_run(tmp_path):
+@pytest.mark.parametrize("options", [
+    {},
+    # The update's options and the post-hoc EMA profiles resume exactly too (SPEC 17, 20).
+    {"grad_clip": 0.5, "lr_warmup_steps": 6, "ema_std": "0.05,0.10", "ema_snapshot_interval": 1},
+], ids=["plain", "clip_warmup_posthoc"])
+def test_kill_9_then_resume_matches_the_uninterrupted_script_run(tmp_path, options):
     images = write_images(tmp_path / "images", 6)
     flags = dict(
         TINY_MODEL, data_dir=images, batch_size=2, microbatch=1, dropout=0.1, random_flip=True,
-        ema_rate=",".join(RATES), save_interval=2, log_interval=2,
+        ema_rate=",".join(RATES), save_interval=2, log_interval=2, **options,
     )
     killed = start_script("image_train.py", dict(flags, max_steps=100000), tmp_path / "killed")
-    status, _, err = run_script("image_train.py", dict(flags, max_steps=8), tmp_path / "whole")
-    assert status == 0, err
     wait_for(tmp_path / "killed" / "state000004.pt", killed)
     kill_group(killed)
+    status, _, err = run_script("image_train.py", dict(flags, max_steps=8), tmp_path / "whole")
+    assert status == 0, err
     resume = dict(flags, max_steps=8, resume_checkpoint=tmp_path / "killed" / "model000004.pt")
     status, _, err = run_script("image_train.py", resume, tmp_path / "resumed")
     assert status == 0, err
     for step in (6, 8):
         assert_same_files(tmp_path / "whole", tmp_path / "resumed", set_names(step, RATES))
     assert not (tmp_path / "resumed" / "model000004.pt").exists()
+    snapshots = sorted(p.name for p in (tmp_path / "resumed").glob("phema_*.pt"))
+    assert len(snapshots) == (8 if options else 0)  # steps 5 to 8, two profiles
+    assert_same_files(tmp_path / "whole", tmp_path / "resumed", snapshots)
+    if options:
+        with open(tmp_path / "whole" / "progress.csv", newline="") as f:
+            assert all(float(row["grad_norm"]) > options["grad_clip"] for row in csv.DictReader(f)), "clipped"
 
 

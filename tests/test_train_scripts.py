@@ -1,4 +1,7 @@
-"""image_train.py and super_res_train.py as a user runs them: outputs, data errors, signals."""
+"""
+image_train.py and super_res_train.py as a user runs them: outputs and data
+errors (in this process), signals (to real processes).
+"""
 
 import csv
 import json
@@ -11,20 +14,8 @@ from _train_helpers import TINY_MODEL, run_script, start_script, wait_for, write
 TRAIN = dict(TINY_MODEL, batch_size=2, log_interval=2, save_interval=2)
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("images"), 8)
-
-
-@pytest.fixture(scope="module")
-def finished_run(images, tmp_path_factory):
-    """image_train.py for 4 steps: (log dir, status, stdout, stderr)."""
-    log_dir = tmp_path_factory.mktemp("run")
-    return (log_dir, *run_script("image_train.py", dict(TRAIN, data_dir=images, max_steps=4), log_dir))
-
-
-def test_image_train_writes_checkpoints_logs_and_flags(finished_run):
-    log_dir, status, _, err = finished_run
+def test_image_train_writes_checkpoints_logs_and_flags(tiny_run):
+    log_dir, status, _, err = tiny_run
     assert status == 0, err
     for step in (2, 4):
         for name in (f"model{step:06d}.pt", f"ema_0.9999_{step:06d}.pt", f"opt{step:06d}.pt", f"state{step:06d}.pt"):
@@ -34,8 +25,8 @@ def test_image_train_writes_checkpoints_logs_and_flags(finished_run):
     assert flags["image_size"] == 8 and flags["num_channels"] == 32 and flags["seed"] == 0
 
 
-def test_progress_csv_has_the_reference_log_keys(finished_run):
-    log_dir = finished_run[0]
+def test_progress_csv_has_the_reference_log_keys(tiny_run):
+    log_dir = tiny_run[0]
     with open(log_dir / "progress.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["2", "4"] and rows[-1]["samples"] == "8"
@@ -84,10 +75,10 @@ def test_missing_data_dir_flag_is_a_clean_error(tmp_path):
     assert_one_line_error(status, err, "--data_dir", expected_status=2)
 
 
-def test_truncated_checkpoint_is_a_clean_error_naming_it(finished_run, images, tmp_path):
+def test_truncated_checkpoint_is_a_clean_error_naming_it(tiny_run, tiny_images, tmp_path):
     model = tmp_path / "model000004.pt"
-    model.write_bytes((finished_run[0] / "model000004.pt").read_bytes()[:1000])
-    flags = dict(TRAIN, data_dir=images, resume_checkpoint=model, allow_partial_resume=True)
+    model.write_bytes((tiny_run[0] / "model000004.pt").read_bytes()[:1000])
+    flags = dict(TRAIN, data_dir=tiny_images, resume_checkpoint=model, allow_partial_resume=True)
     status, _, err = run_script("image_train.py", flags, tmp_path / "log")
     assert_one_line_error(status, err, model)
 
@@ -97,9 +88,9 @@ def test_truncated_checkpoint_is_a_clean_error_naming_it(finished_run, images, t
     [(signal.SIGTERM, False, 0), (signal.SIGTERM, True, 0), (signal.SIGINT, True, 130)],
     ids=["kill-pid", "sigterm-to-job", "ctrl-c"],
 )
-def test_signal_saves_at_a_step_boundary_and_exits(images, tmp_path, signum, to_group, expected_status):
+def test_signal_saves_at_a_step_boundary_and_exits(tiny_images, tmp_path, signum, to_group, expected_status):
     """To the process, or to its whole group with the data workers (a scheduler's SIGTERM, a terminal's Ctrl-C)."""
-    flags = dict(TRAIN, data_dir=images, log_interval=1, save_interval=100000)
+    flags = dict(TRAIN, data_dir=tiny_images, log_interval=1, save_interval=100000)
     proc = start_script("image_train.py", flags, tmp_path)
     wait_for(tmp_path / "progress.csv", proc, min_lines=1)  # a header and a row: training has begun
     (os.killpg if to_group else os.kill)(proc.pid, signum)
@@ -111,8 +102,8 @@ def test_signal_saves_at_a_step_boundary_and_exits(images, tmp_path, signum, to_
     assert f"stopped by {signal.Signals(signum).name} after saving step {step}" in (tmp_path / "log.txt").read_text()
 
 
-def test_super_res_train_trains_a_few_steps(images, tmp_path):
-    flags = dict(TRAIN, data_dir=images, large_size=8, small_size=4, max_steps=2)
+def test_super_res_train_trains_a_few_steps(tiny_images, tmp_path):
+    flags = dict(TRAIN, data_dir=tiny_images, large_size=8, small_size=4, max_steps=2)
     del flags["image_size"]
     status, _, err = run_script("super_res_train.py", flags, tmp_path)
     assert status == 0, err
