@@ -1,6 +1,7 @@
 """
-The restoration methods on noise processes other than the DDPM family's,
-through the interface alone (noise_process.py): an EDM-like path (alpha = 1,
+The restoration methods on noise processes other than the DDPM family's:
+EDMDiffusion and FlowDiffusion with a Gaussian mixture's exact networks, and,
+through the interface alone (noise_process.py), an EDM-like path (alpha = 1,
 sigma from 20 down, x_T scaled by sigma_max) and a flow-like one (alpha =
 1 - t, sigma = t, pure noise with alpha = 0 at the first node), each with a
 Gaussian mixture's exact denoiser. SDEdit from the start is the process's
@@ -28,6 +29,8 @@ from _mixture_images import (
 )
 
 from improved_diffusion import samplers
+from improved_diffusion.edm import EDMDiffusion
+from improved_diffusion.flow import FlowDiffusion
 from improved_diffusion.operators import Colorize, Inpaint, SuperRes
 from improved_diffusion.restoration import restore
 
@@ -99,6 +102,67 @@ def test_where_the_parts_are_independent_replace_and_repaint_sample_the_posterio
     args = {"jump_length": 5, "jump_n_sample": 3} if method == "repaint" else {}
     x = restore(process, model, y, operator, method=method, sampler="ddpm", clip_denoised=False,
                 generator=torch.Generator().manual_seed(5), **args)
+    assert frechet_distance(x, mean, covariance) < 3 * floor
+    got = shares(mixture, x)
+    for k in range(3):
+        assert abs(got[k] - weights[k]) < 4 * std_error(float(weights[k]), n), (got, weights)
+
+
+# ---------------------------------------------------------------- EDM (edm.py) and flow matching (flow.py)
+
+
+def flat_model(model):
+    """A model of flat [N x D] inputs (the mixture's) as one of [N x C x H x W] images."""
+    return lambda x, t, **kwargs: model(x.flatten(1), t).view_as(x)
+
+
+@pytest.fixture(scope="module", params=["edm", "flow"])
+def process(request):
+    """(process, its nodes of 100 steps, the mixture's exact network for it, the mixture)."""
+    mixture = priors("inpaint")["independent"]
+    if request.param == "edm":
+        edm = EDMDiffusion()
+        return edm, edm.sampling_nodes(steps=100), flat_model(mixture.edm_model(edm.sigma_data)), mixture
+    flow = FlowDiffusion()
+    return flow, flow.sampling_nodes(steps=100), flat_model(mixture.flow_model()), mixture
+
+
+@pytest.mark.parametrize("sampler", ["heun", "euler", "dpmpp_2m"])
+def test_sdedit_from_the_start_is_edm_and_flow_sampling(process, sampler):
+    diffusion, nodes, model, mixture = process
+    truth = images(mixture, 4)
+    noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(1))
+    expected = diffusion.sample_loop(model, truth.shape, sampler=sampler, steps=100, noise=noise)
+    got = restore(diffusion, model, truth, None, method="sdedit", sampler=sampler, noise=noise, nodes=nodes,
+                  t_start=1.0)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "unipc", "ddpm"])
+def test_ddnm_on_edm_and_flow_agrees_with_the_measurement(process, sampler):
+    diffusion, nodes, model, mixture = process
+    truth = images(mixture, 4)
+    for operator in (Inpaint(left_known()), SuperRes(2)):
+        y = operator(truth)
+        x = restore(diffusion, model, y, operator, method="ddnm", sampler=sampler, nodes=nodes,
+                    generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(operator(x), y, rtol=0, atol=2e-6)
+
+
+def test_replace_on_edm_and_flow_samples_the_posterior_where_the_parts_are_independent(process):
+    diffusion, nodes, model, mixture = process
+    n = 2000
+    operator = Inpaint(left_known())
+    truth = mixture.means[0] + 0.15 * torch.randn(mixture.dim, generator=torch.Generator().manual_seed(1),
+                                                  dtype=torch.float64)
+    a = operator_matrix(operator)
+    weights, means, covariances = exact_posterior(mixture, a, a @ truth)
+    mean, covariance = mixture_moments(weights, means, covariances)
+    floor = frechet_distance(exact_draws(weights, means, covariances, n), mean, covariance)
+    y = operator(truth.float().view(1, *SHAPE)).expand(n, -1, -1, -1).contiguous()
+    x = restore(diffusion, model, y, operator, method="replace", sampler="ddpm", nodes=nodes, clip_denoised=False,
+                generator=torch.Generator().manual_seed(5))
+    assert torch.equal(x[left_known().bool().expand_as(x)], y[left_known().bool().expand_as(y)])
     assert frechet_distance(x, mean, covariance) < 3 * floor
     got = shares(mixture, x)
     for k in range(3):
