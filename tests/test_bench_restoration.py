@@ -8,7 +8,7 @@ import os
 import pathlib
 
 import torch
-from _zygote import run_python
+from _in_process import run_in_process
 
 from improved_diffusion import flags, script_util
 from improved_diffusion.run_flags import write_run_flags
@@ -21,7 +21,7 @@ DIGITS_MODEL = {"image_size": 8, "image_channels": 1, "num_channels": 32, "num_r
 def test_restoration_benchmark_writes_its_split_tables_and_grid(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     bench = ROOT / "benchmarks" / "bench_restoration.py"
-    result = run_python([bench, "--write_train_split", tmp_path / "train"], cwd=ROOT, env=env, timeout=300)
+    result = run_in_process(bench, ["--write_train_split", tmp_path / "train"], cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "train").glob("*.png"))) == 1797 - 360
 
@@ -29,10 +29,10 @@ def test_restoration_benchmark_writes_its_split_tables_and_grid(tmp_path):
     model, _ = script_util.create_model_and_diffusion(**{k: run_flags[k] for k in flags.MODEL_AND_DIFFUSION})
     torch.save(model.state_dict(), tmp_path / "ema_0.995_000001.pt")
     write_run_flags(str(tmp_path), run_flags)
-    args = [bench, "--model_path", tmp_path / "ema_0.995_000001.pt", "--num_images", 4, "--plans", "ddnm,repaint 5x5",
+    args = ["--model_path", tmp_path / "ema_0.995_000001.pt", "--num_images", 4, "--plans", "ddnm,repaint 5x5",
             "--steps", 6, "--timed", "dps 0.3", "--timed_steps", 3, "--repeats", 1, "--grid", tmp_path / "grid.png",
             "--grid_plans", "replace"]
-    result = run_python(args, cwd=ROOT, env=env, timeout=300)
+    result = run_in_process(bench, args, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 + 4 + 2 + 1, result.stdout

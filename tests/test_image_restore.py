@@ -10,12 +10,11 @@ import importlib.util
 import os
 import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
+from _in_process import run_in_process
 from _train_helpers import single_thread, write_images
-from _zygote import run_command
 from PIL import Image
 
 from improved_diffusion import logger
@@ -31,8 +30,7 @@ def train(workspace, name, data_dir, flags):
     log_dir = workspace / name
     args = ["--data_dir", data_dir, "--batch_size", 4, "--max_steps", 2, "--seed", 0, "--lr", 1e-3, *flags]
     env = dict(os.environ, OPENAI_LOGDIR=str(log_dir), OMP_NUM_THREADS="1")
-    result = run_command([sys.executable, str(ROOT / "scripts" / "image_train.py"), *map(str, args)], env=env,
-                         timeout=300)
+    result = run_in_process(ROOT / "scripts" / "image_train.py", args, env=env)
     assert result.returncode == 0, result.stderr
     return sorted(log_dir.glob("model*.pt"))[-1]
 
