@@ -10,7 +10,7 @@ Training: each step draws timesteps from the schedule sampler, noises the
 batch with q_sample (t = 0 and clean images without `noised`) and takes one
 AdamW step on the cross-entropy. The classifier sees the timesteps exactly
 as the diffusion model does (mapped to the base process and rescaled with
---rescale_timesteps, GaussianDiffusion._call_model), which is also how the
+--rescale_timesteps, the process's call_model), which is also how the
 samplers hand them to cond_fn.
 
 Checkpoints (checkpointing.CheckpointSet without EMA files, with post-hoc
@@ -174,7 +174,7 @@ class ClassifierTrainLoop(TrainingCore):
 
     def _losses(self, model, x_t, t, labels, prefix):
         """[n] cross-entropy of a microbatch; logs it and the top-1 and top-5 accuracy, per quartile of t too."""
-        logits = self.diffusion._call_model(model, x_t, t, None).float()
+        logits = self.diffusion.call_model(model, x_t, t).float()
         loss = F.cross_entropy(logits, labels, reduction="none")
         log_loss_dict(self.diffusion, t, {
             f"{prefix}_loss": loss,

@@ -324,10 +324,6 @@ class GaussianDiffusion(NoiseProcess):
         """
         return model(x, self._scale_timesteps(t), **(model_kwargs or {}))
 
-    def _call_model(self, model, x, t, model_kwargs):
-        # The old private name, which classifier_util.py still calls: call_model.
-        return self.call_model(model, x, t, model_kwargs)
-
     def _check_model_output(self, model_output, x):
         """Raise a clear error when the model's channel count does not fit the variance type."""
         channels = x.shape[1]
