@@ -22,6 +22,7 @@ the gradient with respect to x (times c_in, the chain rule). guidance_interval
 is in sigma.
 """
 
+import copy
 import math
 import statistics
 
@@ -48,9 +49,12 @@ class EDMDiffusion(NoiseProcess):
     :param sigma_data: sigma_d, the data's standard deviation.
     :param sigma_min, sigma_max: the noise levels the sampling nodes span.
     :param P_mean, P_std: ln sigma ~ N(P_mean, P_std^2) in training.
+    :param timestep_respacing: the nodes the samplers walk when sample_loop
+        is given none (see sampling_sigmas; "": karras with its `steps`).
     """
 
-    def __init__(self, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, P_mean=-1.2, P_std=1.2):
+    def __init__(self, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, P_mean=-1.2, P_std=1.2,
+                 timestep_respacing=""):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(
                 f"sigma_min={sigma_min} and sigma_max={sigma_max}: EDM samples between them and needs "
@@ -65,6 +69,9 @@ class EDMDiffusion(NoiseProcess):
         self.sigma_max = float(sigma_max)
         self.P_mean = float(P_mean)
         self.P_std = float(P_std)
+        self.timestep_respacing = timestep_respacing
+        if timestep_respacing:
+            self.sampling_sigmas(timestep_respacing)
 
     # ---------------------------------------------------------- preconditioning
 
@@ -129,6 +136,14 @@ class EDMDiffusion(NoiseProcess):
         """The training noise levels: ln sigma ~ N(P_mean, P_std^2), float32 [batch_size], drawn from `generator`."""
         return torch.exp(self.P_mean + self.P_std * noise_like((batch_size,), device, generator))
 
+    def sample_training_levels(self, batch_size, device, generator=None):
+        """sample_sigma: the training noise levels (the NoiseProcess interface)."""
+        return self.sample_sigma(batch_size, device, generator)
+
+    def training_losses_at(self, model, x_start, levels, model_kwargs=None, generator=None):
+        """training_losses at the [N] noise levels sigma = `levels` (the NoiseProcess interface)."""
+        return self.training_losses(model, x_start, model_kwargs, sigma=levels, generator=generator)
+
     def noise_level_quartile(self, sigma):
         """The quartile of the training distribution of sigma each [N] sigma lies in: int64 [N], 0 = least noise."""
         log_sigma = torch.as_tensor(sigma).log()
@@ -165,13 +180,18 @@ class EDMDiffusion(NoiseProcess):
         "karrasN" (rho-spacing of eq. 5 from sigma_max to sigma_min, the default
         with N = steps), "logsnrN" (uniform in lambda = -ln sigma), "uniformN" or
         "trailingN" (uniform in sigma), or a .json list of sigmas in
-        [sigma_min, sigma_max].
+        [sigma_min, sigma_max] (or such a list itself). None: the process's own
+        timestep_respacing.
 
         :return: a list of N floats, decreasing.
         """
+        if timestep_respacing is None:
+            timestep_respacing = self.timestep_respacing
+        if isinstance(timestep_respacing, (list, tuple)):
+            return self._node_sigmas(timestep_respacing, "the node list")
         name, count = split_spacing(timestep_respacing or f"karras{steps}", EDM_SPACINGS)
         if name == "json":
-            return self._json_sigmas(count)
+            return self._node_sigmas(read_spacing_file(count), f"node spacing file {count}")
         if name == "karras":
             sigmas = karras_sigmas(self.sigma_max, self.sigma_min, count, rho)
         elif name == "logsnr":
@@ -180,8 +200,7 @@ class EDMDiffusion(NoiseProcess):
             sigmas = np.linspace(self.sigma_max, self.sigma_min, count)
         return sigmas.tolist()
 
-    def _json_sigmas(self, path):
-        values = read_spacing_file(path)
+    def _node_sigmas(self, values, source):
         valid = (
             is_number_list(values)
             and len(set(values)) == len(values)
@@ -189,7 +208,7 @@ class EDMDiffusion(NoiseProcess):
         )
         if not valid:
             raise ValueError(
-                f"node spacing file {path} must hold a non-empty JSON list of distinct EDM noise levels sigma in "
+                f"{source} must hold a non-empty JSON list of distinct EDM noise levels sigma in "
                 f"[sigma_min, sigma_max] = [{self.sigma_min}, {self.sigma_max}] (integer timesteps are for "
                 f"DDPM-family models), got {str(values)[:200]}"
             )
@@ -217,6 +236,13 @@ class EDMDiffusion(NoiseProcess):
         raised_nodes = Nodes(alpha=nodes.alpha, sigma=raised + [0.0], times=raised, timesteps=raised,
                              coordinates=nodes.coordinates)
         return samplers.Churn(raised_nodes, [math.sqrt(r**2 - s**2) * s_noise for r, s in zip(raised, sigmas)])
+
+    def with_nodes(self, timestep_respacing):
+        """A copy of this process whose default nodes are `timestep_respacing` (a spelling or a list of sigma)."""
+        process = copy.copy(self)
+        process.timestep_respacing = timestep_respacing
+        process.sampling_nodes()
+        return process
 
     def sample_loop(self, model, shape, sampler="heun", steps=18, rho=7.0, noise=None, s_churn=0.0, s_tmin=0.0,
                     s_tmax=math.inf, s_noise=1.0, *, timestep_respacing=None, clip_denoised=True, denoised_fn=None,

@@ -19,12 +19,21 @@ are `defaults(NAMES)`), the flags a sampling run takes from a training run's
 flags.json (`CHECKPOINT_KINDS`) and the checks of given flags against a
 checkpoint's (`contradictions`).
 
+A flag may apply to some objectives only (`objectives`: --diffusion_steps
+means nothing to EDM, --sigma_data nothing to DDPM); given with another
+objective it is a usage error naming it (`objective_conflicts`). A flag may
+also have a default per objective (`per_objective`: the evaluation sampler is
+ddim for DDPM, heun for EDM), which `apply_objective_defaults` puts in place of
+the table's when the flag was not given.
+
 Adding a flag: one `Flag(...)` in FLAGS, its name in the script sets that
 take it (SCRIPTS), and the code that reads it.
 """
 
 import argparse
 import dataclasses
+
+from .errors import UsageError
 
 ARCHITECTURE = "architecture"
 PROCESS = "process"
@@ -38,6 +47,11 @@ CHECKPOINT_KINDS = (ARCHITECTURE, PROCESS)
 
 # --help headings, in this order.
 GROUPS = ("INPUT", "MODEL", "DIFFUSION", "TRAIN", "SAMPLE", "CLASSIFIER", "EVAL")
+
+# The training objectives (--objective): the DDPM family of SPEC sections 1-15,
+# EDM (edm.py) and flow matching (flow.py).
+OBJECTIVES = ("ddpm", "edm", "flow")
+DDPM, EDM, FLOW = OBJECTIVES
 
 NUM_CLASSES = 1000
 
@@ -92,6 +106,9 @@ class Flag:
     :param type: the argparse type; None: implied by the default (type_of).
     :param choices: the accepted values, or None for any.
     :param positional: an argument given by position (a path), not as --name.
+    :param objectives: the objectives (OBJECTIVES) the flag applies to; None: all.
+    :param per_objective: {objective: default} where an objective's default
+        differs from `default` (see apply_objective_defaults).
     """
 
     name: str
@@ -102,10 +119,19 @@ class Flag:
     type: object = None
     choices: tuple = None
     positional: bool = False
+    objectives: tuple = None
+    per_objective: dict = None
 
     def __post_init__(self):
         if self.kind not in KINDS or self.group not in GROUPS or not self.help:
             raise ValueError(f"flag {self.name}: kind {self.kind!r}, group {self.group!r} and a help text are needed")
+        named = (*(self.objectives or ()), *(self.per_objective or {}))
+        if not set(named) <= set(OBJECTIVES):
+            raise ValueError(f"flag {self.name}: objectives must be among {', '.join(OBJECTIVES)}, got {named}")
+
+    def default_for(self, objective):
+        """The default under `objective`."""
+        return (self.per_objective or {}).get(objective, self.default)
 
     def parse_type(self):
         return self.type or type_of(self.default)
@@ -138,7 +164,8 @@ FLAGS = _declare(
          'resolutions whose blocks get self-attention, e.g. "16,8" (16: 16x16); "" for none'),
     Flag("dropout", 0.0, T, "MODEL", "dropout rate of the residual blocks (training only)"),
     Flag("learn_sigma", False, A, "MODEL",
-         "the model also outputs the reverse-process variance (IDDPM): twice the output channels"),
+         "the model also outputs the reverse-process variance (IDDPM): twice the output channels",
+         objectives=(DDPM,)),
     Flag("class_cond", False, A, "MODEL", "class-conditional model (labels from the file names' prefixes)"),
     Flag("use_checkpoint", False, T, "MODEL", "gradient checkpointing: less memory, more compute"),
     Flag("use_scale_shift_norm", True, A, "MODEL", "the timestep embedding scales and shifts the norm (FiLM)"),
@@ -159,26 +186,52 @@ FLAGS = _declare(
     Flag("large_size", 256, A, "MODEL", "side of the images a super-resolution model makes"),
     Flag("small_size", 64, A, "MODEL", "side of the low-resolution images it upsamples"),
     # ------------------------------------------------------------ DIFFUSION
+    Flag("objective", DDPM, P, "DIFFUSION",
+         "ddpm (the DDPM family: eps, x_0 or v prediction), edm (Karras et al. 2022) or flow (flow matching)",
+         choices=OBJECTIVES),
     Flag("sigma_small", False, P, "DIFFUSION",
-         "fixed reverse variance beta~ (the posterior's) instead of beta, without --learn_sigma"),
-    Flag("diffusion_steps", 1000, P, "DIFFUSION", "T, the steps of the training process"),
-    Flag("noise_schedule", "linear", P, "DIFFUSION", "beta schedule", choices=("linear", "cosine")),
+         "fixed reverse variance beta~ (the posterior's) instead of beta, without --learn_sigma",
+         objectives=(DDPM,)),
+    Flag("diffusion_steps", 1000, P, "DIFFUSION", "T, the steps of the training process", objectives=(DDPM,)),
+    Flag("noise_schedule", "linear", P, "DIFFUSION", "beta schedule", choices=("linear", "cosine"),
+         objectives=(DDPM,)),
     Flag("timestep_respacing", "", S, "DIFFUSION",
-         'timesteps to sample with: "" (all), "ddimN", "trailingN", "quadN", "logsnrN", "karrasN", '
-         'section counts "10,15,20", or a .json list'),
-    Flag("use_kl", False, T, "DIFFUSION", "train on the variational bound (RESCALED_KL loss)"),
-    Flag("predict_xstart", False, P, "DIFFUSION", "the model predicts x_0 instead of the noise"),
-    Flag("predict_v", False, P, "DIFFUSION", "the model predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0"),
-    Flag("snr_gamma", 0.0, T, "DIFFUSION", "min-SNR-gamma weighting of the mse term (0: off)"),
+         'timesteps (nodes) to sample with: "" (all; edm: karras18, flow: uniform50), "ddimN", "trailingN", '
+         '"uniformN", "quadN", "logsnrN", "karrasN", section counts "10,15,20", or a .json list (integer '
+         "timesteps; edm: sigmas; flow: times t)"),
+    Flag("continuous_timesteps", False, S, "DIFFUSION",
+         "logsnrN, karrasN, quadN, trailingN and uniformN at their exact fractional timesteps (abar "
+         "interpolated in log between integers) instead of the nearest integers", objectives=(DDPM,)),
+    Flag("use_kl", False, T, "DIFFUSION", "train on the variational bound (RESCALED_KL loss)", objectives=(DDPM,)),
+    Flag("predict_xstart", False, P, "DIFFUSION", "the model predicts x_0 instead of the noise",
+         objectives=(DDPM,)),
+    Flag("predict_v", False, P, "DIFFUSION", "the model predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0",
+         objectives=(DDPM,)),
+    Flag("snr_gamma", 0.0, T, "DIFFUSION", "min-SNR-gamma weighting of the mse term (0: off)", objectives=(DDPM,)),
     Flag("rescale_zero_terminal_snr", False, P, "DIFFUSION",
-         "rescale the betas so that abar = 0 at the last step (needs --predict_v or --predict_xstart)"),
-    Flag("rescale_timesteps", True, P, "DIFFUSION", "the model sees timesteps scaled to [0, 1000)"),
+         "rescale the betas so that abar = 0 at the last step (needs --predict_v or --predict_xstart)",
+         objectives=(DDPM,)),
+    Flag("rescale_timesteps", True, P, "DIFFUSION", "the model sees timesteps scaled to [0, 1000)",
+         objectives=(DDPM,)),
     Flag("rescale_learned_sigmas", True, T, "DIFFUSION",
-         "with --learn_sigma, add the variational bound to the mse loss (RESCALED_MSE)"),
+         "with --learn_sigma, add the variational bound to the mse loss (RESCALED_MSE)", objectives=(DDPM,)),
+    Flag("sigma_data", 0.5, P, "DIFFUSION", "edm: the data's standard deviation sigma_d (images in [-1, 1])",
+         objectives=(EDM,)),
+    Flag("sigma_min", 0.002, P, "DIFFUSION", "edm: the noise level sampling ends at (then 0)",
+         objectives=(EDM,)),
+    Flag("sigma_max", 80.0, P, "DIFFUSION", "edm: the noise level sampling starts from", objectives=(EDM,)),
+    Flag("P_mean", -1.2, T, "DIFFUSION", "edm: the mean of ln sigma in training", objectives=(EDM,)),
+    Flag("P_std", 1.2, T, "DIFFUSION", "edm: the standard deviation of ln sigma in training", objectives=(EDM,)),
+    Flag("logit_mean", 0.0, T, "DIFFUSION", "flow: the mean of logit(t) in training (logit_normal)",
+         objectives=(FLOW,)),
+    Flag("logit_std", 1.0, T, "DIFFUSION", "flow: the standard deviation of logit(t) in training (logit_normal)",
+         objectives=(FLOW,)),
+    Flag("time_sampling", "logit_normal", T, "DIFFUSION", "flow: how training times t are drawn",
+         choices=("logit_normal", "uniform"), objectives=(FLOW,)),
     # ------------------------------------------------------------ TRAIN
     Flag("data_dir", "", T, "INPUT", "folder of training images (.png, .jpg, .jpeg, .gif; searched recursively)"),
     Flag("schedule_sampler", "uniform", T, "TRAIN", "how training timesteps are drawn",
-         choices=("uniform", "loss-second-moment")),
+         choices=("uniform", "loss-second-moment"), objectives=(DDPM,)),
     Flag("lr", 1e-4, T, "TRAIN", "AdamW learning rate"),
     Flag("weight_decay", 0.0, T, "TRAIN", "AdamW weight decay"),
     Flag("lr_anneal_steps", 0, T, "TRAIN", "decay the learning rate linearly to 0 over this many steps, then stop"),
@@ -225,8 +278,10 @@ FLAGS = _declare(
     Flag("eval_interval", 0, T, "EVAL",
          "score the first EMA every this many steps and at the end (a multiple of --log_interval; 0: off)"),
     Flag("eval_num_samples", 1000, T, "EVAL", "samples per evaluation"),
-    Flag("eval_sampler", "ddim", T, "EVAL", "sampler of the evaluation samples"),
-    Flag("eval_timestep_respacing", "ddim25", T, "EVAL", "timesteps of the evaluation samples"),
+    Flag("eval_sampler", "ddim", T, "EVAL", "sampler of the evaluation samples",
+         per_objective={EDM: "heun", FLOW: "euler"}),
+    Flag("eval_timestep_respacing", "ddim25", T, "EVAL", "timesteps of the evaluation samples",
+         per_objective={EDM: "karras13", FLOW: "uniform25"}),
     Flag("inception_weights", "", S, "EVAL",
          "path of pt_inception-2015-12-05-6726825d.pth (default: torch hub's checkpoint cache)"),
     Flag("ref_stats", "", S, "EVAL", "the cache of REF's statistics (default: REF.fid_stats.npz)"),
@@ -252,10 +307,11 @@ FLAGS = _declare(
     Flag("save_pngs", False, S, "SAMPLE", "also write one PNG per sample"),
     Flag("sampler", "", S, "SAMPLE",
          "ddpm, ddim, plms, euler, heun, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc "
-         '("": ddim with --use_ddim True, else ddpm)'),
+         '("": ddim with --use_ddim True, else ddpm)', per_objective={EDM: "heun", FLOW: "euler"}),
     Flag("sample_name", "", S, "SAMPLE", "stem of the output files (default: samples)"),
     Flag("guidance_scale", 1.0, S, "SAMPLE", "classifier-free guidance scale (1: none)"),
-    Flag("guidance_interval", "", S, "SAMPLE", 'guide only at base timesteps "lo,hi" ("": all)'),
+    Flag("guidance_interval", "", S, "SAMPLE",
+         'guide only at base timesteps "lo,hi" ("": all; edm: sigmas, flow: times t)'),
     Flag("compile", False, S, "SAMPLE", "torch.compile the model (needs a C++ compiler on CPU)"),
     Flag("steps", 10, S, "SAMPLE", "timesteps to search for"),
     # ------------------------------------------------------------ RESTORE (image_restore.py)
@@ -305,7 +361,8 @@ MODEL_AND_DIFFUSION = (
     "timestep_respacing", "use_kl", "predict_xstart", "predict_v", "snr_gamma", "rescale_zero_terminal_snr",
     "rescale_timesteps", "rescale_learned_sigmas", "use_checkpoint", "use_scale_shift_norm", "channel_mult",
     "num_classes", "num_head_channels", "resblock_updown", "use_new_attention_order", "use_fp16",
-    "class_dropout_prob", "image_channels",
+    "class_dropout_prob", "image_channels", "objective", "continuous_timesteps", "sigma_data", "sigma_min",
+    "sigma_max", "P_mean", "P_std", "logit_mean", "logit_std", "time_sampling",
 )
 # The super-resolution model's: large_size and small_size for image_size, no sigma_small.
 SR_MODEL_AND_DIFFUSION = ("large_size", "small_size") + tuple(
@@ -475,9 +532,11 @@ def build_parser(flags, prog=None, description=None):
             groups[flag.group].add_argument(flag.name, type=flag.parse_type(), help=flag.help, **extra)
             continue
         fixed = f"{flag.kind}, " if flag.kind in CHECKPOINT_KINDS else ""
+        only = f"{'/'.join(flag.objectives)} only, " if flag.objectives else ""
+        others = "".join(f"; {name}: {_shown(value)}" for name, value in (flag.per_objective or {}).items())
         groups[flag.group].add_argument(
             f"--{flag.name}", default=flag.default, type=flag.parse_type(), metavar=flag.name.upper(),
-            help=f"{flag.help} [{fixed}default: {_shown(flag.default)}]", **extra,
+            help=f"{flag.help} [{only}{fixed}default: {_shown(flag.default)}{others}]", **extra,
         )
     return parser
 
@@ -504,6 +563,52 @@ def parse_with(flags, argv=None, prog=None, description=None):
     parser.set_defaults(**{name: _Unset for name in optional})
     given = parser.parse_args(argv)
     return args, {name for name in optional if getattr(given, name) is not _Unset}
+
+
+# ---------------------------------------------------------------- objectives
+
+
+def objective_conflicts(objective, explicit):
+    """
+    ["--flag", ...]: the flags among the given ones (`explicit`, names) that
+    do not apply to `objective` (their Flag.objectives leave it out).
+    """
+    return [f"--{name}" for name in explicit if FLAGS[name].objectives and objective not in FLAGS[name].objectives]
+
+
+def check_objective(objective, explicit, source=None):
+    """
+    UsageError naming each given flag (`explicit`) that does not apply to
+    `objective`; `source` says where the objective came from (default: --objective).
+    """
+    conflicts = objective_conflicts(objective, explicit)
+    if not conflicts:
+        return
+    where = source or f"--objective {objective}"
+    own = ", ".join(f"--{name}" for name in objective_flags(objective)) or "none"
+    raise UsageError(
+        f"{', '.join(conflicts)} {'does' if len(conflicts) == 1 else 'do'} not apply to {where}: drop "
+        f"{'it' if len(conflicts) == 1 else 'them'} ({objective}'s own flags: {own})"
+    )
+
+
+def objective_flags(objective):
+    """The names of the flags that apply to `objective` alone (--sigma_data for edm, ...)."""
+    return [name for name, flag in FLAGS.items() if flag.objectives == (objective,)]
+
+
+def apply_objective_defaults(values, explicit, objective):
+    """
+    In the dict `values`, put each flag's default under `objective`
+    (Flag.per_objective) in place of the table's, for the flags not given
+    (`explicit`). Returns `values`.
+    """
+    for name in values:
+        if name in FLAGS and name not in explicit:
+            flag = FLAGS[name]
+            if flag.per_objective and values[name] == flag.default:
+                values[name] = flag.default_for(objective)
+    return values
 
 
 # ---------------------------------------------------------------- checks against a checkpoint's flags

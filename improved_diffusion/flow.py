@@ -17,6 +17,7 @@ What the network sees, and so what a classifier for cond_fn sees: x_t and
 of log p(y | x_t). guidance_interval is in t.
 """
 
+import copy
 import math
 import statistics
 
@@ -39,9 +40,12 @@ class FlowDiffusion(NoiseProcess):
     :param time_sampling: "logit_normal", or "uniform" (t ~ U(0, 1)).
     :param t_min: the least noisy node of the karras and logsnr spacings (and
         1 - t_min their noisiest; their lambda = log((1 - t) / t) is infinite at t = 1).
+    :param timestep_respacing: the nodes the samplers walk when sample_loop
+        is given none (see sampling_times; "": uniform with its `steps`).
     """
 
-    def __init__(self, logit_mean=0.0, logit_std=1.0, time_sampling="logit_normal", t_min=1e-3):
+    def __init__(self, logit_mean=0.0, logit_std=1.0, time_sampling="logit_normal", t_min=1e-3,
+                 timestep_respacing=""):
         if logit_std <= 0:
             raise ValueError(f"logit_std={logit_std}: the spread of logit(t) in training, --logit_std, must be > 0")
         if time_sampling not in TIME_SAMPLINGS:
@@ -52,6 +56,9 @@ class FlowDiffusion(NoiseProcess):
         self.logit_std = float(logit_std)
         self.time_sampling = time_sampling
         self.t_min = float(t_min)
+        self.timestep_respacing = timestep_respacing
+        if timestep_respacing:
+            self.sampling_times(timestep_respacing)
 
     def call_model(self, model, x, t, model_kwargs=None):
         """
@@ -97,6 +104,14 @@ class FlowDiffusion(NoiseProcess):
             return torch.rand(batch_size, generator=generator, device=device)
         return torch.sigmoid(self.logit_mean + self.logit_std * noise_like((batch_size,), device, generator))
 
+    def sample_training_levels(self, batch_size, device, generator=None):
+        """sample_t: the training times (the NoiseProcess interface)."""
+        return self.sample_t(batch_size, device, generator)
+
+    def training_losses_at(self, model, x_start, levels, model_kwargs=None, generator=None):
+        """training_losses at the [N] times t = `levels` (the NoiseProcess interface)."""
+        return self.training_losses(model, x_start, model_kwargs, t=levels, generator=generator)
+
     def noise_level_quartile(self, t):
         """The quartile of the training distribution of t each [N] t lies in: int64 [N], 0 = least noise."""
         t = torch.as_tensor(t)
@@ -138,13 +153,18 @@ class FlowDiffusion(NoiseProcess):
         "uniformN" or "trailingN" (t = 1 - k / N, the default with N = steps),
         "karrasN" (rho = 7 in sigma / alpha = t / (1 - t)) and "logsnrN"
         (uniform in lambda = log((1 - t) / t)) between t = 1 - t_min and t_min,
-        or a .json list of times in (0, 1].
+        or a .json list of times in (0, 1] (or such a list itself). None: the
+        process's own timestep_respacing.
 
         :return: a list of N floats, decreasing.
         """
+        if timestep_respacing is None:
+            timestep_respacing = self.timestep_respacing
+        if isinstance(timestep_respacing, (list, tuple)):
+            return self._node_times(timestep_respacing, "the node list")
         name, count = split_spacing(timestep_respacing or f"uniform{steps}", FLOW_SPACINGS)
         if name == "json":
-            return self._json_times(count)
+            return self._node_times(read_spacing_file(count), f"node spacing file {count}")
         if name in ("uniform", "trailing"):
             return [1 - k / count for k in range(count)]
         ratio_max, ratio_min = (1 - self.t_min) / self.t_min, self.t_min / (1 - self.t_min)
@@ -154,12 +174,11 @@ class FlowDiffusion(NoiseProcess):
             ratios = log_snr_sigmas(ratio_max, ratio_min, count)
         return (ratios / (1 + ratios)).tolist()
 
-    def _json_times(self, path):
-        values = read_spacing_file(path)
+    def _node_times(self, values, source):
         valid = is_number_list(values) and len(set(values)) == len(values) and all(0 < v <= 1 for v in values)
         if not valid:
             raise ValueError(
-                f"node spacing file {path} must hold a non-empty JSON list of distinct flow times t in (0, 1] "
+                f"{source} must hold a non-empty JSON list of distinct flow times t in (0, 1] "
                 f"(integer timesteps are for DDPM-family models, sigmas for EDM), got {str(values)[:200]}"
             )
         return sorted((float(v) for v in values), reverse=True)
@@ -169,6 +188,13 @@ class FlowDiffusion(NoiseProcess):
         times = self.sampling_times(timestep_respacing, steps)
         return Nodes(alpha=[1 - t for t in times] + [1.0], sigma=times + [0.0], times=times, timesteps=times,
                      coordinates="linear")
+
+    def with_nodes(self, timestep_respacing):
+        """A copy of this process whose default nodes are `timestep_respacing` (a spelling or a list of t)."""
+        process = copy.copy(self)
+        process.timestep_respacing = timestep_respacing
+        process.sampling_nodes()
+        return process
 
     def sample_loop(self, model, shape, sampler="euler", steps=50, noise=None, *, timestep_respacing=None,
                     clip_denoised=True, denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,

@@ -706,6 +706,14 @@ class GaussianDiffusion(NoiseProcess):
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
+    def training_losses_at(self, model, x_start, levels, model_kwargs=None, generator=None):
+        """training_losses at the [N] timesteps `levels` (the NoiseProcess interface)."""
+        return self.training_losses(model, x_start, levels, model_kwargs=model_kwargs, generator=generator)
+
+    def noise_level_quartile(self, levels):
+        """The quarter of the T timesteps each of the [N] timesteps lies in: floor(4 t / T), int64 [N]."""
+        return torch.div(4 * levels, self.num_timesteps, rounding_mode="floor").long()
+
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, generator=None):
         """
         Training losses for one batch (DDPM eq. 14, IDDPM eq. 16).

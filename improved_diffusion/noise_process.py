@@ -338,7 +338,12 @@ class NoiseProcess:
         denoised_fn and clipping;
       - predicts_eps: True when the prediction channels are eps_hat itself;
 
-    and gets here the denoiser's classifier gradient, the DDIM and ancestral
+and, for training, training_losses_at(model, x_start, levels, ...) (the
+process's loss at given noise levels) and noise_level_quartile(levels) (which
+quarter of the training distribution each level lies in, for the logs).
+The continuous processes (EDM, flow) also draw their own training levels
+(sample_training_levels); the DDPM family's come from resample.py's
+schedule samplers.     and gets here the denoiser's classifier gradient, the DDIM and ancestral
     steps and the starting noise, which it may replace with its own
     arithmetic (GaussianDiffusion keeps the reference's numbers that way).
     """
@@ -355,6 +360,18 @@ class NoiseProcess:
         raise NotImplementedError
 
     def pred_xstart_from_output(self, output, x, t):
+        raise NotImplementedError
+
+    def training_losses_at(self, model, x_start, levels, model_kwargs=None, generator=None):
+        """
+        The process's training losses of x_start ([N x C x ...]) at the [N] noise
+        levels `levels` (its timesteps t, or sigma for EDM), the noise drawn
+        from `generator`: dict of [N] tensors, "loss" among them.
+        """
+        raise NotImplementedError
+
+    def noise_level_quartile(self, levels):
+        """Which quarter of the training distribution each of the [N] levels lies in: int64 [N], 0 = least noise."""
         raise NotImplementedError
 
     def condition_gradient(self, cond_fn, x, t, model_kwargs=None):

@@ -17,13 +17,44 @@ def create_named_schedule_sampler(name, diffusion):
     A ScheduleSampler by name.
 
     :param name: "uniform" or "loss-second-moment".
-    :param diffusion: the diffusion process to sample timesteps for.
+    :param diffusion: the diffusion process to sample timesteps for. A
+        continuous-time process (EDM, flow) draws its own noise levels: "uniform"
+        means those (ProcessLevelSampler).
     """
+    if hasattr(diffusion, "sample_training_levels"):
+        if name != "uniform":
+            raise ValueError(
+                f"schedule sampler {name!r} is for the DDPM family's timesteps; a continuous-time process "
+                "draws its own noise levels: use 'uniform' (the default)"
+            )
+        return ProcessLevelSampler(diffusion)
     if name == "uniform":
         return UniformSampler(diffusion)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion)
     raise ValueError(f"unknown schedule sampler {name!r}; known samplers: {', '.join(SCHEDULE_SAMPLERS)}")
+
+
+class ProcessLevelSampler:
+    """
+    The training noise levels of a continuous-time process (EDM's sigma,
+    a flow's t), drawn from its own distribution, each with weight 1.
+    """
+
+    def __init__(self, process):
+        self.process = process
+
+    def sample(self, batch_size, device, generator=None):
+        """(levels, weights): float32 [N] noise levels and float32 [N] ones."""
+        levels = self.process.sample_training_levels(batch_size, device, generator)
+        return levels, torch.ones(batch_size, device=device)
+
+    def state_dict(self):
+        """What exact resume needs (nothing: the levels come from the run's generator)."""
+        return {}
+
+    def load_state_dict(self, state):
+        """Restore what state_dict returned."""
 
 
 class ScheduleSampler(ABC):

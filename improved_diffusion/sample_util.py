@@ -89,6 +89,8 @@ def parse_sampling_flags(script, argv=None, description=None, run_flags_except=(
     if not args.model_path:
         raise UsageError("--model_path is required: a model*.pt or ema_*.pt checkpoint of a training run")
     args.saved_flags = apply_run_flags(args, explicit, [n for n in names if n not in run_flags_except])
+    if "objective" in names:
+        check_objective_flags(args, explicit)
     if args.use_fp16 and args.use_bf16:
         raise UsageError("--use_fp16 and --use_bf16 exclude each other; give one")
     if args.use_fp16 and not torch.cuda.is_available():
@@ -100,7 +102,7 @@ def parse_sampling_flags(script, argv=None, description=None, run_flags_except=(
             args.eta = None
     if "guidance_scale" in names:
         args.guidance_interval = check_guidance(args.guidance_scale, args.guidance_interval, args.class_cond,
-                                                args.null_label)
+                                                args.null_label, discrete=args.objective == "ddpm")
     if "sample_name" in names:
         check_sample_name(args.sample_name)
     counts = [name for name in ("num_samples", "batch_size", "num_samples_per_input") if name in names]
@@ -109,13 +111,38 @@ def parse_sampling_flags(script, argv=None, description=None, run_flags_except=(
     return args, explicit
 
 
-def check_guidance(scale, interval, class_cond, null_label):
+def check_objective_flags(args, explicit):
+    """
+    UsageError naming each given flag that does not apply to the model's
+    --objective (from its flags.json, or given); then the flags not given take
+    their defaults under that objective (its sampler; with --use_ddim the
+    sampler stays ddim).
+    """
+    from_run = args.saved_flags is not None and "objective" not in explicit
+    source = f"this model's --objective {args.objective} (its {FLAGS_FILENAME})" if from_run else None
+    flag_table.check_objective(args.objective, explicit, source)
+    keep = set(explicit) | ({"sampler"} if getattr(args, "use_ddim", False) else set())
+    flag_table.apply_objective_defaults(vars(args), keep, args.objective)
+
+
+def require_ddpm(args, what):
+    """InputError unless the model's --objective is ddpm: `what` (a script's job) needs the DDPM family."""
+    if args.objective != flag_table.DDPM:
+        raise InputError(
+            f"{args.model_path} was trained with --objective {args.objective}, and {what} needs a DDPM-family "
+            "model (--objective ddpm): sample it with image_sample.py"
+        )
+
+
+def check_guidance(scale, interval, class_cond, null_label, discrete=True):
     """
     Classifier-free guidance needs a class-conditional model with a null label
     (an InputError: the checkpoint has none).
 
     :param interval: --guidance_interval, "" or "lo,hi".
-    :return: (lo, hi) of base timesteps, or None for no interval.
+    :param discrete: the interval is in base timesteps (integers: the DDPM
+        family); else in the process's own noise levels (EDM's sigma, a flow's t).
+    :return: (lo, hi), or None for no interval.
     """
     if scale == 1.0 and not interval:
         return None
@@ -128,12 +155,14 @@ def check_guidance(scale, interval, class_cond, null_label):
         )
     if not interval:
         return None
+    number = int if discrete else float
     try:
-        lo, hi = (int(v) for v in interval.split(","))
+        lo, hi = (number(v) for v in interval.split(","))
     except ValueError:
         lo, hi = 1, 0
     if not 0 <= lo <= hi:
-        raise UsageError(f"--guidance_interval {interval!r} must be two base timesteps 'lo,hi' with 0 <= lo <= hi")
+        levels = "base timesteps" if discrete else "noise levels (sigma for edm, t for flow)"
+        raise UsageError(f"--guidance_interval {interval!r} must be two {levels} 'lo,hi' with 0 <= lo <= hi")
     return lo, hi
 
 
@@ -213,9 +242,12 @@ def prepare(args, super_res=False, describe_sampler=True):
 
 
 def sampler_description(name, diffusion):
-    """One log line: the sampler, the base timesteps it walks (noisiest first) and its evaluations per sample."""
-    steps = samplers.walk_timesteps(diffusion)
-    shown = ", ".join(map(str, steps)) if len(steps) <= 20 else f"{', '.join(map(str, steps[:10]))}, ..., {steps[-1]}"
+    """
+    One log line: the sampler, the nodes it walks, noisiest first (base
+    timesteps; EDM's sigmas, a flow's times), and its evaluations per sample.
+    """
+    steps = [f"{t:.4g}" if isinstance(t, float) else str(t) for t in samplers.walk_timesteps(diffusion)]
+    shown = ", ".join(steps) if len(steps) <= 20 else f"{', '.join(steps[:10])}, ..., {steps[-1]}"
     evaluations = samplers.model_evaluations(name, len(steps))
     return f"sampler {name} over {len(steps)} timesteps ({shown}): {evaluations} model evaluations per sample"
 

@@ -15,6 +15,8 @@ import math
 
 from . import flags as flag_table
 from . import gaussian_diffusion as gd
+from .edm import EDMDiffusion
+from .flow import FlowDiffusion
 from .flags import NUM_CLASSES, str2bool
 from .image_datasets import check_image_channels, image_hw
 from .respace import SpacedDiffusion, space_timesteps
@@ -209,8 +211,19 @@ def create_model_and_diffusion(
     class_dropout_prob=0.0,
     image_channels=3,
     null_label=None,
+    objective="ddpm",
+    continuous_timesteps=False,
+    sigma_data=0.5,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    P_mean=-1.2,
+    P_std=1.2,
+    logit_mean=0.0,
+    logit_std=1.0,
+    time_sampling="logit_normal",
 ):
-    """(UNetModel, SpacedDiffusion) from the flags of model_and_diffusion_defaults() (null_label: has_null_label)."""
+    """(UNetModel, process) from the flags of model_and_diffusion_defaults() (null_label: has_null_label;
+    the process: diffusion_from_flags)."""
     flags = dict(locals())
     return model_from_flags(flags), diffusion_from_flags(flags)
 
@@ -273,8 +286,19 @@ def sr_create_model_and_diffusion(
     class_dropout_prob=0.0,
     image_channels=3,
     null_label=None,
+    objective="ddpm",
+    continuous_timesteps=False,
+    sigma_data=0.5,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    P_mean=-1.2,
+    P_std=1.2,
+    logit_mean=0.0,
+    logit_std=1.0,
+    time_sampling="logit_normal",
 ):
-    """(SuperResModel, SpacedDiffusion) from the flags of sr_model_and_diffusion_defaults()."""
+    """(SuperResModel, process) from the flags of sr_model_and_diffusion_defaults() (the process:
+    diffusion_from_flags)."""
     flags = dict(locals())
     return model_from_flags(flags), diffusion_from_flags(flags)
 
@@ -363,9 +387,35 @@ def model_from_flags(flags):
 
 
 def diffusion_from_flags(flags):
-    """create_gaussian_diffusion of a flag dict (its diffusion_steps is the steps; absent flags take their defaults)."""
-    arguments = {name: flags[name] for name in flag_table.DIFFUSION if name in flags}
-    return create_gaussian_diffusion(steps=arguments.pop("diffusion_steps", 1000), **arguments)
+    """
+    The noise process of a flag dict, by --objective (absent flags take their
+    defaults): "ddpm", create_gaussian_diffusion (its diffusion_steps is the
+    steps); "edm", an EDMDiffusion; "flow", a FlowDiffusion. The EDM and flow
+    processes sample over the nodes --timestep_respacing names by default.
+    """
+    objective = flags.get("objective", flag_table.DDPM)
+    if objective not in flag_table.OBJECTIVES:
+        raise ValueError(f"--objective {objective!r} is unknown: use one of {', '.join(flag_table.OBJECTIVES)}")
+    values = {name: flags.get(name, flag.default) for name, flag in flag_table.FLAGS.items()}
+    if objective != flag_table.DDPM and values["learn_sigma"]:
+        raise ValueError(
+            f"--learn_sigma True: the {objective} objective learns no variance (its network outputs the data's "
+            "channels); drop --learn_sigma"
+        )
+    if objective == flag_table.EDM:
+        return EDMDiffusion(
+            sigma_data=values["sigma_data"], sigma_min=values["sigma_min"], sigma_max=values["sigma_max"],
+            P_mean=values["P_mean"], P_std=values["P_std"], timestep_respacing=values["timestep_respacing"],
+        )
+    if objective == flag_table.FLOW:
+        return FlowDiffusion(
+            logit_mean=values["logit_mean"], logit_std=values["logit_std"], time_sampling=values["time_sampling"],
+            timestep_respacing=values["timestep_respacing"],
+        )
+    arguments = {name: values[name] for name in flag_table.DIFFUSION}
+    return create_gaussian_diffusion(
+        steps=arguments.pop("diffusion_steps"), continuous_timesteps=values["continuous_timesteps"], **arguments
+    )
 
 
 def create_gaussian_diffusion(
@@ -382,9 +432,12 @@ def create_gaussian_diffusion(
     predict_v=False,
     snr_gamma=0.0,
     rescale_zero_terminal_snr=False,
+    continuous_timesteps=False,
 ):
     """
-    A SpacedDiffusion over the retained steps of `timestep_respacing` ("" keeps all).
+    A SpacedDiffusion over the retained steps of `timestep_respacing` ("" keeps
+    all; with continuous_timesteps, the exact fractional timesteps of its
+    spelling: respace.space_timesteps).
 
     Loss: RESCALED_KL with use_kl, else RESCALED_MSE with rescale_learned_sigmas,
     else MSE, weighted by min-SNR-gamma when snr_gamma > 0. Mean: START_X with
@@ -395,6 +448,12 @@ def create_gaussian_diffusion(
     """
     if predict_v and predict_xstart:
         raise ValueError("--predict_v and --predict_xstart exclude each other: give one")
+    if continuous_timesteps and not timestep_respacing:
+        raise ValueError(
+            "--continuous_timesteps True places the nodes of a --timestep_respacing spelling (logsnrN, karrasN, "
+            "quadN, trailingN, uniformN or a .json list) exactly; without one every integer timestep is kept: "
+            "give --timestep_respacing or drop --continuous_timesteps"
+        )
     if rescale_zero_terminal_snr and not (predict_v or predict_xstart):
         raise ValueError(
             "--rescale_zero_terminal_snr True makes abar = 0 at the last step, where an eps-prediction model "
@@ -417,7 +476,10 @@ def create_gaussian_diffusion(
     if predict_xstart or predict_v:
         mean_type = gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.VELOCITY
     return SpacedDiffusion(
-        use_timesteps=space_timesteps(steps, timestep_respacing or [steps], betas=betas),
+        use_timesteps=space_timesteps(
+            steps, timestep_respacing or [steps], betas=betas, continuous_timesteps=continuous_timesteps
+        ),
+        continuous_timesteps=continuous_timesteps,
         betas=betas,
         model_mean_type=mean_type,
         model_var_type=var_type,

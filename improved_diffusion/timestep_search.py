@@ -6,19 +6,43 @@ error of every jump between grid points; the N-node path of least total error
 by dynamic programming; then the path, and the fixed spacings, scored by the
 sampler's real error against the reference, and the best refined by moving one
 timestep at a time while that error falls.
+
+Any process of this library: the DDPM family's nodes are integer base
+timesteps, EDM's noise levels sigma and a flow's times t (floats). In every
+one a larger node is a noisier one.
 """
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .gaussian_diffusion import GaussianDiffusion
 from .noise_process import combine, ddim_update
 from .respace import SpacedDiffusion, space_timesteps
 
 FIXED_SPACINGS = ("trailing", "logsnr", "karras")
 
 
+def fixed_spacings(base):
+    """The spellings the search is compared with: trailing, logsnr and karras (EDM: uniform for trailing)."""
+    return FIXED_SPACINGS if is_discrete(base) else ("uniform", "logsnr", "karras")
+
+
+def is_discrete(base):
+    """Whether `base`'s nodes are integer timesteps (the DDPM family)."""
+    return isinstance(base, GaussianDiffusion)
+
+
+def spaced_nodes(base, spelling):
+    """The nodes of a --timestep_respacing spelling of `base`, increasing (ints, or floats for EDM and flow)."""
+    if is_discrete(base):
+        return sorted(space_timesteps(base.num_timesteps, spelling, betas=base.betas))
+    return sorted(base.sampling_nodes(spelling).times)
+
+
 def respaced(base, timesteps):
-    """A SpacedDiffusion over `timesteps` of the full-length process `base`."""
+    """`base` walking the nodes `timesteps` (a SpacedDiffusion of the full-length DDPM process, else a copy)."""
+    if not is_discrete(base):
+        return base.with_nodes(sorted(timesteps))
     return SpacedDiffusion(
         use_timesteps=timesteps,
         betas=base.betas,
@@ -33,7 +57,7 @@ def reference_trajectory(base, model, x_T, grid, sampler, model_kwargs=None, cli
     """
     The sampler over every grid timestep from x_T.
 
-    :param grid: increasing base timesteps, [G] ints, the last T - 1.
+    :param grid: increasing nodes, [G], the last the noisiest (T - 1).
     :return: (xs, pred_xstarts, final): x at each grid node, noisiest first
         ([G] list of [B x ...]), the x0-hats there, and the clean end.
     """
@@ -104,36 +128,37 @@ def search_timesteps(base, model, x_T, num_steps, sampler, grid_size=100, refine
     """
     The search of this module's docstring.
 
-    :param base: the full-length GaussianDiffusion of the model.
+    :param base: the full-length GaussianDiffusion of the model, or its EDM or flow process.
     :param x_T: the [B x C x ...] starting noise of the batch.
-    :return: (timesteps, errors): the best increasing base timesteps found
-        (num_steps ints) and {name: RMS error} for "search", each of
-        FIXED_SPACINGS and "refined".
+    :return: (timesteps, errors): the best increasing nodes found (num_steps
+        base timesteps, or floats for EDM and flow) and {name: RMS error} for
+        "search", each of fixed_spacings(base) and "refined".
     """
-    T = base.num_timesteps
-    grid = sorted(space_timesteps(T, f"logsnr{min(grid_size, T)}", betas=base.betas))
-    grid = sorted(set(grid) | {T - 1})
+    if is_discrete(base):
+        grid = sorted(set(spaced_nodes(base, f"logsnr{min(grid_size, base.num_timesteps)}")) | {base.num_timesteps - 1})
+    else:
+        grid = spaced_nodes(base, f"logsnr{grid_size}")
     run = dict(model_kwargs=model_kwargs, clip_denoised=clip_denoised)
     xs, pred_xstarts, final = reference_trajectory(base, model, x_T, grid, sampler, progress=progress, **run)
     descending = list(reversed(grid))
     path = cheapest_path(jump_costs(base, grid, xs, pred_xstarts, final), num_steps)
     candidates = {"search": sorted(descending[i] for i in path)}
-    for name in FIXED_SPACINGS:
-        candidates[name] = sorted(space_timesteps(T, f"{name}{num_steps}", betas=base.betas))
+    for name in fixed_spacings(base):
+        candidates[name] = spaced_nodes(base, f"{name}{num_steps}")
     errors = {name: path_error(base, model, x_T, steps, sampler, final, **run) for name, steps in candidates.items()}
     start = min(errors, key=errors.get)
+    floor = -1 if is_discrete(base) else grid[0]
     refined, errors["refined"] = _refine(base, model, x_T, candidates[start], errors[start], sampler, final,
-                                         refine_rounds, progress, run)
+                                         refine_rounds, progress, run, floor)
     return refined, errors
 
 
-def _refine(base, model, x_T, timesteps, error, sampler, final, rounds, progress, run):
-    """Coordinate descent: move each timestep but T - 1 by a few steps while the real error falls."""
+def _refine(base, model, x_T, timesteps, error, sampler, final, rounds, progress, run, floor):
+    """Coordinate descent: move each node but the noisiest by a few steps while the real error falls."""
     timesteps = list(timesteps)
-    T = base.num_timesteps
-    moves = [k for k in range(len(timesteps)) if timesteps[k] != T - 1] * rounds
+    moves = list(range(len(timesteps) - 1)) * rounds
     for k in tqdm(moves, desc="refining", disable=not progress):
-        for delta in _deltas(timesteps, k, T):
+        for delta in _deltas(timesteps, k, is_discrete(base), floor):
             trial = sorted(timesteps[:k] + [timesteps[k] + delta] + timesteps[k + 1 :])
             trial_error = path_error(base, model, x_T, trial, sampler, final, **run)
             if trial_error < error:
@@ -142,13 +167,18 @@ def _refine(base, model, x_T, timesteps, error, sampler, final, rounds, progress
     return timesteps, error
 
 
-def _deltas(timesteps, k, T):
-    """Moves of timestep k to a quarter of the way to its neighbours, either side, staying distinct."""
-    low = timesteps[k - 1] if k > 0 else -1
-    high = timesteps[k + 1] if k + 1 < len(timesteps) else T
+def _deltas(timesteps, k, discrete, floor):
+    """
+    Moves of node k (not the last, the noisiest) a quarter of the way to its
+    neighbours (to `floor`, excluded, below the first), either side, staying
+    distinct: whole timesteps when `discrete`.
+    """
+    low = timesteps[k - 1] if k > 0 else floor
+    high = timesteps[k + 1]
     deltas = []
     for limit in (low, high):
-        delta = int(round((limit - timesteps[k]) / 4))
+        delta = (limit - timesteps[k]) / 4
+        delta = int(round(delta)) if discrete else delta
         if delta and low < timesteps[k] + delta < high:
             deltas.append(delta)
     return deltas

@@ -169,8 +169,10 @@ def training_data(args, image_size):
 
 def train_diffusion(script, args, explicit, make_data):
     """
-    image_train.py's and super_res_train.py's run: check the flags, start
-    the run, build the model, diffusion and data, and train.
+    image_train.py's and super_res_train.py's run: check the flags (those
+    that do not apply to --objective are errors; the evaluation's sampler
+    and nodes default to the objective's), start the run, build the model,
+    the noise process and the data, and train.
 
     :param script: the key of improved_diffusion.flags.SCRIPTS.
     :param make_data: args -> the data iterator.
@@ -178,6 +180,8 @@ def train_diffusion(script, args, explicit, make_data):
     """
     if not args.data_dir:
         raise UsageError("--data_dir is required: a folder of training images")
+    flag_table.check_objective(args.objective, explicit)
+    flag_table.apply_objective_defaults(vars(args), explicit, args.objective)
     check_core_flags(args)
     resolve_null_label(args, explicit)
     flags = vars(args)

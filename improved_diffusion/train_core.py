@@ -743,13 +743,13 @@ def _host_copy(tensor):
 def log_loss_dict(diffusion, ts, losses):
     """
     logkv_mean of each loss term's batch mean, and of its mean in each quarter
-    of the timesteps as KEY_q0 ... KEY_q3 (a quarter with no timestep in the
+    of the noise levels (diffusion.noise_level_quartile) as KEY_q0 ... KEY_q3 (a quarter with no timestep in the
     interval is left out of the row). Nothing is read back from the device:
     each quarter's sum and count go to the logger as tensors.
 
     :param ts: [N] timesteps; :param losses: dict of [N] loss terms.
     """
-    quartile = torch.div(4 * ts, diffusion.num_timesteps, rounding_mode="floor")
+    quartile = diffusion.noise_level_quartile(ts)
     in_quartile = (quartile[:, None] == torch.arange(4, device=quartile.device)).to(torch.float32)  # [N x 4]
     counts = in_quartile.sum(dim=0)
     for key, values in losses.items():

@@ -171,7 +171,7 @@ class TrainLoop(TrainingCore):
     def _microbatch_loss(self, micro, micro_cond):
         """The microbatch's mean importance-weighted loss (0-d); logs its terms."""
         t, weights = self.schedule_sampler.sample(micro.shape[0], self.device, generator=self.generator)
-        losses = self.diffusion.training_losses(
+        losses = self.diffusion.training_losses_at(
             self._model_fn, micro, t, model_kwargs=micro_cond, generator=self.generator
         )
         if isinstance(self.schedule_sampler, LossAwareSampler):

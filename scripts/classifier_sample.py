@@ -164,6 +164,7 @@ def main(argv=None):
     # num_classes is resolved by resolve_num_classes: an unconditional model's saved count means nothing.
     args, explicit = sample_util.parse_sampling_flags("classifier_sample", argv, __doc__,
                                                       run_flags_except=("num_classes",))
+    sample_util.require_ddpm(args, "guidance by a classifier of classifier_train.py (trained on DDPM timesteps)")
     classifier_flags = sampling_classifier_flags(args, explicit)
     resolve_num_classes(args, classifier_flags)
     check_class_label(args)

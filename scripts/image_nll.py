@@ -65,6 +65,7 @@ def evaluate_batch(model, diffusion, data, args, indices):
 @cli.script
 def main(argv=None):
     args, _ = sample_util.parse_sampling_flags("image_nll", argv, __doc__)
+    sample_util.require_ddpm(args, "the variational bound in bits/dim")
     if not args.data_dir:
         raise UsageError("--data_dir is required: a folder of images to evaluate")
     model, diffusion = sample_util.prepare(args, describe_sampler=False)

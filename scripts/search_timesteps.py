@@ -2,9 +2,10 @@
 Search the --steps timesteps at which --sampler does best on a model (a
 GITS-style dynamic-programming search on a small batch drawn from the model
 itself; see improved_diffusion/timestep_search.py) and write them as JSON, for
-`image_sample.py --timestep_respacing FILE.json`. Prints the error of the
-found timesteps beside the trailing, logsnr and karras spacings of the same
-length.
+`image_sample.py --timestep_respacing FILE.json`: base timesteps for the DDPM
+family, noise levels sigma for --objective edm, times t for flow. Prints the
+error of the found timesteps beside the fixed spacings of the same length
+(trailing or uniform, logsnr and karras).
 """
 
 import json
@@ -24,8 +25,10 @@ def check_flags(args):
         raise UsageError(f"--sampler {args.sampler} draws noise at every step: search for a deterministic sampler")
     if args.timestep_respacing:
         raise UsageError("--timestep_respacing does not apply: the search picks the timesteps itself")
-    if not 1 <= args.steps <= args.diffusion_steps:
+    if args.objective == "ddpm" and not 1 <= args.steps <= args.diffusion_steps:
         raise UsageError(f"--steps must lie in [1, {args.diffusion_steps}] (the model's --diffusion_steps)")
+    if not 1 <= args.steps <= args.grid_size:
+        raise UsageError(f"--steps {args.steps} must lie in [1, --grid_size {args.grid_size}]")
     if not args.output.endswith(".json"):
         raise UsageError(f"--output {args.output} must end in .json (--timestep_respacing reads it by that suffix)")
 

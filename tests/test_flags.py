@@ -19,6 +19,12 @@ from improved_diffusion.run_flags import write_run_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# The objectives of SPEC 18 and their flags, at the end of the model and diffusion defaults.
+OBJECTIVES = {
+    "objective": "ddpm", "continuous_timesteps": False, "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,
+    "P_mean": -1.2, "P_std": 1.2, "logit_mean": 0.0, "logit_std": 1.0, "time_sampling": "logit_normal",
+}
+
 MODEL_AND_DIFFUSION = {
     "image_size": 64, "num_channels": 128, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
     "attention_resolutions": "16,8", "dropout": 0.0, "learn_sigma": False, "sigma_small": False,
@@ -27,7 +33,7 @@ MODEL_AND_DIFFUSION = {
     "rescale_zero_terminal_snr": False, "rescale_timesteps": True, "rescale_learned_sigmas": True,
     "use_checkpoint": False, "use_scale_shift_norm": True, "channel_mult": "", "num_classes": 1000,
     "num_head_channels": -1, "resblock_updown": False, "use_new_attention_order": False, "use_fp16": False,
-    "class_dropout_prob": 0.0, "image_channels": 3,
+    "class_dropout_prob": 0.0, "image_channels": 3, **OBJECTIVES,
 }
 SR_MODEL_AND_DIFFUSION = {
     "large_size": 256, "small_size": 64, "num_channels": 128, "num_res_blocks": 2, "num_heads": 4,
@@ -37,7 +43,7 @@ SR_MODEL_AND_DIFFUSION = {
     "rescale_zero_terminal_snr": False, "rescale_timesteps": True, "rescale_learned_sigmas": True,
     "use_checkpoint": False, "use_scale_shift_norm": True, "channel_mult": "", "num_classes": 1000,
     "num_head_channels": -1, "resblock_updown": False, "use_new_attention_order": False, "use_fp16": False,
-    "class_dropout_prob": 0.0, "image_channels": 3,
+    "class_dropout_prob": 0.0, "image_channels": 3, **OBJECTIVES,
 }
 DIFFUSION = {
     "learn_sigma": False, "sigma_small": False, "diffusion_steps": 1000, "noise_schedule": "linear",
@@ -162,7 +168,7 @@ def test_kinds_say_what_a_checkpoint_fixes():
     }
     assert {n for n in MODEL_AND_DIFFUSION if kinds[n] == flags.PROCESS} == {
         "sigma_small", "diffusion_steps", "noise_schedule", "predict_xstart", "predict_v",
-        "rescale_zero_terminal_snr", "rescale_timesteps",
+        "rescale_zero_terminal_snr", "rescale_timesteps", "objective", "sigma_data", "sigma_min", "sigma_max",
     }
     assert kinds["null_label"] == flags.ARCHITECTURE and kinds["class_dropout_prob"] == flags.TRAINING
     assert kinds["timestep_respacing"] == kinds["model_path"] == flags.SAMPLING
@@ -179,8 +185,11 @@ def test_help_lists_each_flag_with_its_text_and_default_under_its_heading(capsys
     for flag in flags.script_flags("image_train"):
         assert f"--{flag.name}{flag.name.upper()}" in text, flag.name
         shown = '""' if flag.default == "" else str(flag.default)
+        shown += "".join(f";{name}:{value}" for name, value in (flag.per_objective or {}).items())
         assert "".join(flag.help.split()) in text and f"default:{shown}]" in text, flag.name
-    assert "[architecture,default:128]" in text and "[process,default:linear]" in text
+    assert "[architecture,default:128]" in text and "[ddpmonly,process,default:linear]" in text
+    assert "[edmonly,process,default:0.5]" in text and "[flowonly,default:logit_normal]" in text
+    assert "[default:ddim;edm:heun;flow:euler]" in text
 
 
 def test_contradictions_name_the_checkpoint_kinds_only():
