@@ -568,12 +568,17 @@ def parse_with(flags, argv=None, prog=None, description=None):
 # ---------------------------------------------------------------- objectives
 
 
+def applies(name, objective):
+    """Whether flag `name` applies to `objective` (Flag.objectives)."""
+    return not FLAGS[name].objectives or objective in FLAGS[name].objectives
+
+
 def objective_conflicts(objective, explicit):
     """
     ["--flag", ...]: the flags among the given ones (`explicit`, names) that
-    do not apply to `objective` (their Flag.objectives leave it out).
+    do not apply to `objective`.
     """
-    return [f"--{name}" for name in explicit if FLAGS[name].objectives and objective not in FLAGS[name].objectives]
+    return [f"--{name}" for name in explicit if not applies(name, objective)]
 
 
 def check_objective(objective, explicit, source=None):

@@ -61,7 +61,10 @@ def apply_run_flags(args, explicit, model_keys):
             f"of training run (image_train.py pairs with image_sample.py and image_nll.py, "
             f"super_res_train.py with super_res_sample.py)"
         )
-    conflicts = flag_table.contradictions(vars(args), saved, model_keys, explicit)
+    # A flag of another objective is check_objective_flags' error, not a contradiction.
+    objective = args.objective if "objective" in explicit else saved.get("objective", flag_table.DDPM)
+    relevant = [name for name in model_keys if flag_table.applies(name, objective)]
+    conflicts = flag_table.contradictions(vars(args), saved, relevant, explicit)
     if conflicts:
         raise InputError(
             f"flags contradict the training run of {args.model_path} (saved in {flags_path}): "
@@ -121,6 +124,12 @@ def check_objective_flags(args, explicit):
     from_run = args.saved_flags is not None and "objective" not in explicit
     source = f"this model's --objective {args.objective} (its {FLAGS_FILENAME})" if from_run else None
     flag_table.check_objective(args.objective, explicit, source)
+    if args.continuous_timesteps and not args.timestep_respacing:
+        raise UsageError(
+            "--continuous_timesteps True places the nodes of a --timestep_respacing spelling (logsnrN, karrasN, "
+            "quadN, trailingN, uniformN or a .json list) exactly; without one every integer timestep is kept: "
+            "give --timestep_respacing or drop --continuous_timesteps"
+        )
     keep = set(explicit) | ({"sampler"} if getattr(args, "use_ddim", False) else set())
     flag_table.apply_objective_defaults(vars(args), keep, args.objective)
 

@@ -436,8 +436,8 @@ def create_gaussian_diffusion(
 ):
     """
     A SpacedDiffusion over the retained steps of `timestep_respacing` ("" keeps
-    all; with continuous_timesteps, the exact fractional timesteps of its
-    spelling: respace.space_timesteps).
+    all, continuous_timesteps or not; else with continuous_timesteps the exact
+    fractional timesteps of its spelling: respace.space_timesteps).
 
     Loss: RESCALED_KL with use_kl, else RESCALED_MSE with rescale_learned_sigmas,
     else MSE, weighted by min-SNR-gamma when snr_gamma > 0. Mean: START_X with
@@ -448,12 +448,6 @@ def create_gaussian_diffusion(
     """
     if predict_v and predict_xstart:
         raise ValueError("--predict_v and --predict_xstart exclude each other: give one")
-    if continuous_timesteps and not timestep_respacing:
-        raise ValueError(
-            "--continuous_timesteps True places the nodes of a --timestep_respacing spelling (logsnrN, karrasN, "
-            "quadN, trailingN, uniformN or a .json list) exactly; without one every integer timestep is kept: "
-            "give --timestep_respacing or drop --continuous_timesteps"
-        )
     if rescale_zero_terminal_snr and not (predict_v or predict_xstart):
         raise ValueError(
             "--rescale_zero_terminal_snr True makes abar = 0 at the last step, where an eps-prediction model "
@@ -475,6 +469,7 @@ def create_gaussian_diffusion(
     mean_type = gd.ModelMeanType.EPSILON
     if predict_xstart or predict_v:
         mean_type = gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.VELOCITY
+    continuous_timesteps = bool(continuous_timesteps and timestep_respacing)
     return SpacedDiffusion(
         use_timesteps=space_timesteps(
             steps, timestep_respacing or [steps], betas=betas, continuous_timesteps=continuous_timesteps

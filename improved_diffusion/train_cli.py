@@ -231,6 +231,15 @@ def check_evaluation_flags(args, super_res):
     if args.eval_sampler not in samplers.SAMPLERS:
         known = ", ".join(samplers.SAMPLERS)
         raise UsageError(f"unknown --eval_sampler {args.eval_sampler!r}; known samplers: {known}")
+    try:
+        evaluation_process(args)
+    except ValueError as exc:
+        raise UsageError(f"--eval_timestep_respacing {args.eval_timestep_respacing}: {exc}") from None
+
+
+def evaluation_process(args):
+    """The noise process of the evaluation samples: the run's, over --eval_timestep_respacing."""
+    return diffusion_from_flags(dict(vars(args), timestep_respacing=args.eval_timestep_respacing))
 
 
 def make_evaluator(args):
@@ -238,7 +247,7 @@ def make_evaluator(args):
     The TrainingEvaluator of --eval_interval: --eval_num_samples samples with
     --eval_sampler over --eval_timestep_respacing, against --data_dir.
     """
-    diffusion = build(diffusion_from_flags, dict(vars(args), timestep_respacing=args.eval_timestep_respacing))
+    diffusion = evaluation_process(args)
     logger.log("computing the training data's statistics for --eval_interval...")
     return TrainingEvaluator(
         diffusion=diffusion,
