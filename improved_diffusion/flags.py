@@ -576,9 +576,9 @@ def applies(name, objective):
 def objective_conflicts(objective, explicit):
     """
     ["--flag", ...]: the flags among the given ones (`explicit`, names) that
-    do not apply to `objective`.
+    do not apply to `objective`, in the table's order.
     """
-    return [f"--{name}" for name in explicit if not applies(name, objective)]
+    return [f"--{name}" for name in FLAGS if name in explicit and not applies(name, objective)]
 
 
 def check_objective(objective, explicit, source=None):
