@@ -1,8 +1,8 @@
 """
-The digits demo's model trained with each objective of SPEC 15, same steps
-and seed: eps-prediction, eps with min-SNR-5 weighting (--snr_gamma 5) and
-v-prediction (--predict_v True), scored at 500, 1000 and 1500 steps by the
-demo's checker: the share of samples classified as the requested digit, and
+The digits demo's model trained with each objective of SPEC 15 and 18, same
+steps and seed: eps-prediction, eps with min-SNR-5 weighting (--snr_gamma 5),
+v-prediction (--predict_v True), EDM (--objective edm) and flow matching
+(--objective flow), scored at 500, 1000 and 1500 steps by the demo's checker: the share of samples classified as the requested digit, and
 the Fréchet distance of the checker's logits (its 10-way decision function)
 between the samples and the real digits. The variant `cfg` (not run by
 default) trains with --class_dropout_prob 0.1 for classifier-free guidance
@@ -11,8 +11,10 @@ default) trains with --class_dropout_prob 0.1 for classifier-free guidance
     python benchmarks/bench_objectives.py --out_dir runs/objectives
 
 Everything goes through the real scripts (datasets/digits.py,
-scripts/image_train.py, scripts/image_sample.py with ddim50, 500 samples,
-seed 0), with the demo's model and training flags; bfloat16 autocast only on
+scripts/image_train.py, scripts/image_sample.py with about 50 model
+evaluations per sample: ddim50 for the DDPM family, EDM's Heun over karras25
+(49), the flow's Euler over uniform50; 500 samples, seed 0), with the demo's
+model and training flags (the DDPM family's cosine schedule of 1000 steps); bfloat16 autocast only on
 a CPU that computes it natively (precision.auto_bf16).
 """
 
@@ -34,15 +36,26 @@ from improved_diffusion.precision import auto_bf16  # noqa: E402
 
 MODEL_FLAGS = ["--image_size", "8", "--num_channels", "64", "--num_res_blocks", "1", "--channel_mult", "1,2",
                "--attention_resolutions", "", "--class_cond", "True", "--num_classes", "10"]
-DIFFUSION_FLAGS = ["--diffusion_steps", "1000", "--noise_schedule", "cosine"]
-# name: (what the table calls it, the training flags it adds)
+DDPM_FLAGS = ["--diffusion_steps", "1000", "--noise_schedule", "cosine"]
+# name: (what the table calls it, the training flags it adds, the objective's sampling at E evaluations)
 VARIANTS = {
-    "eps": ("eps", []),
-    "eps_minsnr5": ("eps, --snr_gamma 5", ["--snr_gamma", "5"]),
-    "v": ("v, --predict_v True", ["--predict_v", "True"]),
-    "cfg": ("eps, --class_dropout_prob 0.1", ["--class_dropout_prob", "0.1"]),
+    "eps": ("eps", DDPM_FLAGS, "ddpm"),
+    "eps_minsnr5": ("eps, --snr_gamma 5", DDPM_FLAGS + ["--snr_gamma", "5"], "ddpm"),
+    "v": ("v, --predict_v True", DDPM_FLAGS + ["--predict_v", "True"], "ddpm"),
+    "edm": ("EDM, --objective edm", ["--objective", "edm"], "edm"),
+    "flow": ("flow, --objective flow", ["--objective", "flow"], "flow"),
+    "cfg": ("eps, --class_dropout_prob 0.1", DDPM_FLAGS + ["--class_dropout_prob", "0.1"], "ddpm"),
 }
-DEFAULT_VARIANTS = "eps,eps_minsnr5,v"
+
+
+def sampling_flags(objective, evaluations):
+    """image_sample.py's sampler flags for about `evaluations` model evaluations per sample."""
+    if objective == "edm":  # Heun: 2 N - 1 evaluations over N nodes
+        return ["--timestep_respacing", f"karras{(evaluations + 1) // 2}"]
+    if objective == "flow":
+        return ["--timestep_respacing", f"uniform{evaluations}"]
+    return ["--use_ddim", "True", "--timestep_respacing", f"ddim{evaluations}"]
+DEFAULT_VARIANTS = "eps,eps_minsnr5,v,edm,flow"
 EMA = "0.995"
 
 
@@ -63,7 +76,7 @@ def main():
     parser.add_argument("--out_dir", default="runs/objectives")
     parser.add_argument("--steps", default="500,1000,1500")
     parser.add_argument("--num_samples", type=int, default=500)
-    parser.add_argument("--timestep_respacing", default="ddim50")
+    parser.add_argument("--evaluations", type=int, default=50, help="model evaluations per sample (about)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"a comma-separated subset of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     out = pathlib.Path(args.out_dir)
@@ -73,17 +86,17 @@ def main():
     real = feature_statistics(real_logits())
     rows = []
     for name in args.variants.split(","):
-        label, flags = VARIANTS[name]
+        label, flags, objective = VARIANTS[name]
+        sampling = sampling_flags(objective, args.evaluations)
         run_dir = out / name
-        train = ["--data_dir", data_dir, *MODEL_FLAGS, *DIFFUSION_FLAGS, "--lr", "2e-3", "--batch_size", 64,
+        train = ["--data_dir", data_dir, *MODEL_FLAGS, "--lr", "2e-3", "--batch_size", 64,
                  "--ema_rate", EMA, "--max_steps", max(steps), "--save_interval", min(steps), "--log_interval", 100,
                  "--resume_checkpoint", "auto", "--seed", 0, "--use_bf16", auto_bf16("cpu"), *flags]
         run("scripts/image_train.py", train, run_dir)
         for step in steps:
             sample_dir = run_dir / f"samples_{step}"
-            sample = ["--model_path", run_dir / f"ema_{EMA}_{step:06d}.pt", "--use_ddim", "True",
-                      "--timestep_respacing", args.timestep_respacing, "--num_samples", args.num_samples, "--batch_size", 250,
-                      "--seed", 0]
+            sample = ["--model_path", run_dir / f"ema_{EMA}_{step:06d}.pt", *sampling,
+                      "--num_samples", args.num_samples, "--batch_size", 250, "--seed", 0]
             run("scripts/image_sample.py", sample, sample_dir)
             images, labels = check_digits.load_samples(next(sample_dir.glob("samples_*.npz")))
             share = check_digits.check_samples(images, labels)["share"]

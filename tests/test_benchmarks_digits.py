@@ -1,6 +1,6 @@
 """
 The digits benchmarks run as their docstrings say, at their smallest sizes:
-bench_objectives.py trains one step of the classifier-free-guidance variant,
+bench_objectives.py trains one step of the EDM, flow and classifier-free-guidance variants,
 and bench_samplers_digits.py samples its checkpoint with samplers and with
 guidance. This checks that they work; nothing is timed or scored. Each
 runs in this process as `python benchmarks/NAME.py` would run it; the
@@ -26,8 +26,10 @@ def run_benchmark(script, args):
 
 def test_objectives_and_sampler_benchmarks_run_on_the_digits(tmp_path):
     rows = run_benchmark("bench_objectives.py", ["--out_dir", tmp_path, "--steps", "1", "--num_samples", "4",
-                                                 "--variants", "cfg", "--timestep_respacing", "ddim5"])
-    assert rows[-1].startswith("| eps, --class_dropout_prob 0.1 | 1 |")
+                                                 "--variants", "edm,flow,cfg", "--evaluations", "5"])
+    assert [row.split("|")[1].strip() for row in rows[-3:]] == [
+        "EDM, --objective edm", "flow, --objective flow", "eps, --class_dropout_prob 0.1"]
+    assert "sampler heun over 3 timesteps" in (tmp_path / "edm" / "samples_1" / "log.txt").read_text()
     model = tmp_path / "cfg" / "ema_0.995_000001.pt"
     rows = run_benchmark("bench_samplers_digits.py", [model, "--budgets", "3", "--num_samples", "4",
                                                       "--samplers", "dpmpp_2m", "--baseline", "ddim5"])
