@@ -230,3 +230,19 @@ def test_ddpm_only_scripts_refuse_other_objectives(saved_models, script, extra, 
     full = ["--model_path", saved_models["flow"], *extra]
     code, _, err = run_main(script, full, tmp_path / "out", monkeypatch, capsys)
     assert_error_line(code, err, 1, "--objective flow", "DDPM-family")
+
+
+def test_image_restore_inpaints_with_the_objective_s_process(runs, tmp_path):
+    objective, root = runs
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "inputs.npz", images)
+    argv = {"model_path": root / "whole" / "ema_0.9_000008.pt", "input": tmp_path / "inputs.npz",
+            "task": "inpaint", "mask": "box", "method": "ddnm", "batch_size": 2, "seed": 1,
+            "timestep_respacing": {"edm": "karras4", "flow": "uniform4"}[objective]}
+    status, out, err = run_script("image_restore.py", argv, tmp_path / "restored")
+    assert status == 0, err
+    restored = np.load(tmp_path / "restored" / "restored_2x8x8x3.npz")["arr_0"]
+    assert restored.shape == (2, 8, 8, 3)
+    # DDNM with sigma_y = 0 is consistent with the measurement to float precision.
+    mean_error = float(out.split("mean ||A(x) - y|| = ")[1].split()[0])
+    assert mean_error < 1e-4, out
