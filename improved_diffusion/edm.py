@@ -31,7 +31,7 @@ import torch
 
 from . import samplers
 from .nn import mean_flat
-from .noise_process import NoiseProcess, Nodes, noise_like, per_sample
+from .noise_process import NoiseProcess, Nodes, as_levels, noise_like, per_sample
 from .respace import is_number_list, karras_sigmas, log_snr_sigmas, read_spacing_file, split_spacing
 
 # The node spacings of EDM: "uniform" and "trailing" are both uniform in sigma.
@@ -118,17 +118,8 @@ class EDMDiffusion(NoiseProcess):
         """
         D(x; sigma), [N x C x ...], for x [N x C x ...] and sigma a float or an [N] tensor.
         """
-        sigma = self._per_sample(sigma, x)
+        sigma = as_levels(sigma, x)
         return self.pred_xstart_from_output(self.model_output(model, x, sigma, model_kwargs), x, sigma)
-
-    @staticmethod
-    def _per_sample(value, x):
-        """A float or [N] tensor as an [N] tensor in x's dtype and device."""
-        if isinstance(value, torch.Tensor) and value.ndim == 1:
-            if value.shape[0] != x.shape[0]:
-                raise ValueError(f"got {value.shape[0]} noise levels for a batch of {x.shape[0]}")
-            return value.to(device=x.device, dtype=x.dtype)
-        return torch.full((x.shape[0],), float(value), device=x.device, dtype=x.dtype)
 
     # ----------------------------------------------------------------- training
 
@@ -163,7 +154,7 @@ class EDMDiffusion(NoiseProcess):
         """
         if sigma is None:
             sigma = self.sample_sigma(x_start.shape[0], x_start.device, generator)
-        sigma = self._per_sample(sigma, x_start)
+        sigma = as_levels(sigma, x_start)
         if noise is None:
             noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
         if noise.shape != x_start.shape:

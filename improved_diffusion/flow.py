@@ -25,7 +25,7 @@ import torch
 
 from . import samplers
 from .nn import mean_flat
-from .noise_process import NoiseProcess, Nodes, noise_like, per_sample
+from .noise_process import NoiseProcess, Nodes, as_levels, noise_like, per_sample
 from .respace import is_number_list, karras_sigmas, log_snr_sigmas, read_spacing_file, split_spacing
 
 TIME_SAMPLINGS = ("logit_normal", "uniform")
@@ -84,17 +84,8 @@ class FlowDiffusion(NoiseProcess):
 
     def denoise(self, model, x, t, model_kwargs=None):
         """x0_hat = x_t - t u(x_t, 1000 t), [N x C x ...], for x [N x C x ...] and t a float or an [N] tensor."""
-        t = self._per_sample(t, x)
+        t = as_levels(t, x, "times")
         return self.pred_xstart_from_output(self.model_output(model, x, t, model_kwargs), x, t)
-
-    @staticmethod
-    def _per_sample(value, x):
-        """A float or [N] tensor as an [N] tensor in x's dtype and device."""
-        if isinstance(value, torch.Tensor) and value.ndim == 1:
-            if value.shape[0] != x.shape[0]:
-                raise ValueError(f"got {value.shape[0]} times for a batch of {x.shape[0]}")
-            return value.to(device=x.device, dtype=x.dtype)
-        return torch.full((x.shape[0],), float(value), device=x.device, dtype=x.dtype)
 
     # ----------------------------------------------------------------- training
 
@@ -136,7 +127,7 @@ class FlowDiffusion(NoiseProcess):
         """
         if t is None:
             t = self.sample_t(x_start.shape[0], x_start.device, generator)
-        t = self._per_sample(t, x_start)
+        t = as_levels(t, x_start, "times")
         if noise is None:
             noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
         if noise.shape != x_start.shape:

@@ -108,6 +108,19 @@ def per_sample(values, x):
     return values.view(-1, *([1] * (x.ndim - 1)))
 
 
+def as_levels(value, x, name="noise levels"):
+    """
+    A float or an [N] tensor of noise levels (timesteps, sigmas, times) as an
+    [N] tensor in x's dtype and on its device; `name` names them in the error
+    for a tensor of another length.
+    """
+    if isinstance(value, torch.Tensor) and value.ndim == 1:
+        if value.shape[0] != x.shape[0]:
+            raise ValueError(f"got {value.shape[0]} {name} for a batch of {x.shape[0]}")
+        return value.to(device=x.device, dtype=x.dtype)
+    return torch.full((x.shape[0],), float(value), device=x.device, dtype=x.dtype)
+
+
 def process_xstart(pred_xstart, clip_denoised, denoised_fn):
     """x0_hat after denoised_fn, then clamped to [-1, 1] when clip_denoised (step 2 of the docstring)."""
     if denoised_fn is not None:
