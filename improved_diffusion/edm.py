@@ -53,6 +53,8 @@ class EDMDiffusion(NoiseProcess):
         is given none (see sampling_sigmas; "": karras with its `steps`).
     """
 
+    output_name = "EDM's F (Table 1)"
+
     def __init__(self, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, P_mean=-1.2, P_std=1.2,
                  timestep_respacing=""):
         if not 0 < sigma_min < sigma_max:
@@ -93,16 +95,6 @@ class EDMDiffusion(NoiseProcess):
         """
         _, _, c_in, c_noise = self.coefficients(t)
         return model(per_sample(c_in, x) * x, c_noise, **(model_kwargs or {}))
-
-    def model_output(self, model, x, t, model_kwargs=None):
-        """F at noise levels t ([N]), [N x C x ...], with a clear error for an output of another shape."""
-        output = self.call_model(model, x, t, model_kwargs)
-        if output.shape != x.shape:
-            raise ValueError(
-                f"the model returned shape {list(output.shape)} for input {list(x.shape)}: EDM's network "
-                "outputs F with the data's channels and learns no variance (build it with --learn_sigma False)"
-            )
-        return output
 
     def pred_xstart_from_output(self, output, x, t):
         """D(x; sigma) = c_skip x + c_out F, [N x C x ...], for F = output at noise levels t ([N])."""

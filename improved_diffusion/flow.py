@@ -44,6 +44,8 @@ class FlowDiffusion(NoiseProcess):
         is given none (see sampling_times; "": uniform with its `steps`).
     """
 
+    output_name = "the flow's velocity"
+
     def __init__(self, logit_mean=0.0, logit_std=1.0, time_sampling="logit_normal", t_min=1e-3,
                  timestep_respacing=""):
         if logit_std <= 0:
@@ -67,16 +69,6 @@ class FlowDiffusion(NoiseProcess):
         :param x: [N x C x ...] x_t; t: [N] times in [0, 1].
         """
         return model(x, 1000 * t, **(model_kwargs or {}))
-
-    def model_output(self, model, x, t, model_kwargs=None):
-        """The velocity u at times t ([N]), [N x C x ...], with a clear error for an output of another shape."""
-        output = self.call_model(model, x, t, model_kwargs)
-        if output.shape != x.shape:
-            raise ValueError(
-                f"the model returned shape {list(output.shape)} for input {list(x.shape)}: a flow's network "
-                "outputs the velocity with the data's channels and learns no variance (build it with --learn_sigma False)"
-            )
-        return output
 
     def pred_xstart_from_output(self, output, x, t):
         """x0_hat = x_t - t u, [N x C x ...], for the velocity u = output at times t ([N])."""

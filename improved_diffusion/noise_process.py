@@ -362,6 +362,8 @@ schedule samplers.     and gets here the denoiser's classifier gradient, the DDI
     """
 
     predicts_eps = False
+    # What the network outputs, for the error on an output of the wrong shape.
+    output_name = "a prediction"
 
     def sampling_nodes(self):
         raise NotImplementedError
@@ -370,7 +372,18 @@ schedule samplers.     and gets here the denoiser's classifier gradient, the DDI
         raise NotImplementedError
 
     def model_output(self, model, x, t, model_kwargs=None):
-        raise NotImplementedError
+        """
+        call_model's output, [N x C x ...], which must have x's shape (a
+        process whose network learns no variance); a clear error otherwise.
+        """
+        output = self.call_model(model, x, t, model_kwargs)
+        if output.shape != x.shape:
+            raise ValueError(
+                f"the model returned shape {list(output.shape)} for input {list(x.shape)}: the network outputs "
+                f"{self.output_name} with the data's channels and learns no variance (build it with "
+                "--learn_sigma False)"
+            )
+        return output
 
     def pred_xstart_from_output(self, output, x, t):
         raise NotImplementedError
