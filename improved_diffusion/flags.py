@@ -361,8 +361,7 @@ MODEL_AND_DIFFUSION = (
     "timestep_respacing", "use_kl", "predict_xstart", "predict_v", "snr_gamma", "rescale_zero_terminal_snr",
     "rescale_timesteps", "rescale_learned_sigmas", "use_checkpoint", "use_scale_shift_norm", "channel_mult",
     "num_classes", "num_head_channels", "resblock_updown", "use_new_attention_order", "use_fp16",
-    "class_dropout_prob", "image_channels", "objective", "continuous_timesteps", "sigma_data", "sigma_min",
-    "sigma_max", "P_mean", "P_std", "logit_mean", "logit_std", "time_sampling",
+    "class_dropout_prob", "image_channels",
 )
 # The super-resolution model's: large_size and small_size for image_size, no sigma_small.
 SR_MODEL_AND_DIFFUSION = ("large_size", "small_size") + tuple(
@@ -380,7 +379,10 @@ CLASSIFIER = (
     "classifier_pool",
 )
 # The model flags of the scripts beyond the defaults dicts above (which keep the reference's contents).
-MODEL_EXTRAS = ("null_label",)
+MODEL_EXTRAS = (
+    "null_label", "objective", "continuous_timesteps", "sigma_data", "sigma_min", "sigma_max", "P_mean", "P_std",
+    "logit_mean", "logit_std", "time_sampling",
+)
 
 # The flags of a run that fix which noise level a timestep means: a classifier
 # guides only a model whose run had the same values.

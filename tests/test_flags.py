@@ -19,7 +19,7 @@ from improved_diffusion.run_flags import write_run_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# The objectives of SPEC 18 and their flags, at the end of the model and diffusion defaults.
+# The objectives of SPEC 18 and their flags, after the model and diffusion defaults.
 OBJECTIVES = {
     "objective": "ddpm", "continuous_timesteps": False, "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,
     "P_mean": -1.2, "P_std": 1.2, "logit_mean": 0.0, "logit_std": 1.0, "time_sampling": "logit_normal",
@@ -33,7 +33,7 @@ MODEL_AND_DIFFUSION = {
     "rescale_zero_terminal_snr": False, "rescale_timesteps": True, "rescale_learned_sigmas": True,
     "use_checkpoint": False, "use_scale_shift_norm": True, "channel_mult": "", "num_classes": 1000,
     "num_head_channels": -1, "resblock_updown": False, "use_new_attention_order": False, "use_fp16": False,
-    "class_dropout_prob": 0.0, "image_channels": 3, **OBJECTIVES,
+    "class_dropout_prob": 0.0, "image_channels": 3,
 }
 SR_MODEL_AND_DIFFUSION = {
     "large_size": 256, "small_size": 64, "num_channels": 128, "num_res_blocks": 2, "num_heads": 4,
@@ -43,7 +43,7 @@ SR_MODEL_AND_DIFFUSION = {
     "rescale_zero_terminal_snr": False, "rescale_timesteps": True, "rescale_learned_sigmas": True,
     "use_checkpoint": False, "use_scale_shift_norm": True, "channel_mult": "", "num_classes": 1000,
     "num_head_channels": -1, "resblock_updown": False, "use_new_attention_order": False, "use_fp16": False,
-    "class_dropout_prob": 0.0, "image_channels": 3, **OBJECTIVES,
+    "class_dropout_prob": 0.0, "image_channels": 3,
 }
 DIFFUSION = {
     "learn_sigma": False, "sigma_small": False, "diffusion_steps": 1000, "noise_schedule": "linear",
@@ -75,7 +75,7 @@ IMAGE_SAMPLING = {
     "clip_denoised": True, "num_samples": 10000, "batch_size": 16, "use_ddim": False, "model_path": "", "eta": 0.0,
     "class_label": -1, "save_pngs": False, **SAMPLER, **COMMON_SAMPLING,
 }
-NEW_MODEL_FLAGS = {"null_label": False}
+NEW_MODEL_FLAGS = {"null_label": False, **OBJECTIVES}
 
 # Every script's flags and defaults, in --help order.
 SCRIPT_DEFAULTS = {
@@ -168,7 +168,10 @@ def test_kinds_say_what_a_checkpoint_fixes():
     }
     assert {n for n in MODEL_AND_DIFFUSION if kinds[n] == flags.PROCESS} == {
         "sigma_small", "diffusion_steps", "noise_schedule", "predict_xstart", "predict_v",
-        "rescale_zero_terminal_snr", "rescale_timesteps", "objective", "sigma_data", "sigma_min", "sigma_max",
+        "rescale_zero_terminal_snr", "rescale_timesteps",
+    }
+    assert {n for n in flags.MODEL_EXTRAS if kinds[n] == flags.PROCESS} == {
+        "objective", "sigma_data", "sigma_min", "sigma_max",
     }
     assert kinds["null_label"] == flags.ARCHITECTURE and kinds["class_dropout_prob"] == flags.TRAINING
     assert kinds["timestep_respacing"] == kinds["model_path"] == flags.SAMPLING

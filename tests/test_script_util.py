@@ -81,14 +81,11 @@ def test_infer_model_flags_of_released_configurations(golden_dir):
 OBJECTIVE_DEFAULTS = dict(predict_v=False, snr_gamma=0.0, rescale_zero_terminal_snr=False)
 # SPEC 13's guided-diffusion options, off by default.
 GUIDED_DEFAULTS = dict(num_head_channels=-1, resblock_updown=False, use_new_attention_order=False, use_fp16=False)
-# SPEC 18's objectives (EDM, flow matching) and fractional timesteps, DDPM by default.
-PROCESS_DEFAULTS = dict(objective="ddpm", continuous_timesteps=False, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
-                        P_mean=-1.2, P_std=1.2, logit_mean=0.0, logit_std=1.0, time_sampling="logit_normal")
 
 
 def test_defaults():
     new = dict(channel_mult="", num_classes=1000, class_dropout_prob=0.0, image_channels=3, **OBJECTIVE_DEFAULTS,
-               **GUIDED_DEFAULTS, **PROCESS_DEFAULTS)
+               **GUIDED_DEFAULTS)
     assert su.model_and_diffusion_defaults() == dict(REFERENCE_DEFAULTS, **new)
     expected_sr = dict(REFERENCE_DEFAULTS, large_size=256, small_size=64, **new)
     del expected_sr["image_size"], expected_sr["sigma_small"]
