@@ -17,6 +17,10 @@ The samplers of SPEC 11 measured three ways.
    benchmarks' small preset (a 32x32 UNet, random weights), one batch.
 4. --guidance: classifier-free guided sampling (one forward of the doubled
    batch per step) against two unguided passes, same preset.
+5. --searched: on EDM and flow, each deterministic sampler at 10 evaluations
+   over nodes found by search_timesteps (improved_diffusion/timestep_search.py)
+   on another batch than the one scored, against Euler at 50 on the default
+   spacing (SPEC 18's goal with the nodes chosen for the model).
 
     python benchmarks/bench_samplers.py                      # 1 and 2
     python benchmarks/bench_samplers.py --cifar --plot samplers.png
@@ -39,6 +43,7 @@ from improved_diffusion.gaussian_diffusion import LossType, ModelMeanType, Model
 from improved_diffusion.mixture import GaussianMixture
 from improved_diffusion.respace import SpacedDiffusion, space_timesteps
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from improved_diffusion.timestep_search import search_timesteps
 
 from presets import SMALL_PRESET  # benchmarks/ is on sys.path when run as a script
 
@@ -273,6 +278,32 @@ def guidance_cost(batch_size, repeats):
     print(f"| guided (one forward of the doubled batch per step) | {guided:.2f} | {guided / (2 * unguided):.2f} |")
 
 
+def searched_nodes_table(mixture_names, n, search_n=2000, grid_size=200):
+    """Section 5 of the docstring: one markdown table over the EDM and flow processes and the mixtures."""
+    print("\n### 10 evaluations over searched nodes against Euler at 50 (Fréchet distance to the exact moments)\n")
+    print("| process | mixture | euler, 50 evaluations | " + " | ".join(SEARCHED) + " | goal |")
+    print("| --- | --- | --- |" + " --- |" * (len(SEARCHED) + 1))
+    for process, default in (("edm", "karras50"), ("flow", "uniform50")):
+        for name in mixture_names:
+            runs = ExactRuns(process, MIXTURES[name])
+            x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            x_search = torch.randn(search_n, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+            euler = frechet_to_exact(runs.sample("euler", default, x_T), MIXTURES[name])
+            cells = []
+            for sampler in SEARCHED:
+                count = steps_for(sampler, 10)
+                nodes, _ = search_timesteps(runs.diffusion, runs.model, x_search, count, sampler,
+                                            grid_size=grid_size, clip_denoised=False)
+                out = runs.diffusion.with_nodes(nodes).sample_loop(runs.model, x_T.shape, sampler, noise=x_T,
+                                                                   clip_denoised=False)
+                cells.append(frechet_to_exact(out, MIXTURES[name]))
+            goal = "met" if min(cells) <= euler else "not met"
+            print(f"| {process} | {name} | {euler:.2e} | " + " | ".join(f"{c:.2e}" for c in cells) + f" | {goal} |")
+
+
+SEARCHED = ("dpmpp_2m", "dpmpp_3m", "unipc", "plms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="5,8,10,15,20,50")
@@ -289,11 +320,15 @@ def main():
     parser.add_argument("--cifar", action="store_true")
     parser.add_argument("--cifar_batch", type=int, default=8)
     parser.add_argument("--guidance", action="store_true", help="time classifier-free guidance (small preset)")
+    parser.add_argument("--searched", action="store_true", help="only section 5: searched nodes on EDM and flow")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",")]
+    if args.searched:
+        searched_nodes_table(args.mixtures.split(","), args.num_points)
+        return
     spacings = {"vp": args.spacing, "edm": args.edm_spacing, "flow": args.flow_spacing}
     for process in args.processes.split(","):
         for k, name in enumerate(args.mixtures.split(",")):
