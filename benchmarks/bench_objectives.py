@@ -9,6 +9,12 @@ default) trains with --class_dropout_prob 0.1 for classifier-free guidance
 (benchmarks/bench_samplers_digits.py --guidance_scales samples it).
 
     python benchmarks/bench_objectives.py --out_dir runs/objectives
+    python benchmarks/bench_objectives.py --preset demo --out_dir runs/objectives_demo
+
+--preset demo trains today's demo instead (scripts/demo.sh: one gray
+channel, 600 steps) as v-prediction (the demo's), EDM and flow, scored at
+200, 400 and 600 steps, each sampled as the demo samples: DPM-Solver++(2M)
+over logsnr20 (20 evaluations).
 
 Everything goes through the real scripts (datasets/digits.py,
 scripts/image_train.py, scripts/image_sample.py with about 50 model
@@ -56,6 +62,12 @@ def sampling_flags(objective, evaluations):
         return ["--timestep_respacing", f"uniform{evaluations}"]
     return ["--use_ddim", "True", "--timestep_respacing", f"ddim{evaluations}"]
 DEFAULT_VARIANTS = "eps,eps_minsnr5,v,edm,flow"
+# preset: (model flags added, default variants, default steps, sampling flags at E evaluations or None: the objective's)
+PRESETS = {
+    "rgb": ([], DEFAULT_VARIANTS, "500,1000,1500", None),
+    "demo": (["--image_channels", "1"], "v,edm,flow", "200,400,600",
+             lambda evaluations: ["--sampler", "dpmpp_2m", "--timestep_respacing", f"logsnr{evaluations}"]),
+}
 EMA = "0.995"
 
 
@@ -74,22 +86,26 @@ def real_logits():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="runs/objectives")
-    parser.add_argument("--steps", default="500,1000,1500")
+    parser.add_argument("--preset", default="rgb", choices=sorted(PRESETS))
+    parser.add_argument("--steps", default="", help="checkpoints to score (default: the preset's)")
     parser.add_argument("--num_samples", type=int, default=500)
-    parser.add_argument("--evaluations", type=int, default=50, help="model evaluations per sample (about)")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"a comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--evaluations", type=int, default=0,
+                        help="model evaluations per sample, about (default: 50; the demo preset: 20)")
+    parser.add_argument("--variants", default="", help=f"a comma-separated subset of {', '.join(VARIANTS)}")
     args = parser.parse_args()
+    extra_model_flags, variants, default_steps, preset_sampling = PRESETS[args.preset]
+    evaluations = args.evaluations or (20 if args.preset == "demo" else 50)
     out = pathlib.Path(args.out_dir)
     data_dir = out / "digits"
     write_digits(data_dir)
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = [int(s) for s in (args.steps or default_steps).split(",")]
     real = feature_statistics(real_logits())
     rows = []
-    for name in args.variants.split(","):
+    for name in (args.variants or variants).split(","):
         label, flags, objective = VARIANTS[name]
-        sampling = sampling_flags(objective, args.evaluations)
+        sampling = preset_sampling(evaluations) if preset_sampling else sampling_flags(objective, evaluations)
         run_dir = out / name
-        train = ["--data_dir", data_dir, *MODEL_FLAGS, "--lr", "2e-3", "--batch_size", 64,
+        train = ["--data_dir", data_dir, *MODEL_FLAGS, *extra_model_flags, "--lr", "2e-3", "--batch_size", 64,
                  "--ema_rate", EMA, "--max_steps", max(steps), "--save_interval", min(steps), "--log_interval", 100,
                  "--resume_checkpoint", "auto", "--seed", 0, "--use_bf16", auto_bf16("cpu"), *flags]
         run("scripts/image_train.py", train, run_dir)
