@@ -21,7 +21,7 @@ os.environ["IMPROVED_DIFFUSION_OFFLINE"] = "1"
 # pytest-xdist hands out files in collection order, so the short ones come last and no worker is left alone with
 # a long one.
 LONGEST_FIRST = ("test_e2e.py", "test_train_distributed.py", "test_benchmarks_digits.py", "test_train_eval.py",
-                 "test_samplers.py", "test_image_eval.py", "test_checkpoint_saving.py", "test_train_scripts.py",
+                 "test_objective_scripts.py", "test_restoration_posterior.py", "test_samplers.py", "test_image_eval.py", "test_checkpoint_saving.py", "test_train_scripts.py",
                  "test_dist_util.py", "test_classifier_sample.py", "test_benchmarks.py", "test_image_datasets.py")
 
 
