@@ -245,7 +245,8 @@ def prepare(args, super_res=False, describe_sampler=True):
     if describe_sampler:
         logger.log(sampler_description(args.sampler, diffusion))
         if args.guidance_scale != 1.0 or args.guidance_interval:
-            interval = f" at base timesteps {args.guidance_interval}" if args.guidance_interval else ""
+            levels = {"edm": "sigma", "flow": "t"}.get(args.objective, "base timesteps")
+            interval = f" at {levels} {args.guidance_interval}" if args.guidance_interval else ""
             logger.log(f"classifier-free guidance at scale {args.guidance_scale}{interval}")
     return model, diffusion
 
