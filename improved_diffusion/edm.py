@@ -172,7 +172,7 @@ class EDMDiffusion(NoiseProcess):
             timestep_respacing = self.timestep_respacing
         if isinstance(timestep_respacing, (list, tuple)):
             return self._node_sigmas(timestep_respacing, "the node list")
-        name, count = split_spacing(timestep_respacing or f"karras{steps}", EDM_SPACINGS)
+        name, count = split_spacing(timestep_respacing or f"karras{steps}", EDM_SPACINGS, "an EDM process")
         if name == "json":
             return self._node_sigmas(read_spacing_file(count), f"node spacing file {count}")
         if name == "karras":

@@ -145,7 +145,7 @@ class FlowDiffusion(NoiseProcess):
             timestep_respacing = self.timestep_respacing
         if isinstance(timestep_respacing, (list, tuple)):
             return self._node_times(timestep_respacing, "the node list")
-        name, count = split_spacing(timestep_respacing or f"uniform{steps}", FLOW_SPACINGS)
+        name, count = split_spacing(timestep_respacing or f"uniform{steps}", FLOW_SPACINGS, "a flow")
         if name == "json":
             return self._node_times(read_spacing_file(count), f"node spacing file {count}")
         if name in ("uniform", "trailing"):

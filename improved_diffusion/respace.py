@@ -154,11 +154,11 @@ def _lambda_steps(name, grid, count, continuous_timesteps=False):
     return set(float(t) for t in timesteps)
 
 
-def split_spacing(spelling, names):
+def split_spacing(spelling, names, process="this process"):
     """
     A node spacing of a continuous-time process (EDM, flow): ("json", path) for
     a path ending in .json, else (name, N) for "<name>N" with name in `names`
-    and N >= 1; a clear error listing the spellings otherwise.
+    and N >= 1; a clear error naming `process` and listing the spellings otherwise.
     """
     if spelling.endswith(".json"):
         return "json", spelling
@@ -166,8 +166,8 @@ def split_spacing(spelling, names):
         if spelling.startswith(name) and spelling[len(name):].isdigit() and int(spelling[len(name):]) >= 1:
             return name, int(spelling[len(name):])
     raise ValueError(
-        f"cannot parse the node spacing {spelling!r}: use {', '.join(repr(n + 'N') for n in names)} "
-        "with N >= 1, or a .json list of nodes"
+        f"cannot parse the node spacing {spelling!r} of {process}: use "
+        f"{', '.join(repr(n + 'N') for n in names)} with N >= 1, or a .json list of nodes"
     )
 
 

@@ -185,8 +185,8 @@ def saved_models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("objective, argv, status, needles", [
-    ("edm", ["--timestep_respacing", "ddim10"], 2, ["'ddim10'", "karrasN"]),
-    ("flow", ["--timestep_respacing", "10,10"], 2, ["'10,10'", "uniformN"]),
+    ("edm", ["--timestep_respacing", "ddim10"], 2, ["'ddim10' of an EDM process", "karrasN"]),
+    ("flow", ["--timestep_respacing", "10,10"], 2, ["'10,10' of a flow", "uniformN"]),
     ("edm", ["--continuous_timesteps", True], 2,
      ["--continuous_timesteps does not apply to this model's --objective edm"]),
     ("flow", ["--diffusion_steps", 50], 2, ["--diffusion_steps does not apply to this model's --objective flow"]),
