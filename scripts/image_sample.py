@@ -1,6 +1,7 @@
 """
 Generate a large batch of image samples from a model (with --sampler, any sampler of
-improved_diffusion/samplers.py; DDPM, or DDIM with --use_ddim True, by default) and save them as one
+improved_diffusion/samplers.py; by default the model's objective's own: DDPM, or DDIM with --use_ddim
+True, for the DDPM family, Heun over karras18 for EDM, Euler over uniform50 for flow) and save them as one
 npz (arr_0: uint8 [N x H x W x C] with C = --image_channels, arr_1: class labels when the model is
 class-conditional), a PNG grid beside it and, with --save_pngs, one PNG per
 sample. Run on several ranks with mpiexec or torchrun; the output depends only
