@@ -22,6 +22,8 @@ from .sharding import sample_in_shards, spool_folder
 
 # The size flags that tell an image model's run from a super-resolution model's.
 SIZE_FLAGS = ("image_size", "large_size", "small_size")
+# What a process's nodes (and so a --guidance_interval) are in, by --objective.
+LEVELS = {"ddpm": "base timesteps", "edm": "sigma", "flow": "t"}
 
 
 # ---------------------------------------------------------------- flags
@@ -105,7 +107,7 @@ def parse_sampling_flags(script, argv=None, description=None, run_flags_except=(
             args.eta = None
     if "guidance_scale" in names:
         args.guidance_interval = check_guidance(args.guidance_scale, args.guidance_interval, args.class_cond,
-                                                args.null_label, discrete=args.objective == "ddpm")
+                                                args.null_label, objective=args.objective)
     if "sample_name" in names:
         check_sample_name(args.sample_name)
     counts = [name for name in ("num_samples", "batch_size", "num_samples_per_input") if name in names]
@@ -143,14 +145,14 @@ def require_ddpm(args, what):
         )
 
 
-def check_guidance(scale, interval, class_cond, null_label, discrete=True):
+def check_guidance(scale, interval, class_cond, null_label, objective="ddpm"):
     """
     Classifier-free guidance needs a class-conditional model with a null label
     (an InputError: the checkpoint has none).
 
     :param interval: --guidance_interval, "" or "lo,hi".
-    :param discrete: the interval is in base timesteps (integers: the DDPM
-        family); else in the process's own noise levels (EDM's sigma, a flow's t).
+    :param objective: the interval is in the process's nodes (LEVELS): base
+        timesteps (integers) for the DDPM family, EDM's sigma, a flow's t.
     :return: (lo, hi), or None for no interval.
     """
     if scale == 1.0 and not interval:
@@ -164,14 +166,15 @@ def check_guidance(scale, interval, class_cond, null_label, discrete=True):
         )
     if not interval:
         return None
-    number = int if discrete else float
+    number = int if objective == flag_table.DDPM else float
     try:
         lo, hi = (number(v) for v in interval.split(","))
     except ValueError:
         lo, hi = 1, 0
     if not 0 <= lo <= hi:
-        levels = "base timesteps" if discrete else "noise levels (sigma for edm, t for flow)"
-        raise UsageError(f"--guidance_interval {interval!r} must be two {levels} 'lo,hi' with 0 <= lo <= hi")
+        raise UsageError(
+            f"--guidance_interval {interval!r} must be two values of {LEVELS[objective]} 'lo,hi' with 0 <= lo <= hi"
+        )
     return lo, hi
 
 
@@ -245,8 +248,7 @@ def prepare(args, super_res=False, describe_sampler=True):
     if describe_sampler:
         logger.log(sampler_description(args.sampler, diffusion))
         if args.guidance_scale != 1.0 or args.guidance_interval:
-            levels = {"edm": "sigma", "flow": "t"}.get(args.objective, "base timesteps")
-            interval = f" at {levels} {args.guidance_interval}" if args.guidance_interval else ""
+            interval = f" at {LEVELS[args.objective]} {args.guidance_interval}" if args.guidance_interval else ""
             logger.log(f"classifier-free guidance at scale {args.guidance_scale}{interval}")
     return model, diffusion
 

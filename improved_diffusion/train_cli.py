@@ -188,12 +188,11 @@ def train_diffusion(script, args, explicit, make_data):
     with torch.device("meta"):  # flags that build no model fail before any work, without allocating it
         build(model_from_flags, flags)
     diffusion = build(diffusion_from_flags, flags)
-    if args.eval_interval:
-        check_evaluation_flags(args, super_res="large_size" in flags)
+    eval_process = check_evaluation_flags(args, super_res="large_size" in flags) if args.eval_interval else None
     start_run(script, args)
     logger.log("creating model and diffusion...")
     model = model_from_flags(flags).to(dist_util.dev())
-    evaluator = make_evaluator(args) if args.eval_interval else None
+    evaluator = make_evaluator(args, eval_process) if args.eval_interval else None
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
     logger.log("creating data loader...")
     data = make_data(args)
@@ -221,7 +220,11 @@ def train_diffusion(script, args, explicit, make_data):
 
 
 def check_evaluation_flags(args, super_res):
-    """The --eval_* flags must work: an image model, an interval that lands on log rows, a known sampler."""
+    """
+    The --eval_* flags must work: an image model, an interval that lands on
+    log rows, a known sampler, nodes the run's process can walk. Returns the
+    noise process of the evaluation samples: the run's, over --eval_timestep_respacing.
+    """
     if super_res:
         raise UsageError("--eval_interval applies to image_train.py; super-resolution runs cannot be scored alone")
     try:
@@ -232,22 +235,16 @@ def check_evaluation_flags(args, super_res):
         known = ", ".join(samplers.SAMPLERS)
         raise UsageError(f"unknown --eval_sampler {args.eval_sampler!r}; known samplers: {known}")
     try:
-        evaluation_process(args)
+        return diffusion_from_flags(dict(vars(args), timestep_respacing=args.eval_timestep_respacing))
     except ValueError as exc:
         raise UsageError(f"--eval_timestep_respacing {args.eval_timestep_respacing}: {exc}") from None
 
 
-def evaluation_process(args):
-    """The noise process of the evaluation samples: the run's, over --eval_timestep_respacing."""
-    return diffusion_from_flags(dict(vars(args), timestep_respacing=args.eval_timestep_respacing))
-
-
-def make_evaluator(args):
+def make_evaluator(args, diffusion):
     """
     The TrainingEvaluator of --eval_interval: --eval_num_samples samples with
-    --eval_sampler over --eval_timestep_respacing, against --data_dir.
+    --eval_sampler from `diffusion` (check_evaluation_flags'), against --data_dir.
     """
-    diffusion = evaluation_process(args)
     logger.log("computing the training data's statistics for --eval_interval...")
     return TrainingEvaluator(
         diffusion=diffusion,
