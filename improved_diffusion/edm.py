@@ -22,7 +22,6 @@ the gradient with respect to x (times c_in, the chain rule). guidance_interval
 is in sigma.
 """
 
-import copy
 import math
 import statistics
 
@@ -31,8 +30,8 @@ import torch
 
 from . import samplers
 from .nn import mean_flat
-from .noise_process import NoiseProcess, Nodes, as_levels, noise_like, per_sample
-from .respace import is_number_list, karras_sigmas, log_snr_sigmas, read_spacing_file, split_spacing
+from .noise_process import NoiseProcess, Nodes, as_levels, noise_for, noise_like, per_sample
+from .respace import karras_sigmas, log_snr_sigmas, node_list, read_spacing_file, split_spacing
 
 # The node spacings of EDM: "uniform" and "trailing" are both uniform in sigma.
 EDM_SPACINGS = ("karras", "logsnr", "uniform", "trailing")
@@ -119,9 +118,7 @@ class EDMDiffusion(NoiseProcess):
         """The training noise levels: ln sigma ~ N(P_mean, P_std^2), float32 [batch_size], drawn from `generator`."""
         return torch.exp(self.P_mean + self.P_std * noise_like((batch_size,), device, generator))
 
-    def sample_training_levels(self, batch_size, device, generator=None):
-        """sample_sigma: the training noise levels (the NoiseProcess interface)."""
-        return self.sample_sigma(batch_size, device, generator)
+    sample_training_levels = sample_sigma  # the NoiseProcess interface's name
 
     def training_losses_at(self, model, x_start, levels, model_kwargs=None, generator=None):
         """training_losses at the [N] noise levels sigma = `levels` (the NoiseProcess interface)."""
@@ -147,10 +144,7 @@ class EDMDiffusion(NoiseProcess):
         if sigma is None:
             sigma = self.sample_sigma(x_start.shape[0], x_start.device, generator)
         sigma = as_levels(sigma, x_start)
-        if noise is None:
-            noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
-        if noise.shape != x_start.shape:
-            raise ValueError(f"noise shape {list(noise.shape)} != x_start shape {list(x_start.shape)}")
+        noise = noise_for(x_start, noise, generator)
         denoised = self.denoise(model, x_start + per_sample(sigma, x_start) * noise, sigma, model_kwargs)
         mse = mean_flat((denoised - x_start) ** 2)
         return {"loss": self.loss_weight(sigma) * mse, "mse": mse}
@@ -184,18 +178,11 @@ class EDMDiffusion(NoiseProcess):
         return sigmas.tolist()
 
     def _node_sigmas(self, values, source):
-        valid = (
-            is_number_list(values)
-            and len(set(values)) == len(values)
-            and all(self.sigma_min <= v <= self.sigma_max for v in values)
+        return node_list(
+            values, source, lambda v: self.sigma_min <= v <= self.sigma_max,
+            f"EDM noise levels sigma in [sigma_min, sigma_max] = [{self.sigma_min}, {self.sigma_max}] (integer "
+            "timesteps are for DDPM-family models)",
         )
-        if not valid:
-            raise ValueError(
-                f"{source} must hold a non-empty JSON list of distinct EDM noise levels sigma in "
-                f"[sigma_min, sigma_max] = [{self.sigma_min}, {self.sigma_max}] (integer timesteps are for "
-                f"DDPM-family models), got {str(values)[:200]}"
-            )
-        return sorted((float(v) for v in values), reverse=True)
 
     def sampling_nodes(self, timestep_respacing=None, steps=18, rho=7.0):
         """The Nodes at sampling_sigmas(...): alpha = 1, "karras" coordinates (Euler and Heun in sigma)."""
@@ -219,13 +206,6 @@ class EDMDiffusion(NoiseProcess):
         raised_nodes = Nodes(alpha=nodes.alpha, sigma=raised + [0.0], times=raised, timesteps=raised,
                              coordinates=nodes.coordinates)
         return samplers.Churn(raised_nodes, [math.sqrt(r**2 - s**2) * s_noise for r, s in zip(raised, sigmas)])
-
-    def with_nodes(self, timestep_respacing):
-        """A copy of this process whose default nodes are `timestep_respacing` (a spelling or a list of sigma)."""
-        process = copy.copy(self)
-        process.timestep_respacing = timestep_respacing
-        process.sampling_nodes()
-        return process
 
     def sample_loop(self, model, shape, sampler="heun", steps=18, rho=7.0, noise=None, s_churn=0.0, s_tmin=0.0,
                     s_tmax=math.inf, s_noise=1.0, *, timestep_respacing=None, clip_denoised=True, denoised_fn=None,

@@ -17,7 +17,6 @@ What the network sees, and so what a classifier for cond_fn sees: x_t and
 of log p(y | x_t). guidance_interval is in t.
 """
 
-import copy
 import math
 import statistics
 
@@ -25,8 +24,8 @@ import torch
 
 from . import samplers
 from .nn import mean_flat
-from .noise_process import NoiseProcess, Nodes, as_levels, noise_like, per_sample
-from .respace import is_number_list, karras_sigmas, log_snr_sigmas, read_spacing_file, split_spacing
+from .noise_process import NoiseProcess, Nodes, as_levels, noise_for, noise_like, per_sample
+from .respace import karras_sigmas, log_snr_sigmas, node_list, read_spacing_file, split_spacing
 
 TIME_SAMPLINGS = ("logit_normal", "uniform")
 # The node spacings of a flow: "uniform" and "trailing" are both uniform in t.
@@ -58,6 +57,11 @@ class FlowDiffusion(NoiseProcess):
         self.logit_std = float(logit_std)
         self.time_sampling = time_sampling
         self.t_min = float(t_min)
+        # The quartiles of the training times: of U(0, 1), or sigmoid of the normal's.
+        self.quartile_bounds = QUARTILES if time_sampling == "uniform" else tuple(
+            1 / (1 + math.exp(-(self.logit_mean + self.logit_std * statistics.NormalDist().inv_cdf(q))))
+            for q in QUARTILES
+        )
         self.timestep_respacing = timestep_respacing
         if timestep_respacing:
             self.sampling_times(timestep_respacing)
@@ -87,9 +91,7 @@ class FlowDiffusion(NoiseProcess):
             return torch.rand(batch_size, generator=generator, device=device)
         return torch.sigmoid(self.logit_mean + self.logit_std * noise_like((batch_size,), device, generator))
 
-    def sample_training_levels(self, batch_size, device, generator=None):
-        """sample_t: the training times (the NoiseProcess interface)."""
-        return self.sample_t(batch_size, device, generator)
+    sample_training_levels = sample_t  # the NoiseProcess interface's name
 
     def training_losses_at(self, model, x_start, levels, model_kwargs=None, generator=None):
         """training_losses at the [N] times t = `levels` (the NoiseProcess interface)."""
@@ -99,12 +101,7 @@ class FlowDiffusion(NoiseProcess):
         """The quartile of the training distribution of t each [N] t lies in: int64 [N], 0 = least noise."""
         t = torch.as_tensor(t)
         quartile = torch.zeros(t.shape, dtype=torch.int64, device=t.device)
-        for q in QUARTILES:
-            if self.time_sampling == "uniform":
-                bound = q
-            else:
-                z = statistics.NormalDist().inv_cdf(q)
-                bound = 1 / (1 + math.exp(-(self.logit_mean + self.logit_std * z)))
+        for bound in self.quartile_bounds:
             quartile += (t > bound).long()
         return quartile
 
@@ -120,10 +117,7 @@ class FlowDiffusion(NoiseProcess):
         if t is None:
             t = self.sample_t(x_start.shape[0], x_start.device, generator)
         t = as_levels(t, x_start, "times")
-        if noise is None:
-            noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
-        if noise.shape != x_start.shape:
-            raise ValueError(f"noise shape {list(noise.shape)} != x_start shape {list(x_start.shape)}")
+        noise = noise_for(x_start, noise, generator)
         x_t = (1 - per_sample(t, x_start)) * x_start + per_sample(t, x_start) * noise
         mse = mean_flat((self.model_output(model, x_t, t, model_kwargs) - (noise - x_start)) ** 2)
         return {"loss": mse, "mse": mse}
@@ -157,27 +151,16 @@ class FlowDiffusion(NoiseProcess):
             ratios = log_snr_sigmas(ratio_max, ratio_min, count)
         return (ratios / (1 + ratios)).tolist()
 
-    def _node_times(self, values, source):
-        valid = is_number_list(values) and len(set(values)) == len(values) and all(0 < v <= 1 for v in values)
-        if not valid:
-            raise ValueError(
-                f"{source} must hold a non-empty JSON list of distinct flow times t in (0, 1] "
-                f"(integer timesteps are for DDPM-family models, sigmas for EDM), got {str(values)[:200]}"
-            )
-        return sorted((float(v) for v in values), reverse=True)
+    @staticmethod
+    def _node_times(values, source):
+        return node_list(values, source, lambda v: 0 < v <= 1,
+                         "flow times t in (0, 1] (integer timesteps are for DDPM-family models, sigmas for EDM)")
 
     def sampling_nodes(self, timestep_respacing=None, steps=50):
         """The Nodes at sampling_times(...): alpha = 1 - t, sigma = t, "linear" coordinates (Euler and Heun in t)."""
         times = self.sampling_times(timestep_respacing, steps)
         return Nodes(alpha=[1 - t for t in times] + [1.0], sigma=times + [0.0], times=times, timesteps=times,
                      coordinates="linear")
-
-    def with_nodes(self, timestep_respacing):
-        """A copy of this process whose default nodes are `timestep_respacing` (a spelling or a list of t)."""
-        process = copy.copy(self)
-        process.timestep_respacing = timestep_respacing
-        process.sampling_nodes()
-        return process
 
     def sample_loop(self, model, shape, sampler="euler", steps=50, noise=None, *, timestep_respacing=None,
                     clip_denoised=True, denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,

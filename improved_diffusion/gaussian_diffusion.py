@@ -16,7 +16,7 @@ import torch
 from . import samplers
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
-from .noise_process import NoiseProcess, Nodes, condition_eps, ddim_update, noise_like, process_xstart
+from .noise_process import NoiseProcess, Nodes, condition_eps, ddim_update, noise_for, noise_like, process_xstart
 
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -283,10 +283,7 @@ class GaussianDiffusion(NoiseProcess):
         :param generator: a torch.Generator (or one per sample) for the noise.
         """
         self._check_timesteps(t, x_start.shape[0])
-        if noise is None:
-            noise = noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
-        if noise.shape != x_start.shape:
-            raise ValueError(f"noise shape {list(noise.shape)} != x_start shape {list(x_start.shape)}")
+        noise = noise_for(x_start, noise, generator)
         return (
             self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
             + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise

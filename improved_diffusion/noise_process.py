@@ -61,6 +61,7 @@ eta = 1 draws from the path's posterior q(x' | x, x_0 = x0_hat): the
 ancestral step (DDPM's, for the DDPM family with fixed variances).
 """
 
+import copy
 import math
 
 import numpy as np
@@ -106,6 +107,18 @@ def combine(*terms):
 def per_sample(values, x):
     """A per-sample [N] tensor shaped [N x 1 x ...] to broadcast against x ([N x ...])."""
     return values.view(-1, *([1] * (x.ndim - 1)))
+
+
+def noise_for(x_start, noise=None, generator=None):
+    """
+    The standard normal noise of x_start ([N x C x ...]): `noise` itself
+    (which must have x_start's shape), or a draw from `generator`.
+    """
+    if noise is None:
+        return noise_like(x_start.shape, x_start.device, generator, x_start.dtype)
+    if noise.shape != x_start.shape:
+        raise ValueError(f"noise shape {list(noise.shape)} != x_start shape {list(x_start.shape)}")
+    return noise
 
 
 def as_levels(value, x, name="noise levels"):
@@ -350,14 +363,16 @@ class NoiseProcess:
       - pred_xstart_from_output(output, x, t): x0_hat from them, before
         denoised_fn and clipping;
       - predicts_eps: True when the prediction channels are eps_hat itself;
+      - for training, training_losses_at(model, x_start, levels, ...) (the
+        process's loss at given noise levels) and noise_level_quartile(levels)
+        (which quarter of the training distribution each level lies in, for
+        the logs). The continuous processes (EDM, flow) also draw their own
+        training levels (sample_training_levels); the DDPM family's come from
+        resample.py's schedule samplers.
 
-and, for training, training_losses_at(model, x_start, levels, ...) (the
-process's loss at given noise levels) and noise_level_quartile(levels) (which
-quarter of the training distribution each level lies in, for the logs).
-The continuous processes (EDM, flow) also draw their own training levels
-(sample_training_levels); the DDPM family's come from resample.py's
-schedule samplers.     and gets here the denoiser's classifier gradient, the DDIM and ancestral
-    steps and the starting noise, which it may replace with its own
+    It inherits here the denoiser's classifier gradient, the DDIM and
+    ancestral steps, the starting noise, the shape check of the model's
+    output, denoise and with_nodes; it may replace any of them with its own
     arithmetic (GaussianDiffusion keeps the reference's numbers that way).
     """
 
@@ -387,6 +402,17 @@ schedule samplers.     and gets here the denoiser's classifier gradient, the DDI
 
     def pred_xstart_from_output(self, output, x, t):
         raise NotImplementedError
+
+    def with_nodes(self, timestep_respacing):
+        """
+        A copy of this process whose default nodes are `timestep_respacing`
+        (a spelling, or a list of its nodes), checked now. For the processes
+        that keep their nodes in `timestep_respacing` (EDM, flow).
+        """
+        process = copy.copy(self)
+        process.timestep_respacing = timestep_respacing
+        process.sampling_nodes()
+        return process
 
     def training_losses_at(self, model, x_start, levels, model_kwargs=None, generator=None):
         """

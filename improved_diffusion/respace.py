@@ -261,6 +261,18 @@ def read_spacing_file(path):
             raise InputError(f"timestep respacing file {path} is not valid JSON: {exc}") from None
 
 
+def node_list(values, source, in_range, description):
+    """
+    The nodes of a continuous-time process listed by a user (a .json file or
+    a list), largest first as floats: a non-empty list of distinct numbers,
+    each with in_range(v); else a ValueError naming `source` and saying what
+    was expected (`description`).
+    """
+    if not (is_number_list(values) and len(set(values)) == len(values) and all(in_range(v) for v in values)):
+        raise ValueError(f"{source} must hold a non-empty JSON list of distinct {description}, got {str(values)[:200]}")
+    return sorted((float(v) for v in values), reverse=True)
+
+
 def is_number_list(value):
     """Whether value is a non-empty list of ints and floats (no bools)."""
     return (
