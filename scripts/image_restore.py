@@ -80,12 +80,15 @@ def method_args(args):
     }.get(args.method, {})
 
 
-def check_operator(args, operator, height, width):
-    """The method, sampler and operator fit each other and the model's images (UsageErrors naming the fix)."""
+def check_operator(args, operator, num_images, height, width):
+    """
+    The method, sampler and operator fit each other and the model's images
+    (UsageErrors naming the fix); num_images: the inputs (a per-image mask has one each).
+    """
     try:
         restoration.check_method(args.method, args.sampler, operator)
         if operator is not None:
-            operator.check_shape((1, args.image_channels, height, width))
+            operator.check_shape((num_images, args.image_channels, height, width))
     except ValueError as exc:
         raise UsageError(f"--method {args.method} --task {args.task}: {exc}") from exc
 
@@ -125,7 +128,7 @@ def main(argv=None):
     elif args.mask:
         mask = restoration_inputs.read_mask(args.mask, height, width, args.image_channels, len(images))
     operator = make_operator(args, mask)
-    check_operator(args, operator, height, width)
+    check_operator(args, operator, len(images), height, width)
     model, diffusion = sample_util.prepare(args, describe_sampler=False)
     num_steps = diffusion.sampling_nodes().num_steps
     evaluations = restoration.model_evaluations(args.method, args.sampler, num_steps, **method_args(args))

@@ -143,6 +143,23 @@ def test_a_folder_of_pngs_with_a_mask_png(workspace, model, images, monkeypatch,
     assert not np.array_equal(restored[:, :2], images[:, :2])
 
 
+def test_an_npz_of_one_mask_per_input_image(workspace, model, npz, images, monkeypatch, capsys):
+    masks = np.zeros((3, 8, 8, 1), dtype=np.uint8)
+    for i in range(3):
+        masks[i, :, : 2 * (i + 1)] = 255  # input i: its 2 (i + 1) left columns known
+    np.savez(workspace / "masks.npz", masks)
+    log_dir = workspace / "out_masks"
+    argv = ["--model_path", model, "--input", npz, "--task", "inpaint", "--mask", workspace / "masks.npz",
+            "--method", "replace", "--batch_size", 2, *FAST]
+    status, out, err = restore_main(argv, log_dir, monkeypatch, capsys)
+    assert status == 0, err
+    restored, _ = outputs(log_dir, 3)
+    for i in range(3):
+        known = 2 * (i + 1)
+        assert np.array_equal(restored[i, :, :known], images[i, :, :known]), i
+        assert not np.array_equal(restored[i, :, known:], images[i, :, known:]), i
+
+
 def test_sdedit_without_a_task_edits_the_input(workspace, model, npz, monkeypatch, capsys):
     log_dir = workspace / "out_sdedit"
     argv = ["--model_path", model, "--input", npz, "--method", "sdedit", "--t_start", 0.4, *FAST]
