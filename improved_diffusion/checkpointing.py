@@ -32,6 +32,7 @@ import blobfile as bf
 
 from . import dist_util
 from .io_util import SAFETENSORS_SUFFIX, CheckpointError, atomic_save_checkpoint, import_safetensors
+from .posthoc_ema import SNAPSHOT_FILE
 
 SAVE_FORMATS = {"pt": ".pt", "safetensors": SAFETENSORS_SUFFIX}  # save_format -> suffix of model and EMA files
 _STEP_DIGITS = r"(\d{6,})"
@@ -41,10 +42,9 @@ _STATE_RE = re.compile(rf"^state{_STEP_DIGITS}\.pt$")
 # The files of a set: an EMA rate is a float as str() writes it (0.9999, 1e-05), so the rate pattern
 # leaves out the ema_std{std}_ files of scripts/reconstruct_ema.py.
 _SET_FILE = rf"(?:model|opt|state|ema_[0-9][0-9.e+-]*_){_STEP_DIGITS}{_WEIGHTS_SUFFIX}"
-_SNAPSHOT_FILE = rf"phema_[0-9]+\.[0-9]+_{_STEP_DIGITS}\.pt"  # posthoc_ema.snapshot_filename
 _ANY_RE = re.compile(rf"^{_SET_FILE}$")
-_SNAPSHOT_RE = re.compile(rf"^{_SNAPSHOT_FILE}$")
-_TEMP_RE = re.compile(rf"^\.(?:{_SET_FILE}|{_SNAPSHOT_FILE})\.[^.]+\.tmp$")  # io_util's
+_SNAPSHOT_RE = re.compile(rf"^{SNAPSHOT_FILE}$")
+_TEMP_RE = re.compile(rf"^\.(?:{_SET_FILE}|{SNAPSHOT_FILE})\.[^.]+\.tmp$")  # io_util's
 
 
 class CheckpointSaveError(OSError, ValueError):

@@ -110,10 +110,8 @@ class ClassifierTrainLoop(TrainingCore):
                  schedule_sampler=None, **options):
         self.diffusion = diffusion
         self.val_data = val_data
-        self.iterations = iterations
         self.eval_interval = eval_interval
         self.noised = noised
-        self.anneal_lr = anneal_lr
         super().__init__(schedule_sampler=schedule_sampler or UniformSampler(diffusion), max_steps=iterations,
                          lr_anneal_steps=iterations if anneal_lr else 0, **options)
 

@@ -48,7 +48,9 @@ STD_DECIMALS = 3  # the decimals of sigma_rel in snapshot file names
 MAX_RELATIVE_ERROR = 0.05
 RIDGE = 1e-10  # Tikhonov weight on the normalized Gram matrix (see fit_profile)
 
-_SNAPSHOT_RE = re.compile(r"^phema_(\d+\.\d{3})_(\d{6,})\.pt$")
+# A snapshot's file name (snapshot_filename), its step the one group: checkpointing.py prunes by it too.
+SNAPSHOT_FILE = rf"phema_\d+\.\d{{{STD_DECIMALS}}}_(\d{{6,}})\.pt"
+_SNAPSHOT_RE = re.compile(rf"^{SNAPSHOT_FILE}$")
 
 
 # ----- sigma_rel and the exponent ----------------------------------------------------
@@ -366,7 +368,7 @@ def list_snapshots(log_dir):
     for name in bf.listdir(log_dir):
         match = _SNAPSHOT_RE.match(name)
         if match:
-            found.append((int(match.group(2)), float(match.group(1)), bf.join(log_dir, name)))
+            found.append((int(match.group(1)), float(name.split("_")[1]), bf.join(log_dir, name)))
     return sorted(found)
 
 

@@ -106,7 +106,6 @@ class TrainLoop(TrainingCore):
         self.class_dropout_prob = class_dropout_prob
         self.evaluator = evaluator
         self.eval_interval = eval_interval
-        self.evaluated_step = None
         super().__init__(
             model=model,
             data=data,
@@ -147,7 +146,6 @@ class TrainLoop(TrainingCore):
         logger.log(f"evaluating the EMA {self.ema_rate[0]} at step {self.step}...")
         for key, value in self.evaluator(ema_model, self.step).items():
             logger.logkv(key, value)
-        self.evaluated_step = self.step
         return True
 
     # ----- the loss ----------------------------------------------------------
