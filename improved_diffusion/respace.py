@@ -95,14 +95,12 @@ def _spaced_steps(name, num_timesteps, count, betas, continuous_timesteps=False)
             f"cannot take {count} distinct steps ({name}{count}) from a process of T = {num_timesteps} "
             f"diffusion steps; ask for between 1 and {num_timesteps}"
         )
-    k = np.arange(count, dtype=np.float64)
     grid = np.arange(num_timesteps, dtype=np.float64)
     if name in ("trailing", "uniform"):
         positions = [num_timesteps - i * num_timesteps / count for i in range(count)]
         targets = np.array([p - 1 if continuous_timesteps else round(p) - 1 for p in positions], float)
     elif name == "quad":
-        frac = k / (count - 1) if count > 1 else k
-        targets = (num_timesteps - 1) * (1 - frac) ** 2
+        targets = (num_timesteps - 1) * (1 - spacing_ramp(count)) ** 2
     else:
         grid = _log_snr(num_timesteps, betas, f"{name}{count}")
         if np.isinf(grid[-1]) and count > 1:

@@ -364,9 +364,7 @@ def model_evaluations(method, sampler, num_steps, **method_args):
         return samplers.model_evaluations(sampler, num_steps - sdedit_start(num_steps, method_args.get("t_start", 0.5)))
     if method == "repaint":
         schedule = repaint_schedule(num_steps, method_args.get("jump_length", 10), method_args.get("jump_n_sample", 10))
-        downs = sum(1 for i, j in zip(schedule, schedule[1:]) if j < i)
-        per_step = 2 if sampler == "heun" else 1
-        return downs * per_step - (per_step - 1)
+        return samplers.model_evaluations(sampler, sum(1 for i, j in zip(schedule, schedule[1:]) if j < i))
     return samplers.model_evaluations(sampler, num_steps)
 
 
