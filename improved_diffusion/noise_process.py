@@ -210,6 +210,7 @@ class Nodes:
         self.coordinates = coordinates
         self.times = list(times)
         self.timesteps = list(timesteps)
+        self.integral = all(isinstance(t, (int, np.integer)) for t in self.timesteps)
         self.prior_std = self.sigma[0] if prior_std is None else float(prior_std)
         self._tensors = {}
 
@@ -219,8 +220,7 @@ class Nodes:
 
     def timesteps_on(self, device, dtype=torch.float32):
         """The N timesteps as a tensor on `device`: int64 when they are ints, else `dtype`; made once per device."""
-        integral = all(isinstance(t, (int, np.integer)) for t in self.timesteps)
-        key = (str(device), torch.int64 if integral else dtype)
+        key = (str(device), torch.int64 if self.integral else dtype)
         if key not in self._tensors:
             self._tensors[key] = torch.tensor(self.timesteps, dtype=key[1], device=device)
         return self._tensors[key]

@@ -98,14 +98,12 @@ class SamplingContext:
         self.num_steps = self.nodes.num_steps
         self.alpha, self.sigma, self.lam = self.nodes.alpha, self.nodes.sigma, self.nodes.lam
         self.batch_size = batch_size
-        self._timesteps = {id(self.nodes): self.nodes.timesteps_on(device, dtype)}
-        if churn is not None:
-            self._timesteps[id(churn.nodes)] = churn.nodes.timesteps_on(device, dtype)
+        self.device, self.dtype = device, dtype
         self.memory = {}
 
     def t(self, k, nodes=None):
-        """The process's timesteps at node k of `nodes` (the walk's by default), [N] on the device."""
-        return self._timesteps[id(nodes or self.nodes)][k].expand(self.batch_size)
+        """The process's timesteps at node k of `nodes` (the walk's by default), [N] on the device (Nodes' cache)."""
+        return (nodes or self.nodes).timesteps_on(self.device, self.dtype)[k].expand(self.batch_size)
 
     def is_last(self, k):
         return k == self.num_steps - 1
