@@ -330,6 +330,12 @@ class PowerFunctionEMA:
                 return average
         raise KeyError(f"sigma_rel {std} is not tracked here (tracked: {', '.join(map(str, self.stds))})")
 
+    def restart(self, num_updates):
+        """Every profile from the current params, as if they had not changed for `num_updates` updates."""
+        for average in self.averages:
+            torch._foreach_copy_(average, self.params)
+        self.num_updates = int(num_updates)
+
     def state_dict(self):
         """
         {"stds", "num_updates", "averages"}: everything an exact continuation

@@ -356,8 +356,7 @@ class TrainingCore:
     def _restart_posthoc(self):
         """Start every tracked profile from the current weights, as if they had not changed for self.step updates."""
         if self.posthoc is not None:
-            self.posthoc.load_state_dict({"stds": self.ema_std, "num_updates": self.step,
-                                          "averages": [self.posthoc.params for _ in self.ema_std]})
+            self.posthoc.restart(self.step)
 
     def _accept_other_world_size(self, path, saved_world_size):
         message = (
@@ -622,13 +621,17 @@ class TrainingCore:
             state[name] = value
         return state
 
+    def _snapshot_states(self):
+        """{file name: state dict} of every tracked profile now (live tensors)."""
+        return {snapshot_filename(std, self.step): self._ema_state_dict(self.posthoc.average(std))
+                for std in self.ema_std}
+
     def _take_snapshots(self):
         """Rank 0: keep a host copy of every tracked profile now, to be written with the next set."""
         if self.rank != 0:
             return
-        for std in self.ema_std:
-            state = self._ema_state_dict(self.posthoc.average(std))
-            self.pending_snapshots[snapshot_filename(std, self.step)] = {k: _host_copy(v) for k, v in state.items()}
+        for name, state in self._snapshot_states().items():
+            self.pending_snapshots[name] = {k: _host_copy(v) for k, v in state.items()}
 
     def _snapshots_to_write(self):
         """{file name: state dict} of the snapshots that go into the set being saved."""
@@ -638,8 +641,7 @@ class TrainingCore:
             torch.cuda.synchronize(self.device)  # the host copies were made without waiting
         snapshots = dict(self.pending_snapshots)
         if not self.ema_snapshot_interval:
-            for std in self.ema_std:
-                snapshots[snapshot_filename(std, self.step)] = self._ema_state_dict(self.posthoc.average(std))
+            snapshots.update(self._snapshot_states())
         return snapshots
 
     def _run_state(self):
