@@ -167,14 +167,9 @@ class Walk:
         self.process, self.model, self.shape, self.sampler = diffusion, model, tuple(shape), sampler
         self.device, self.generator = device, generator
         self.model_kwargs, self.clip_denoised = model_kwargs, clip_denoised
-        if eta is None:
-            eta = samplers.ETA_DEFAULTS.get(sampler, 0.0)
-        elif eta != 0 and sampler not in samplers.ETA_DEFAULTS:
-            raise ValueError(f"eta={eta} applies only to the samplers {', '.join(samplers.ETA_DEFAULTS)}")
-        self.eta = eta
+        self.eta = eta = samplers.resolve_eta(sampler, eta)
         self.nodes = diffusion.sampling_nodes() if nodes is None else nodes
-        if self.nodes.scale[0] == 0 and sampler in samplers.NEED_NONZERO_ABAR:
-            raise ValueError(f"the {sampler} sampler cannot start where alpha = 0: use ddpm or ddim")
+        samplers.check_first_node(sampler, self.nodes)
         self.num_steps = self.nodes.num_steps
         self.ctx = samplers.SamplingContext(
             diffusion, model, self.shape[0], device, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
@@ -210,9 +205,9 @@ class Walk:
                                           generator=self.generator)
 
     def start(self, noise=None):
-        """x at node 0: the standard noise times the walk's prior standard deviation."""
-        x = self.standard_noise(noise)
-        return x * self.nodes.prior_std if self.nodes.prior_std != 1 else x
+        """x at node 0, as sampling starts (samplers.starting_x)."""
+        return samplers.starting_x(self.process, self.model, self.shape, self.nodes, noise=noise,
+                                   device=self.device, generator=self.generator)
 
     def renoise(self, x, k):
         """

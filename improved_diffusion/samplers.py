@@ -408,6 +408,30 @@ def last_sample(steps):
     return final["sample"]
 
 
+def resolve_eta(sampler, eta):
+    """The sampler's noise scale: `eta`, or its default (ETA_DEFAULTS) when None; an error for one it ignores."""
+    if eta is None:
+        return ETA_DEFAULTS.get(sampler, 0.0)
+    if eta != 0 and sampler not in ETA_DEFAULTS:
+        raise ValueError(f"eta={eta} applies only to the samplers {', '.join(ETA_DEFAULTS)}; {sampler!r} ignores it")
+    return eta
+
+
+def check_first_node(sampler, nodes):
+    """An error when `sampler` steps in x / alpha and the walk starts where alpha = 0 (zero terminal SNR)."""
+    if nodes.scale[0] == 0 and sampler in NEED_NONZERO_ABAR:
+        raise ValueError(
+            f"the {sampler} sampler steps in x / sqrt(abar), undefined at the first timestep where abar = 0 "
+            "(zero terminal SNR); use ddpm, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc"
+        )
+
+
+def starting_x(diffusion, model, shape, nodes, noise=None, device=None, generator=None):
+    """x at the first node: the process's standard normal starting noise times nodes.prior_std."""
+    x = diffusion.initial_noise(model, shape, noise=noise, device=device, generator=generator)
+    return x * nodes.prior_std if nodes.prior_std != 1 else x
+
+
 def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None, clip_denoised=True,
                             denoised_fn=None, model_kwargs=None, device=None, progress=False, eta=None,
                             generator=None, cond_fn=None, guidance_scale=1.0, guidance_interval=None,
@@ -432,10 +456,7 @@ def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None,
     :param churn: a Churn (EDM's Algorithm 2), for the euler and heun samplers.
     """
     step = get_sampler(sampler)
-    if eta is None:
-        eta = ETA_DEFAULTS.get(sampler, 0.0)
-    elif eta != 0 and sampler not in ETA_DEFAULTS:
-        raise ValueError(f"eta={eta} applies only to the samplers {', '.join(ETA_DEFAULTS)}; {sampler!r} ignores it")
+    eta = resolve_eta(sampler, eta)
     if churn is not None and sampler not in CHURN_SAMPLERS:
         raise ValueError(
             f"s_churn > 0 (Karras et al.'s Algorithm 2) raises the noise before steps of "
@@ -444,15 +465,9 @@ def sample_loop_progressive(diffusion, model, shape, sampler="ddim", noise=None,
     guidance = classifier_free_guidance(model, model_kwargs, scale=guidance_scale, interval=guidance_interval,
                                         null_label=null_label)
     nodes = diffusion.sampling_nodes() if nodes is None else nodes
-    x = diffusion.initial_noise(model, shape, noise=noise, device=device, generator=generator)
-    if nodes.prior_std != 1:
-        x = x * nodes.prior_std
+    x = starting_x(diffusion, model, shape, nodes, noise=noise, device=device, generator=generator)
     ctx = SamplingContext(diffusion, model, x.shape[0], x.device, clip_denoised=clip_denoised,
                           denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn, eta=eta,
                           generator=generator, guidance=guidance, nodes=nodes, churn=churn, dtype=x.dtype)
-    if nodes.scale[0] == 0 and sampler in NEED_NONZERO_ABAR:
-        raise ValueError(
-            f"the {sampler} sampler steps in x / sqrt(abar), undefined at the first timestep where abar = 0 "
-            "(zero terminal SNR); use ddpm, ddim, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc"
-        )
+    check_first_node(sampler, nodes)
     yield from walk(lambda x, k: step(ctx, x, k), x, ctx.num_steps, progress)
