@@ -576,13 +576,13 @@ class GaussianDiffusion(NoiseProcess):
     def ancestral_step(self, denoiser, x, nodes, k, t, generator=None):
         """The ancestral step at timesteps t: p_sample, with learned variances and cond_fn on the mean."""
         return self.p_sample(denoiser.model_at(nodes.times[k]), x, t, clip_denoised=denoiser.clip_denoised,
-                             denoised_fn=denoiser.denoised_fn, model_kwargs=denoiser.model_kwargs,
+                             denoised_fn=denoiser.denoised_fn_at(nodes, k), model_kwargs=denoiser.model_kwargs,
                              generator=generator, cond_fn=denoiser.cond_fn)
 
     def ddim_step(self, denoiser, x, nodes, k, t, eta=0.0, generator=None):
         """The DDIM step at timesteps t: ddim_sample, the reference's arithmetic."""
         return self.ddim_sample(denoiser.model_at(nodes.times[k]), x, t, clip_denoised=denoiser.clip_denoised,
-                                denoised_fn=denoiser.denoised_fn, model_kwargs=denoiser.model_kwargs, eta=eta,
+                                denoised_fn=denoiser.denoised_fn_at(nodes, k), model_kwargs=denoiser.model_kwargs, eta=eta,
                                 generator=generator, cond_fn=denoiser.cond_fn)
 
     def sample_loop(self, model, shape, sampler="ddim", noise=None, clip_denoised=True, denoised_fn=None,

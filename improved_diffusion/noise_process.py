@@ -325,6 +325,10 @@ class Denoiser:
         """The model to evaluate at this process time: guided where the guidance applies, else the model itself."""
         return self.model if self.guidance is None else self.guidance.at(time)
 
+    def denoised_fn_at(self, nodes, k):
+        """What acts on x0_hat at node k of `nodes` (denoised_fn, the same at every node here), or None."""
+        return self.denoised_fn
+
     def __call__(self, x, nodes, k, t):
         """
         (eps_hat, x0_hat), each [N x C x ...], at node k of `nodes` for x
@@ -338,12 +342,13 @@ class Denoiser:
                 "there; use a model that predicts x_0 (or drop that timestep from the respacing)"
             )
         output = process.model_output(self.model_at(nodes.times[k]), x, t, self.model_kwargs)
-        if process.predicts_eps and self.denoised_fn is None and not self.clip_denoised:
+        denoised_fn = self.denoised_fn_at(nodes, k)
+        if process.predicts_eps and denoised_fn is None and not self.clip_denoised:
             eps = output
             pred_xstart = combine((1 / alpha, x), (-sigma / alpha, eps))
         else:
             raw = process.pred_xstart_from_output(output, x, t)
-            pred_xstart = process_xstart(raw, self.clip_denoised, self.denoised_fn)
+            pred_xstart = process_xstart(raw, self.clip_denoised, denoised_fn)
             eps = combine((1 / sigma, x), (-alpha / sigma, pred_xstart))
         if self.cond_fn is not None and alpha != 0:
             eps = condition_eps(eps, sigma, process.condition_gradient(self.cond_fn, x, t, self.model_kwargs))

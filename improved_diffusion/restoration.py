@@ -126,31 +126,26 @@ class NullSpaceDenoiser(Denoiser):
     """
     DDNM's denoiser (Wang et al. 2023, Algorithm 1, line 4): the model's x0_hat,
     clipped to [-1, 1] when clip_denoised, then x0_hat - lambda A+ (A x0_hat - y)
-    (operators.Operator.project), and eps_hat recomputed from it. It acts
-    through denoised_fn, so the processes' own DDIM and ancestral steps (which
-    read denoised_fn) apply it too; lambda is that of the node being denoised,
-    set by __call__ or, for those steps, by at_node before each step.
+    (operators.Operator.project), and eps_hat recomputed from it. It acts as
+    the node's denoised_fn (denoised_fn_at), so the processes' own DDIM and
+    ancestral steps apply it too, with the lambda of the node being denoised.
     """
 
     def __init__(self, process, model, operator, y, *, clip_denoised=True, model_kwargs=None):
-        super().__init__(process, model, clip_denoised=False, denoised_fn=self.correct, model_kwargs=model_kwargs)
+        super().__init__(process, model, clip_denoised=False, model_kwargs=model_kwargs)
         self.operator = operator
         self.y = y
         self.clip = clip_denoised
-        self.scale = 1.0
 
-    def at_node(self, nodes, k):
-        self.scale = ddnm_scale(nodes, k, self.operator.sigma_y)
+    def denoised_fn_at(self, nodes, k):
+        scale = ddnm_scale(nodes, k, self.operator.sigma_y)
+        return lambda pred_xstart: self.correct(pred_xstart, scale)
 
-    def __call__(self, x, nodes, k, t):
-        self.at_node(nodes, k)
-        return super().__call__(x, nodes, k, t)
-
-    def correct(self, pred_xstart):
-        """x0_hat [N x C x ...] -> A+ y + (I - A+ A) x0_hat (scaled by lambda under noise)."""
+    def correct(self, pred_xstart, scale=1.0):
+        """x0_hat [N x C x ...] -> A+ y + (I - A+ A) x0_hat (the correction scaled by lambda under noise)."""
         if self.clip:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        return self.operator.project(pred_xstart, self.y, self.scale)
+        return self.operator.project(pred_xstart, self.y, scale)
 
 
 class Walk:
@@ -291,12 +286,7 @@ def ddnm(walk, y, operator, *, noise=None, progress=False):
     denoiser = NullSpaceDenoiser(walk.process, walk.model, operator, y, clip_denoised=walk.clip_denoised,
                                  model_kwargs=walk.model_kwargs)
     walk.use_denoiser(denoiser)
-
-    def step(x, k):
-        denoiser.at_node(walk.nodes, k)
-        return walk.step(x, k)
-
-    return _run(step, walk.start(noise), walk.num_steps, progress)
+    return _run(walk.step, walk.start(noise), walk.num_steps, progress)
 
 
 def dps(walk, y, operator, *, noise=None, progress=False, scale=1.0):
