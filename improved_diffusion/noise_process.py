@@ -218,6 +218,12 @@ class Nodes:
         """lambda_{k+1} - lambda_k (inf for the step to the clean sample)."""
         return self.lam[k + 1] - self.lam[k]
 
+    def from_node(self, start):
+        """The walk of these nodes from node `start` on: Nodes of N - start steps (the same prior_std)."""
+        return Nodes(alpha=self.alpha[start:], sigma=self.sigma[start:], times=self.times[start:],
+                     timesteps=self.timesteps[start:], coordinates=self.coordinates, lam=self.lam[start:],
+                     prior_std=self.prior_std)
+
     def timesteps_on(self, device, dtype=torch.float32):
         """The N timesteps as a tensor on `device`: int64 when they are ints, else `dtype`; made once per device."""
         key = (str(device), torch.int64 if self.integral else dtype)

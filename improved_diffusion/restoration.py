@@ -39,12 +39,11 @@ coefficients are Python floats of the Nodes.
 
 import inspect
 import math
-import weakref
 
 import torch
 
 from . import samplers
-from .noise_process import Denoiser, Nodes, model_device, noise_like
+from .noise_process import Denoiser, model_device, noise_like
 
 ONE_STEP_SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 METHOD_SAMPLERS = {
@@ -94,21 +93,6 @@ def sdedit_start(num_steps, t_start):
         raise ValueError(f"t_start={t_start}: SDEdit starts at a fraction of the walk in (0, 1] (1: from pure noise)")
     return num_steps - max(1, round(t_start * num_steps))
 
-
-# The later walks of each Nodes, made once, so that their timestep tensors are copied to a device once.
-_LATER_WALKS = weakref.WeakKeyDictionary()
-
-
-def nodes_from(nodes, start):
-    """The walk of `nodes` from node `start` on (a Nodes of N - start steps, made once per start)."""
-    later = _LATER_WALKS.setdefault(nodes, {})
-    if start not in later:
-        later[start] = Nodes(
-            alpha=nodes.alpha[start:], sigma=nodes.sigma[start:], times=nodes.times[start:],
-            timesteps=nodes.timesteps[start:], coordinates=nodes.coordinates, lam=nodes.lam[start:],
-            prior_std=nodes.prior_std,
-        )
-    return later[start]
 
 
 def ddnm_scale(nodes, k, sigma_y):
@@ -174,7 +158,7 @@ class Walk:
 
     def from_node(self, start):
         """The same walk from node `start` on."""
-        return Walk(self.process, self.model, self.shape, self.sampler, nodes=nodes_from(self.nodes, start),
+        return Walk(self.process, self.model, self.shape, self.sampler, nodes=self.nodes.from_node(start),
                     device=self.device, generator=self.generator, model_kwargs=self.model_kwargs,
                     clip_denoised=self.clip_denoised, eta=self.eta)
 
