@@ -6,7 +6,6 @@ the labels of a class-conditional model, and every error as one `error:`
 line with its exit status, before any output is written.
 """
 
-import importlib.util
 import os
 import pathlib
 import re
@@ -15,9 +14,9 @@ import numpy as np
 import pytest
 from _in_process import run_in_process
 from _train_helpers import single_thread, write_images
+from test_flags import run_main
 from PIL import Image
 
-from improved_diffusion import logger
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--image_size", 8, "--num_channels", 32, "--num_res_blocks", 1, "--attention_resolutions", "",
@@ -72,22 +71,9 @@ def npz(workspace, images):
 
 
 def restore_main(argv, log_dir, monkeypatch, capsys):
-    """Run scripts/image_restore.py's main(argv) here; (exit status, stdout, stderr)."""
-    monkeypatch.setenv("OPENAI_LOGDIR", str(log_dir))
-    monkeypatch.setenv("OPENAI_LOG_FORMAT", "log")
-    spec = importlib.util.spec_from_file_location("image_restore", ROOT / "scripts" / "image_restore.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    try:
-        with single_thread():
-            script.main([str(a) for a in argv])
-        status = 0
-    except SystemExit as exc:
-        status = exc.code
-    finally:
-        logger.reset()
-    out, err = capsys.readouterr()
-    return status, out, err
+    """Run scripts/image_restore.py's main(argv) here on one thread; (exit status, stdout, stderr)."""
+    with single_thread():
+        return run_main("image_restore", argv, log_dir, monkeypatch, capsys)
 
 
 def outputs(log_dir, count, channels=3):
